@@ -1,0 +1,5 @@
+import sys
+
+from bridgegen.cli import main
+
+sys.exit(main())

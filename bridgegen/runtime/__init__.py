@@ -1,0 +1,1 @@
+"""Hand-written runtime that the generated bridges target."""

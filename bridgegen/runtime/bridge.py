@@ -1,0 +1,107 @@
+"""The base class every generated bridge fills in with data from its spec."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from bridgegen.runtime.config import (
+    HF_VOLATILE_FIELDS,
+    HFConfigReader,
+    MegatronConfig,
+    drop_path,
+    normalize_hf_config,
+    set_path,
+)
+from bridgegen.runtime.errors import ConfigError
+from bridgegen.runtime.rope import rope_from_hf
+from bridgegen.runtime.weight_rules import WeightRule
+
+
+class Bridge:
+    """Config and weight conversion for one architecture family (subclasses are generated)."""
+
+    family: ClassVar[str]
+    source_spec: ClassVar[str]
+    architectures: ClassVar[tuple[str, ...]]
+    model_types: ClassVar[tuple[str, ...]]
+    megatron_model: ClassVar[str]
+    activation_field: ClassVar[str]
+    activations: ClassVar[Mapping[str, str]]
+    rope_types: ClassVar[tuple[str, ...]]
+    hf_fields: ClassVar[tuple[str, ...]]
+    weight_rules: ClassVar[tuple[WeightRule, ...]]
+    hf_ignore: ClassVar[tuple[str, ...]]
+
+    @staticmethod
+    def megatron_values(hf: HFConfigReader) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @staticmethod
+    def hf_values(config: MegatronConfig) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ config conversion
+
+    @classmethod
+    def to_megatron_config(cls, hf_config: Mapping[str, Any], source: str = "config.json") -> MegatronConfig:
+        """HF config dict -> MegatronConfig. Raises ConfigError naming the field at fault."""
+        data = normalize_hf_config(hf_config)
+        architectures = data.get("architectures") or [cls.architectures[0]]
+        architecture = next((a for a in architectures if a in cls.architectures), None)
+        if architecture is None:
+            raise ConfigError(
+                f"{source}: architectures {architectures} are not served by the {cls.family} bridge "
+                f"(it serves {', '.join(cls.architectures)})"
+            )
+        model_type = data.get("model_type", cls.model_types[0])
+        if model_type not in cls.model_types:
+            raise ConfigError(
+                f"{source}: model_type {model_type!r} is not served by the {cls.family} bridge "
+                f"(it serves {', '.join(cls.model_types)})"
+            )
+        reader = HFConfigReader(data, cls.family, source)
+        values = cls.megatron_values(reader)
+        hf_activation = reader.require(cls.activation_field)
+        if hf_activation not in cls.activations:
+            raise ConfigError(
+                f"{source}: {cls.activation_field} {hf_activation!r} is not a known activation for the "
+                f"{cls.family} bridge; known: {', '.join(sorted(cls.activations))}"
+            )
+        rope = rope_from_hf(data, cls.rope_types, cls.family)
+        passthrough = copy.deepcopy(data)
+        for name in (*cls.hf_fields, *HF_VOLATILE_FIELDS):
+            drop_path(passthrough, name)
+        return MegatronConfig(
+            family=cls.family,
+            megatron_model=cls.megatron_model,
+            values=values,
+            activation=cls.activations[hf_activation],
+            rope=rope,
+            hf_architecture=architecture,
+            hf_model_type=model_type,
+            hf_activation=hf_activation,
+            hf_passthrough=passthrough,
+        )
+
+    @classmethod
+    def to_hf_config(cls, config: MegatronConfig) -> dict[str, Any]:
+        """MegatronConfig -> HF config dict that ``transformers.AutoConfig.for_model`` accepts."""
+        if config.family != cls.family:
+            raise ConfigError(f"a {config.family} config cannot be exported by the {cls.family} bridge")
+        out: dict[str, Any] = copy.deepcopy(dict(config.hf_passthrough))
+        out["architectures"] = [config.hf_architecture or cls.architectures[0]]
+        out["model_type"] = config.hf_model_type or cls.model_types[0]
+        for name, value in cls.hf_values(config).items():
+            set_path(out, name, value)
+        hf_activation = config.hf_activation or next(
+            (hf for hf, megatron in sorted(cls.activations.items()) if megatron == config.activation), None
+        )
+        if hf_activation is None or cls.activations.get(hf_activation) != config.activation:
+            raise ConfigError(
+                f"{cls.family}: no HF activation name for Megatron activation {config.activation!r}"
+            )
+        set_path(out, cls.activation_field, hf_activation)
+        out.update(config.rope.to_hf())
+        return dict(sorted(out.items()))

@@ -1,0 +1,196 @@
+"""Config conversion runtime: reading HF config dicts and the Megatron-side config object.
+
+Nothing here imports torch or megatron-core at module level, so config conversion is fast;
+``MegatronConfig.transformer_config()`` imports megatron-core when a model is built.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from bridgegen.runtime.errors import ConfigError
+from bridgegen.runtime.rope import RopeScaling
+
+# GPTModel keyword arguments (and bridge-level settings) that are not TransformerConfig fields.
+MODEL_FIELDS = frozenset(
+    {
+        "vocab_size",
+        "max_sequence_length",
+        "position_embedding_type",
+        "rotary_base",
+        "rotary_percent",
+        "share_embeddings_and_output_weights",
+        "seq_len_interpolation_factor",
+        "make_vocab_size_divisible_by",
+    }
+)
+# HF fields that describe the file rather than the model; never carried through.
+HF_VOLATILE_FIELDS = frozenset({"transformers_version", "_name_or_path", "_commit_hash"})
+_MISSING = object()
+
+
+def normalize_hf_config(data: Mapping[str, Any]) -> dict[str, Any]:
+    """One shape for configs of every transformers version.
+
+    transformers 5 writes ``rope_parameters`` (holding ``rope_theta``) where older configs have
+    ``rope_theta`` and ``rope_scaling``; we read both and work with the older shape.
+    """
+    out = copy.deepcopy(dict(data))
+    params = out.pop("rope_parameters", None)
+    if (
+        isinstance(params, Mapping)
+        and "rope_type" in params
+        or isinstance(params, Mapping)
+        and "rope_theta" in params
+    ):
+        params = dict(params)
+        if "rope_theta" in params:
+            out.setdefault("rope_theta", params.pop("rope_theta"))
+        if params.get("rope_type", "default") != "default" and not out.get("rope_scaling"):
+            out["rope_scaling"] = params
+    elif params is not None:
+        out["rope_parameters"] = params
+    for key, value in list(out.items()):
+        if isinstance(value, Mapping) and key.endswith("_config"):
+            out[key] = normalize_hf_config(value)
+    return out
+
+
+def get_path(data: Mapping[str, Any], path: str, default: Any = _MISSING) -> Any:
+    node: Any = data
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            if default is _MISSING:
+                raise KeyError(path)
+            return default
+        node = node[part]
+    return node
+
+
+def set_path(data: dict[str, Any], path: str, value: Any) -> None:
+    parts = path.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def drop_path(data: dict[str, Any], path: str) -> None:
+    parts = path.split(".")
+    node: Any = data
+    for part in parts[:-1]:
+        if not isinstance(node, dict) or part not in node:
+            return
+        node = node[part]
+    if isinstance(node, dict):
+        node.pop(parts[-1], None)
+
+
+class HFConfigReader:
+    """Reads fields (dotted paths allowed) from an HF config dict with errors that name them."""
+
+    def __init__(self, data: Mapping[str, Any], family: str, source: str = "config.json") -> None:
+        self.data = data
+        self.family = family
+        self.source = source
+
+    def require(self, path: str) -> Any:
+        value = get_path(self.data, path, None)
+        if value is None:
+            raise ConfigError(
+                f"{self.source}: field {path!r} is required by the {self.family} bridge but missing"
+            )
+        return value
+
+    def optional(self, path: str, default: Any) -> Any:
+        value = get_path(self.data, path, None)
+        return default if value is None else value
+
+
+@dataclass(frozen=True)
+class MegatronConfig:
+    """The Megatron side of a model: config values, activation, RoPE, and what export needs.
+
+    ``values`` holds TransformerConfig / MLATransformerConfig fields and model settings
+    (``MODEL_FIELDS``) by Megatron name. ``hf_passthrough`` holds the source HF fields the spec
+    does not map (token ids, dtype, ...), written back unchanged on export.
+    """
+
+    family: str
+    megatron_model: str
+    values: Mapping[str, Any]
+    activation: str
+    rope: RopeScaling = field(default_factory=RopeScaling)
+    hf_architecture: str = ""
+    hf_model_type: str = ""
+    hf_activation: str = ""
+    hf_passthrough: Mapping[str, Any] = field(default_factory=dict)
+
+    def value(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise ConfigError(f"{self.family}: Megatron field {name!r} is not set") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.value("vocab_size"))
+
+    def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
+        """Vocab rounded up to ``make_vocab_size_divisible_by * tp`` as Megatron-LM pads it."""
+        multiple = int(self.values.get("make_vocab_size_divisible_by", 128)) * tensor_parallel_size
+        return -(-self.vocab_size // multiple) * multiple
+
+    def transformer_values(self, config_field_names: frozenset[str]) -> dict[str, Any]:
+        """The values that are fields of the megatron-core config class."""
+        out = {k: v for k, v in self.values.items() if k in config_field_names}
+        if self.megatron_model == "mla":
+            out.update(self.rope.megatron_mla_settings())
+        return out
+
+    def model_values(self) -> dict[str, Any]:
+        """GPTModel keyword arguments (RoPE settings included)."""
+        out = {
+            k: v for k, v in self.values.items() if k in MODEL_FIELDS and k != "make_vocab_size_divisible_by"
+        }
+        if self.megatron_model == "gpt":
+            out.update(
+                {k: v for k, v in self.rope.megatron_gpt_settings().items() if not k.startswith("yarn_")}
+            )
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "family": self.family,
+                "megatron_model": self.megatron_model,
+                "values": dict(self.values),
+                "activation": self.activation,
+                "rope": self.rope.to_json(),
+                "hf_architecture": self.hf_architecture,
+                "hf_model_type": self.hf_model_type,
+                "hf_activation": self.hf_activation,
+                "hf_passthrough": dict(self.hf_passthrough),
+            },
+            indent=2,
+            sort_keys=True,
+        )
+
+    @staticmethod
+    def from_json(text: str) -> MegatronConfig:
+        data = json.loads(text)
+        return MegatronConfig(
+            family=data["family"],
+            megatron_model=data["megatron_model"],
+            values=data["values"],
+            activation=data["activation"],
+            rope=RopeScaling.from_json(data["rope"]),
+            hf_architecture=data["hf_architecture"],
+            hf_model_type=data["hf_model_type"],
+            hf_activation=data["hf_activation"],
+            hf_passthrough=data["hf_passthrough"],
+        )

@@ -1,0 +1,118 @@
+"""RoPE scaling: read HF's ``rope_scaling`` / ``rope_parameters``, map to megatron-core, write back.
+
+The source dictionary is kept verbatim so export writes exactly what the source had.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from bridgegen.runtime.errors import ConfigError
+
+# Parameters each HF rope type must carry.
+REQUIRED_PARAMS: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor",),
+    "longrope": ("short_factor", "long_factor"),
+}
+
+# megatron-core's RotaryEmbedding applies llama3 scaling with these constants (only the factor
+# is a parameter); other values need the runtime's own rotary embedding.
+MEGATRON_LLAMA3_CONSTANTS = {
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """A RoPE scaling choice: its type and the source's dictionary (empty for default)."""
+
+    rope_type: str = "default"
+    source: Mapping[str, Any] = field(default_factory=dict)
+
+    def param(self, name: str, default: Any = None) -> Any:
+        return self.source.get(name, default)
+
+    def megatron_gpt_settings(self) -> dict[str, Any]:
+        """GPTModel keyword arguments and config attributes for this scaling (GPT models)."""
+        if self.rope_type == "default":
+            return {}
+        if self.rope_type == "linear":
+            return {"seq_len_interpolation_factor": float(self.param("factor"))}
+        if self.rope_type == "llama3":
+            return {"rope_scaling": True, "rope_scaling_factor": float(self.param("factor"))}
+        if self.rope_type == "yarn":
+            return {
+                "position_embedding_type": "yarn",
+                "yarn_rotary_scaling_factor": float(self.param("factor")),
+                "yarn_original_max_position_embeddings": self.param("original_max_position_embeddings"),
+                "yarn_beta_fast": float(self.param("beta_fast", 32.0)),
+                "yarn_beta_slow": float(self.param("beta_slow", 1.0)),
+                "yarn_mscale": float(self.param("mscale", 1.0)),
+                "yarn_mscale_all_dim": float(self.param("mscale_all_dim", 0.0)),
+                "yarn_correction_range_round_to_int": True,
+            }
+        return {"unsupported_rope_type": self.rope_type}
+
+    def megatron_mla_settings(self) -> dict[str, Any]:
+        """MLATransformerConfig fields for this scaling (multi-latent attention models)."""
+        if self.rope_type == "default":
+            return {"rope_type": "rope"}
+        if self.rope_type == "yarn":
+            settings: dict[str, Any] = {
+                "rope_type": "yarn",
+                "rotary_scaling_factor": float(self.param("factor")),
+            }
+            for hf_name, megatron_name in (
+                ("original_max_position_embeddings", "original_max_position_embeddings"),
+                ("beta_fast", "beta_fast"),
+                ("beta_slow", "beta_slow"),
+                ("mscale", "mscale"),
+                ("mscale_all_dim", "mscale_all_dim"),
+            ):
+                if hf_name in self.source:
+                    settings[megatron_name] = self.source[hf_name]
+            return settings
+        return {"unsupported_rope_type": self.rope_type}
+
+    def to_hf(self) -> dict[str, Any]:
+        return {} if self.rope_type == "default" and not self.source else {"rope_scaling": dict(self.source)}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rope_type": self.rope_type, "source": dict(self.source)}
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> RopeScaling:
+        return RopeScaling(str(data["rope_type"]), dict(data["source"]))
+
+
+def rope_from_hf(hf_config: Mapping[str, Any], supported: tuple[str, ...], family: str) -> RopeScaling:
+    """The scaling an HF config asks for; an error if the family does not support it."""
+    source = hf_config.get("rope_scaling")
+    if not source:
+        return RopeScaling()
+    if not isinstance(source, Mapping):
+        raise ConfigError(f"config.json: 'rope_scaling' must be a mapping, got {source!r}")
+    rope_type = source.get("rope_type", source.get("type"))
+    if rope_type is None:
+        raise ConfigError("config.json: 'rope_scaling' has neither 'rope_type' nor 'type'")
+    if rope_type not in REQUIRED_PARAMS:
+        raise ConfigError(
+            f"config.json: rope_scaling type {rope_type!r} is unknown; known types: {', '.join(sorted(REQUIRED_PARAMS))}"
+        )
+    if rope_type not in supported:
+        raise ConfigError(
+            f"config.json: rope_scaling type {rope_type!r} is not supported by the {family} bridge; "
+            f"supported: {', '.join(supported)}"
+        )
+    missing = [name for name in REQUIRED_PARAMS[rope_type] if name not in source]
+    if missing:
+        raise ConfigError(f"config.json: rope_scaling type {rope_type!r} lacks {', '.join(missing)}")
+    return RopeScaling(str(rope_type), dict(source))

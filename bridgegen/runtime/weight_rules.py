@@ -1,0 +1,43 @@
+"""The weight-map vocabulary shared by specs and generated bridges (no torch import here)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bridgegen.runtime.config import MegatronConfig
+
+
+class WeightKind(str, Enum):
+    """How HF tensors become one Megatron tensor (and which slice each TP rank owns)."""
+
+    replicated = "replicated"  # same tensor; every TP rank holds all of it (norms, routers)
+    column = "column"  # split on dim 0 over TP
+    row = "row"  # split on dim 1 over TP
+    vocab = "vocab"  # embeddings / output layer: rows padded to the padded vocab, split on dim 0
+    qkv = "qkv"  # q, k, v interleaved by query group, split on dim 0 (whole groups per rank)
+    gate_up = "gate_up"  # gate and up stacked; each half split on dim 0
+    fused_qkv = "fused_qkv"  # one HF tensor holding [q; k; v] (Phi-3 qkv_proj)
+    fused_gate_up = "fused_gate_up"  # one HF tensor holding [gate; up] (Phi-3 gate_up_proj)
+
+
+# How many HF tensors each kind combines.
+HF_ARITY: dict[WeightKind, int] = {WeightKind.qkv: 3, WeightKind.gate_up: 2}
+
+
+@dataclass(frozen=True)
+class WeightRule:
+    """One Megatron tensor (a name template with ``{layer}``) and the HF tensors it is made of."""
+
+    megatron_name: str
+    hf_names: tuple[str, ...]
+    kind: WeightKind
+    te_megatron_name: str | None = None
+    norm_offset: float = 0.0
+    when: Callable[[MegatronConfig], bool] | None = None
+
+    def applies(self, config: MegatronConfig) -> bool:
+        return self.when is None or self.when(config)

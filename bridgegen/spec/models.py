@@ -1,0 +1,140 @@
+"""Stage 2: pydantic models that mirror a spec file faithfully (one model per YAML section).
+
+Every model forbids unknown keys and is frozen, so a typo in a spec is an error with a
+location, never a silently ignored key. Closed vocabularies are enums.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    StringConstraints,
+)
+
+from bridgegen.runtime.weight_rules import WeightKind
+
+Name = Annotated[
+    str, StringConstraints(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+]
+TensorTemplate = Annotated[str, StringConstraints(min_length=1, pattern=r"^[A-Za-z0-9_.{}]+$")]
+Expression = Annotated[str, StringConstraints(min_length=1)]
+YamlValue = StrictBool | StrictInt | StrictFloat | StrictStr | None | list[Any] | dict[str, Any]
+
+
+class MegatronModel(str, Enum):
+    """Which megatron-core model family a spec builds."""
+
+    gpt = "gpt"  # GPTModel with TransformerConfig
+    mla = "mla"  # GPTModel with MLATransformerConfig (multi-latent attention)
+
+
+class MegatronActivation(str, Enum):
+    """Activation functions the runtime can hand to megatron-core."""
+
+    silu = "silu"
+    gelu = "gelu"
+    gelu_tanh = "gelu_tanh"
+    relu = "relu"
+    squared_relu = "squared_relu"
+    quick_gelu = "quick_gelu"
+
+
+class RopeType(str, Enum):
+    """RoPE scaling variants, named as HF's ``rope_type``."""
+
+    default = "default"
+    linear = "linear"
+    dynamic = "dynamic"
+    llama3 = "llama3"
+    yarn = "yarn"
+    longrope = "longrope"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WeightSpec(Strict):
+    """One Megatron tensor and the HF tensor(s) it is made of."""
+
+    hf: TensorTemplate | list[TensorTemplate] = Field(
+        description="HF tensor name template(s); order matters for fused kinds"
+    )
+    kind: WeightKind
+    te_megatron: TensorTemplate | None = Field(
+        default=None, description="the same tensor's name in Transformer Engine layer specs"
+    )
+    when: Expression | None = Field(
+        default=None,
+        description="expression over Megatron config fields; the tensor exists only where it is true",
+    )
+    norm_offset: StrictFloat | StrictInt = Field(
+        default=0.0, description="Megatron value = HF value + norm_offset (for 1 + w norms)"
+    )
+
+
+class RopeSection(Strict):
+    supported: list[RopeType] = Field(description="RoPE scaling types this family accepts")
+
+
+class ConfigSection(Strict):
+    """HF <-> Megatron config fields. HF names may be dotted paths into nested configs."""
+
+    renames: dict[Name, Name | None] = Field(
+        default_factory=dict, description="hf_name: megatron_name (null removes an inherited rename)"
+    )
+    hf_optional: dict[Name, YamlValue] = Field(
+        default_factory=dict, description="HF fields that may be absent, with the value assumed then"
+    )
+    hf_required: list[Name] = Field(
+        default_factory=list, description="HF fields used only in expressions that must be present"
+    )
+    to_megatron: dict[Name, Expression | None] = Field(
+        default_factory=dict, description="megatron_name: expression over HF fields"
+    )
+    to_hf: dict[Name, Expression | None] = Field(
+        default_factory=dict, description="hf_name: expression over Megatron fields"
+    )
+    megatron_defaults: dict[Name, YamlValue] = Field(
+        default_factory=dict, description="fixed Megatron values for this family"
+    )
+    hf_defaults: dict[Name, YamlValue] = Field(
+        default_factory=dict, description="fixed HF values written on export"
+    )
+
+
+class SpecFile(Strict):
+    """A whole spec file. The family name is the file's stem."""
+
+    description: StrictStr = ""
+    extends: str | None = Field(default=None, description="family whose spec this one builds on")
+    abstract: StrictBool = Field(default=False, description="a base spec: inherited from, never generated")
+    architectures: list[str] = Field(
+        default_factory=list, description="HF `architectures` this bridge serves"
+    )
+    model_types: list[str] = Field(
+        default_factory=list, description="HF `model_type` values this bridge serves"
+    )
+    megatron_model: MegatronModel | None = None
+    activation_field: Name | None = Field(default=None, description="HF field holding the activation name")
+    activations: dict[str, MegatronActivation | None] = Field(
+        default_factory=dict, description="HF activation name: Megatron activation"
+    )
+    rope: RopeSection | None = None
+    config: ConfigSection = Field(default_factory=ConfigSection)
+    weights: dict[TensorTemplate, WeightSpec | None] = Field(
+        default_factory=dict,
+        description="megatron_name template: how it is built (null removes an inherited one)",
+    )
+    hf_ignore: list[TensorTemplate] = Field(
+        default_factory=list, description="HF tensor templates that exist in checkpoints but carry no weights"
+    )

@@ -1,0 +1,115 @@
+"""Stages 4-5: resolved specs -> ``{relative path: source}`` (jinja2, then the pinned ruff).
+
+``render_all`` is the one function behind both ``generate`` and ``check``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from importlib import metadata
+from typing import Any
+
+import jinja2
+
+from bridgegen.spec.resolve import ResolvedSpec, ResolvedWeight
+
+# The formatter is part of the output's definition: another ruff could format differently.
+RUFF_VERSION = "0.17.6"
+LINE_LENGTH = 110
+GENERATED_PACKAGE_DIR = "generated"
+SCHEMA_PATH = "specs/spec.schema.json"
+
+
+def _pyrepr(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_pyrepr(k)}: {_pyrepr(v)}" for k, v in sorted(value.items())) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_pyrepr(v) for v in value) + "]"
+    if isinstance(value, tuple):
+        inner = ", ".join(_pyrepr(v) for v in value)
+        return f"({inner},)" if len(value) == 1 else f"({inner})"
+    return repr(value)
+
+
+def when_function(weight: ResolvedWeight) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "_", weight.megatron_name.replace("{layer}", "").lower()).strip("_")
+    return f"_when_{slug}"
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("bridgegen.spec", "templates"),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters["pyrepr"] = _pyrepr
+    env.globals["when_function"] = when_function
+    return env
+
+
+def hf_fields_of(spec: ResolvedSpec) -> tuple[str, ...]:
+    """Every HF field the spec maps (read on import or written on export)."""
+    names = {field.hf_name for field in spec.hf_inputs} | {value.target for value in spec.hf_values}
+    names |= {spec.activation_field, "rope_scaling", "rope_parameters", "architectures", "model_type"}
+    return tuple(sorted(names))
+
+
+class FormatterError(RuntimeError):
+    pass
+
+
+def format_python(source: str, display_path: str) -> str:
+    """Format with the pinned ruff, isolated from any project configuration."""
+    try:
+        installed = metadata.version("ruff")
+    except metadata.PackageNotFoundError:
+        raise FormatterError(
+            f"ruff {RUFF_VERSION} is needed to format generated code; it is not installed"
+        ) from None
+    if installed != RUFF_VERSION:
+        raise FormatterError(
+            f"generated code is formatted with ruff {RUFF_VERSION}, but ruff {installed} is installed"
+        )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ruff",
+            "format",
+            "--isolated",
+            f"--line-length={LINE_LENGTH}",
+            "--stdin-filename",
+            display_path,
+            "-",
+        ],
+        input=source,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise FormatterError(f"ruff could not format {display_path}:\n{result.stderr}")
+    return result.stdout
+
+
+def render_all(specs: list[ResolvedSpec], schema: dict[str, Any]) -> dict[str, str]:
+    """Every generated file of the project, formatted, keyed by path relative to the root."""
+    env = _environment()
+    files: dict[str, str] = {}
+    ordered = sorted(specs, key=lambda s: s.family)
+    for spec in ordered:
+        path = f"{GENERATED_PACKAGE_DIR}/{spec.family}.py"
+        text = env.get_template("bridge.py.j2").render(spec=spec, hf_fields=hf_fields_of(spec))
+        files[path] = text
+    files[f"{GENERATED_PACKAGE_DIR}/__init__.py"] = env.get_template("registry.py.j2").render(
+        specs=ordered, sources=[spec.source for spec in ordered]
+    )
+    files = {path: format_python(text, path) for path, text in files.items()}
+    files[SCHEMA_PATH] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
+    return files

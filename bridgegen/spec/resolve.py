@@ -1,0 +1,506 @@
+"""Stages 2-3: validate loaded specs (pydantic), check across specs, and resolve inheritance.
+
+The output, ``ResolvedSpec``, is shaped for generation: every expression is parsed and
+name-checked, every name is final, and nothing is left to look up. All errors of a run are
+collected; one bad spec never hides the errors of another.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from bridgegen.runtime.config import MODEL_FIELDS
+from bridgegen.runtime.weight_rules import HF_ARITY, WeightKind
+from bridgegen.spec.errors import SpecError, SpecErrors
+from bridgegen.spec.expr import ExpressionError, check_names, emit_python, parse_expression, variable_name
+from bridgegen.spec.loader import FieldPath, LoadedSpec
+from bridgegen.spec.megatron_fields import config_fields
+from bridgegen.spec.models import SpecFile
+
+PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
+KNOWN_PLACEHOLDERS = frozenset({"layer"})
+
+
+@dataclass(frozen=True)
+class HFInput:
+    """An HF config field read on import: required, or optional with a default."""
+
+    hf_name: str
+    variable: str
+    required: bool
+    default: Any
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """``target = python_source`` in generated code."""
+
+    target: str
+    python: str
+
+
+@dataclass(frozen=True)
+class ResolvedWeight:
+    megatron_name: str
+    te_megatron_name: str | None
+    hf_names: tuple[str, ...]
+    kind: WeightKind
+    when_python: str | None
+    norm_offset: float
+
+
+@dataclass(frozen=True)
+class ResolvedSpec:
+    family: str
+    source: str
+    class_name: str
+    description: str
+    architectures: tuple[str, ...]
+    model_types: tuple[str, ...]
+    megatron_model: str
+    activation_field: str
+    activations: tuple[tuple[str, str], ...]
+    rope_types: tuple[str, ...]
+    hf_inputs: tuple[HFInput, ...]
+    megatron_values: tuple[Assignment, ...]  # megatron_name = python over hf_* variables
+    megatron_inputs: tuple[tuple[str, str], ...]  # (variable, megatron_name) read on export
+    hf_values: tuple[Assignment, ...]  # hf_name = python over m_* variables
+    weights: tuple[ResolvedWeight, ...]
+    hf_ignore: tuple[str, ...]
+
+
+def class_name_for(family: str) -> str:
+    return "".join(part.capitalize() for part in re.split(r"[_\-]", family) if part) + "Bridge"
+
+
+# ---------------------------------------------------------------- validation (per file)
+
+
+def _data_path(data: Any, loc: Iterable[str | int]) -> FieldPath:
+    """Keep only the parts of a pydantic error location that exist in the data (drops union tags)."""
+    out: list[str | int] = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            out.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            out.append(part)
+            node = node[part]
+        elif isinstance(node, dict) and isinstance(part, str) and not out[-1:] == [part]:
+            # An unknown key (extra_forbidden) is reported at the key itself.
+            if part not in node:
+                continue
+    return tuple(out)
+
+
+def _pydantic_message(error: Any, data_path: FieldPath, loc: tuple[Any, ...]) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"unknown key {loc[-1]!r}"
+    if kind == "missing":
+        return f"missing required key {loc[-1]!r}"
+    return str(error["msg"])
+
+
+def validate_file(loaded: LoadedSpec) -> tuple[SpecFile | None, list[SpecError]]:
+    if not isinstance(loaded.data, dict):
+        return None, [loaded.error((), "a spec must be a mapping at the top level")]
+    try:
+        return SpecFile.model_validate(loaded.data), []
+    except ValidationError as exc:
+        errors: dict[tuple[FieldPath, str], SpecError] = {}
+        for error in exc.errors():
+            loc = tuple(error["loc"])
+            path = _data_path(loaded.data, loc)
+            message = _pydantic_message(error, path, loc)
+            if error["type"] == "extra_forbidden":
+                path = (*path, loc[-1]) if loc[-1] not in path[-1:] else path
+            key = (path, message)
+            errors.setdefault(key, loaded.error(path, message))
+        # A union field reports one error per member; keep one per field path.
+        by_path: dict[FieldPath, SpecError] = {}
+        for (path, _), err in errors.items():
+            by_path.setdefault(path, err)
+        return None, list(by_path.values())
+
+
+# ---------------------------------------------------------------- merging (extends)
+
+
+@dataclass(frozen=True)
+class _Origin:
+    loaded: LoadedSpec
+    path: FieldPath
+
+    def error(self, message: str, suffix: FieldPath = ()) -> SpecError:
+        return self.loaded.error((*self.path, *suffix), message)
+
+
+@dataclass
+class _Merged:
+    """Dict sections merged along the extends chain, each entry with where it came from."""
+
+    renames: dict[str, tuple[str, _Origin]]
+    hf_optional: dict[str, tuple[Any, _Origin]]
+    hf_required: dict[str, _Origin]
+    to_megatron: dict[str, tuple[str, _Origin]]
+    to_hf: dict[str, tuple[str, _Origin]]
+    megatron_defaults: dict[str, tuple[Any, _Origin]]
+    hf_defaults: dict[str, tuple[Any, _Origin]]
+    activations: dict[str, tuple[str, _Origin]]
+    weights: dict[str, tuple[Any, _Origin]]
+    hf_ignore: dict[str, _Origin]
+    megatron_model: str | None
+    activation_field: str | None
+    rope_types: tuple[str, ...] | None
+    description: str
+
+
+def _merge_section(
+    target: dict[str, tuple[Any, _Origin]], entries: dict[str, Any], loaded: LoadedSpec, base: FieldPath
+) -> None:
+    for key, value in entries.items():
+        if value is None:
+            target.pop(key, None)
+        else:
+            target[key] = (value, _Origin(loaded, (*base, key)))
+
+
+def _merge_chain(chain: list[tuple[LoadedSpec, SpecFile]]) -> _Merged:
+    merged = _Merged({}, {}, {}, {}, {}, {}, {}, {}, {}, {}, None, None, None, "")
+    for loaded, spec in chain:
+        cfg = spec.config
+        _merge_section(merged.renames, cfg.renames, loaded, ("config", "renames"))
+        _merge_section(
+            merged.hf_optional,
+            {k: ("__present__", v) for k, v in cfg.hf_optional.items()},
+            loaded,
+            ("config", "hf_optional"),
+        )
+        for index, name in enumerate(cfg.hf_required):
+            merged.hf_required[name] = _Origin(loaded, ("config", "hf_required", index))
+        _merge_section(merged.to_megatron, cfg.to_megatron, loaded, ("config", "to_megatron"))
+        _merge_section(merged.to_hf, cfg.to_hf, loaded, ("config", "to_hf"))
+        _merge_section(
+            merged.megatron_defaults,
+            {k: ("__present__", v) for k, v in cfg.megatron_defaults.items()},
+            loaded,
+            ("config", "megatron_defaults"),
+        )
+        _merge_section(
+            merged.hf_defaults,
+            {k: ("__present__", v) for k, v in cfg.hf_defaults.items()},
+            loaded,
+            ("config", "hf_defaults"),
+        )
+        _merge_section(
+            merged.activations,
+            {k: (v.value if v is not None else None) for k, v in spec.activations.items()},
+            loaded,
+            ("activations",),
+        )
+        _merge_section(merged.weights, dict(spec.weights), loaded, ("weights",))
+        for index, name in enumerate(spec.hf_ignore):
+            merged.hf_ignore[name] = _Origin(loaded, ("hf_ignore", index))
+        if spec.megatron_model is not None:
+            merged.megatron_model = spec.megatron_model.value
+        if spec.activation_field is not None:
+            merged.activation_field = spec.activation_field
+        if spec.rope is not None:
+            merged.rope_types = tuple(t.value for t in spec.rope.supported)
+        if spec.description:
+            merged.description = spec.description
+    # Unwrap the ("__present__", value) pairs used to keep null literal values.
+    for section in (merged.hf_optional, merged.megatron_defaults, merged.hf_defaults):
+        for key, (wrapped, origin) in list(section.items()):
+            section[key] = (wrapped[1], origin)
+    return merged
+
+
+# ---------------------------------------------------------------- resolution (per concrete spec)
+
+
+def _suggest(name: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _resolve_one(
+    loaded: LoadedSpec, spec: SpecFile, merged: _Merged
+) -> tuple[ResolvedSpec | None, list[SpecError]]:
+    errors: list[SpecError] = []
+    for required_key in ("architectures", "model_types"):
+        if not getattr(spec, required_key):
+            errors.append(loaded.error((), f"a concrete spec needs {required_key!r}"))
+    if merged.megatron_model is None:
+        errors.append(loaded.error((), "no 'megatron_model' given here or in any spec it extends"))
+    if merged.activation_field is None:
+        errors.append(loaded.error((), "no 'activation_field' given here or in any spec it extends"))
+    if merged.rope_types is None:
+        errors.append(loaded.error((), "no 'rope' section given here or in any spec it extends"))
+    if not merged.activations:
+        errors.append(loaded.error((), "no 'activations' given here or in any spec it extends"))
+    model = merged.megatron_model or "gpt"
+    megatron_known = config_fields()[model] | MODEL_FIELDS
+
+    # Megatron side: every field has exactly one source.
+    megatron_source: dict[str, _Origin] = {}
+
+    def claim_megatron(name: str, origin: _Origin) -> None:
+        if name not in megatron_known:
+            errors.append(
+                origin.error(
+                    f"unknown Megatron field {name!r} (not a {'MLA' if model == 'mla' else ''}TransformerConfig field "
+                    f"nor a model setting){_suggest(name, megatron_known)}"
+                )
+            )
+        if name in megatron_source:
+            first = megatron_source[name]
+            errors.append(
+                origin.error(
+                    f"conflicting definitions of Megatron field {name!r}: also set at {first.loaded.location_of(first.path)}"
+                )
+            )
+        else:
+            megatron_source[name] = origin
+
+    for _hf_name, (megatron_name, origin) in sorted(merged.renames.items()):
+        claim_megatron(megatron_name, origin)
+    for megatron_name, (_, origin) in sorted(merged.to_megatron.items()):
+        claim_megatron(megatron_name, origin)
+    for megatron_name, (_, origin) in sorted(merged.megatron_defaults.items()):
+        claim_megatron(megatron_name, origin)
+
+    # HF side: every written field has exactly one source.
+    hf_source: dict[str, _Origin] = {}
+
+    def claim_hf(name: str, origin: _Origin) -> None:
+        if name in hf_source:
+            first = hf_source[name]
+            errors.append(
+                origin.error(
+                    f"conflicting definitions of HF field {name!r}: also set at {first.loaded.location_of(first.path)}"
+                )
+            )
+        else:
+            hf_source[name] = origin
+
+    for hf_name, (_, origin) in sorted(merged.renames.items()):
+        claim_hf(hf_name, origin)
+    for hf_name, (_, origin) in sorted(merged.to_hf.items()):
+        claim_hf(hf_name, origin)
+    for hf_name, (_, origin) in sorted(merged.hf_defaults.items()):
+        claim_hf(hf_name, origin)
+    if merged.activation_field is not None and merged.activation_field in hf_source:
+        origin = hf_source[merged.activation_field]
+        errors.append(
+            origin.error(
+                f"HF field {merged.activation_field!r} is the activation field; it cannot be mapped too"
+            )
+        )
+
+    # Import side inputs.
+    hf_known = frozenset(merged.renames) | frozenset(merged.hf_optional) | frozenset(merged.hf_required)
+    for name, (_, origin) in merged.hf_optional.items():
+        if name in merged.hf_required:
+            errors.append(origin.error(f"HF field {name!r} is both optional and required"))
+
+    megatron_values: list[Assignment] = []
+    for hf_name, (megatron_name, _) in sorted(merged.renames.items(), key=lambda kv: kv[1][0]):
+        megatron_values.append(Assignment(megatron_name, variable_name("hf", hf_name)))
+    for megatron_name, (source, origin) in sorted(merged.to_megatron.items()):
+        try:
+            checked = parse_expression(source)
+            check_names(checked, hf_known, "HF")
+            megatron_values.append(
+                Assignment(megatron_name, emit_python(checked, lambda n: variable_name("hf", n)))
+            )
+        except ExpressionError as exc:
+            errors.append(origin.error(str(exc)))
+    for megatron_name, (value, _) in sorted(merged.megatron_defaults.items()):
+        megatron_values.append(Assignment(megatron_name, repr(value)))
+    megatron_values.sort(key=lambda a: a.target)
+
+    used_hf: set[str] = set(merged.renames)
+    for source, _ in merged.to_megatron.values():
+        try:
+            used_hf |= parse_expression(source).names
+        except ExpressionError:
+            pass
+    hf_inputs = []
+    for name in sorted(used_hf | set(merged.hf_required)):
+        if name in merged.hf_optional:
+            hf_inputs.append(HFInput(name, variable_name("hf", name), False, merged.hf_optional[name][0]))
+        else:
+            hf_inputs.append(HFInput(name, variable_name("hf", name), True, None))
+    for name, (_, origin) in sorted(merged.hf_optional.items()):
+        if name not in used_hf:
+            errors.append(
+                origin.error(f"optional HF field {name!r} is declared but no rename or expression reads it")
+            )
+
+    # Export side.
+    megatron_fields_set = frozenset(megatron_source)
+    used_megatron: set[str] = set(merged.renames[k][0] for k in merged.renames)
+    hf_values: list[Assignment] = []
+    for hf_name, (megatron_name, _) in sorted(merged.renames.items()):
+        hf_values.append(Assignment(hf_name, variable_name("m", megatron_name)))
+    for hf_name, (source, origin) in sorted(merged.to_hf.items()):
+        try:
+            checked = parse_expression(source)
+            check_names(checked, megatron_fields_set, "Megatron")
+            used_megatron |= checked.names
+            hf_values.append(Assignment(hf_name, emit_python(checked, lambda n: variable_name("m", n))))
+        except ExpressionError as exc:
+            errors.append(origin.error(str(exc)))
+    for hf_name, (value, _) in sorted(merged.hf_defaults.items()):
+        hf_values.append(Assignment(hf_name, repr(value)))
+    hf_values.sort(key=lambda a: a.target)
+
+    # Weights.
+    weights: list[ResolvedWeight] = []
+    for megatron_name, (weight, origin) in sorted(merged.weights.items()):
+        hf_names = (weight.hf,) if isinstance(weight.hf, str) else tuple(weight.hf)
+        expected = HF_ARITY.get(weight.kind, 1)
+        if len(hf_names) != expected:
+            errors.append(
+                origin.error(
+                    f"kind {weight.kind.value!r} takes {expected} HF tensor(s), got {len(hf_names)}", ("hf",)
+                )
+            )
+        placeholders = set(PLACEHOLDER.findall(megatron_name))
+        for unknown in sorted(placeholders - KNOWN_PLACEHOLDERS):
+            errors.append(
+                origin.error(f"unknown placeholder {{{unknown}}} in {megatron_name!r}; known: {{layer}}")
+            )
+        for hf_name in (*hf_names, *((weight.te_megatron,) if weight.te_megatron else ())):
+            if set(PLACEHOLDER.findall(hf_name)) != placeholders:
+                errors.append(
+                    origin.error(f"{hf_name!r} must use the same placeholders as {megatron_name!r}", ("hf",))
+                )
+        when_python = None
+        if weight.when is not None:
+            try:
+                checked = parse_expression(weight.when)
+                check_names(checked, megatron_fields_set, "Megatron")
+                used_megatron |= checked.names
+                when_python = emit_python(checked, lambda n: f"config.value({n!r})")
+            except ExpressionError as exc:
+                errors.append(origin.error(str(exc), ("when",)))
+        weights.append(
+            ResolvedWeight(
+                megatron_name, weight.te_megatron, hf_names, weight.kind, when_python, weight.norm_offset
+            )
+        )
+    seen_hf: dict[str, str] = {}
+    for weight in weights:
+        for hf_name in weight.hf_names:
+            if hf_name in seen_hf and weight.when_python is None:
+                _, origin = merged.weights[weight.megatron_name]
+                errors.append(
+                    origin.error(f"HF tensor {hf_name!r} is also mapped by {seen_hf[hf_name]!r}", ("hf",))
+                )
+            seen_hf.setdefault(hf_name, weight.megatron_name)
+
+    if errors:
+        return None, errors
+    return (
+        ResolvedSpec(
+            family=loaded.name,
+            source=loaded.path,
+            class_name=class_name_for(loaded.name),
+            description=merged.description,
+            architectures=tuple(spec.architectures),
+            model_types=tuple(spec.model_types),
+            megatron_model=model,
+            activation_field=merged.activation_field or "",
+            activations=tuple(sorted((k, v) for k, (v, _) in merged.activations.items())),
+            rope_types=merged.rope_types or (),
+            hf_inputs=tuple(hf_inputs),
+            megatron_values=tuple(megatron_values),
+            megatron_inputs=tuple(sorted((variable_name("m", n), n) for n in used_megatron)),
+            hf_values=tuple(hf_values),
+            weights=tuple(weights),
+            hf_ignore=tuple(sorted(merged.hf_ignore)),
+        ),
+        [],
+    )
+
+
+# ---------------------------------------------------------------- the whole run
+
+
+def resolve_all(loaded_specs: list[LoadedSpec]) -> list[ResolvedSpec]:
+    """Validate, cross-check and resolve every spec; raise SpecErrors with all problems found."""
+    errors: list[SpecError] = []
+    valid: dict[str, tuple[LoadedSpec, SpecFile]] = {}
+    for loaded in loaded_specs:
+        spec, file_errors = validate_file(loaded)
+        errors.extend(file_errors)
+        if spec is not None:
+            valid[loaded.name] = (loaded, spec)
+
+    # Cross-spec checks: unknown extends, cycles, claims on the same architecture / model type.
+    all_names = {loaded.name for loaded in loaded_specs}
+    chains: dict[str, list[tuple[LoadedSpec, SpecFile]]] = {}
+    for name, (loaded, spec) in sorted(valid.items()):
+        chain = [(loaded, spec)]
+        seen = [name]
+        ok = True
+        current = spec
+        while current.extends is not None:
+            parent = current.extends
+            if parent in seen:
+                if name == parent or seen[0] == name:
+                    cycle = " -> ".join([*seen, parent])
+                    errors.append(loaded.error(("extends",), f"inheritance cycle: {cycle}"))
+                ok = False
+                break
+            if parent not in valid:
+                if parent not in all_names:
+                    origin_loaded = chain[-1][0]
+                    if origin_loaded is loaded:
+                        errors.append(
+                            loaded.error(
+                                ("extends",), f"extends unknown spec {parent!r}{_suggest(parent, all_names)}"
+                            )
+                        )
+                ok = False
+                break
+            seen.append(parent)
+            chain.append(valid[parent])
+            current = valid[parent][1]
+        if ok:
+            chains[name] = list(reversed(chain))
+
+    claimed: dict[tuple[str, str], LoadedSpec] = {}
+    for _name, (loaded, spec) in sorted(valid.items()):
+        if spec.abstract:
+            continue
+        for key in ("architectures", "model_types"):
+            for index, value in enumerate(getattr(spec, key)):
+                other = claimed.get((key, value))
+                if other is not None:
+                    errors.append(loaded.error((key, index), f"{value!r} is already claimed by {other.path}"))
+                else:
+                    claimed[(key, value)] = loaded
+
+    resolved: list[ResolvedSpec] = []
+    for name, chain in sorted(chains.items()):
+        loaded, spec = valid[name]
+        if spec.abstract:
+            continue
+        result, spec_errors = _resolve_one(loaded, spec, _merge_chain(chain))
+        errors.extend(spec_errors)
+        if result is not None:
+            resolved.append(result)
+    if errors:
+        raise SpecErrors(errors)
+    return resolved
