@@ -24,8 +24,10 @@ class LlamaBridge(Bridge):
     source_spec = "specs/llama.yaml"
     architectures = ("LlamaForCausalLM",)
     model_types = ("llama",)
+    nested_configs = {}
     megatron_model = "gpt"
     activation_field = "hidden_act"
+    activation_default = None
     activations = {
         "gelu": "gelu",
         "gelu_pytorch_tanh": "gelu_tanh",

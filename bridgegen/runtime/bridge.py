@@ -11,6 +11,7 @@ from bridgegen.runtime.config import (
     HFConfigReader,
     MegatronConfig,
     drop_path,
+    get_path,
     normalize_hf_config,
     set_path,
 )
@@ -26,8 +27,10 @@ class Bridge:
     source_spec: ClassVar[str]
     architectures: ClassVar[tuple[str, ...]]
     model_types: ClassVar[tuple[str, ...]]
+    nested_configs: ClassVar[Mapping[str, str]]
     megatron_model: ClassVar[str]
     activation_field: ClassVar[str]
+    activation_default: ClassVar[str | None]
     activations: ClassVar[Mapping[str, str]]
     rope_types: ClassVar[tuple[str, ...]]
     hf_fields: ClassVar[tuple[str, ...]]
@@ -61,18 +64,28 @@ class Bridge:
                 f"{source}: model_type {model_type!r} is not served by the {cls.family} bridge "
                 f"(it serves {', '.join(cls.model_types)})"
             )
-        reader = HFConfigReader(data, cls.family, source)
+        root = cls.nested_configs.get(architecture)
+        fields = data if root is None else get_path(data, root, None)
+        if not isinstance(fields, dict):
+            raise ConfigError(f"{source}: {architecture} keeps its language model config in {root!r}, which is missing")
+        reader = HFConfigReader(fields, cls.family, source)
         values = cls.megatron_values(reader)
-        hf_activation = reader.require(cls.activation_field)
+        hf_activation = (
+            reader.require(cls.activation_field)
+            if cls.activation_default is None
+            else reader.optional(cls.activation_field, cls.activation_default)
+        )
         if hf_activation not in cls.activations:
             raise ConfigError(
                 f"{source}: {cls.activation_field} {hf_activation!r} is not a known activation for the "
                 f"{cls.family} bridge; known: {', '.join(sorted(cls.activations))}"
             )
-        rope = rope_from_hf(data, cls.rope_types, cls.family)
+        rope = rope_from_hf(fields, cls.rope_types, cls.family)
         passthrough = copy.deepcopy(data)
-        for name in (*cls.hf_fields, *HF_VOLATILE_FIELDS):
+        for name in HF_VOLATILE_FIELDS:
             drop_path(passthrough, name)
+        for name in cls.hf_fields:
+            drop_path(passthrough, name if root is None or name in ("architectures", "model_type") else f"{root}.{name}")
         return MegatronConfig(
             family=cls.family,
             megatron_model=cls.megatron_model,
@@ -93,8 +106,10 @@ class Bridge:
         out: dict[str, Any] = copy.deepcopy(dict(config.hf_passthrough))
         out["architectures"] = [config.hf_architecture or cls.architectures[0]]
         out["model_type"] = config.hf_model_type or cls.model_types[0]
+        root = cls.nested_configs.get(out["architectures"][0])
+        fields: dict[str, Any] = out if root is None else out.setdefault(root, {})
         for name, value in cls.hf_values(config).items():
-            set_path(out, name, value)
+            set_path(fields, name, value)
         hf_activation = config.hf_activation or next(
             (hf for hf, megatron in sorted(cls.activations.items()) if megatron == config.activation), None
         )
@@ -102,6 +117,6 @@ class Bridge:
             raise ConfigError(
                 f"{cls.family}: no HF activation name for Megatron activation {config.activation!r}"
             )
-        set_path(out, cls.activation_field, hf_activation)
-        out.update(config.rope.to_hf())
+        set_path(fields, cls.activation_field, hf_activation)
+        fields.update(config.rope.to_hf())
         return dict(sorted(out.items()))

@@ -106,6 +106,10 @@ class HFConfigReader:
             )
         return value
 
+    def check(self, condition: bool, message: str) -> None:
+        if not condition:
+            raise ConfigError(f"{self.source}: {message} (the {self.family} bridge cannot convert this config)")
+
     def optional(self, path: str, default: Any) -> Any:
         value = get_path(self.data, path, None)
         return default if value is None else value

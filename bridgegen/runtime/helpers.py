@@ -22,3 +22,27 @@ def count(values: Sequence[Any], value: Any) -> int:
 def all_equal(values: Sequence[Any], value: Any) -> bool:
     """True if every item of ``values`` equals ``value``."""
     return all(item == value for item in values)
+
+
+def moe_layer_pattern(num_layers: int, sparse_step: int, dense_layers: Sequence[int]) -> list[int]:
+    """Megatron's ``moe_layer_freq`` list: 1 where layer i is MoE (HF's decoder_sparse_step rule)."""
+    return [0 if i in dense_layers or (i + 1) % sparse_step != 0 else 1 for i in range(num_layers)]
+
+
+def sparse_step(pattern: Sequence[int]) -> int:
+    """The HF ``decoder_sparse_step`` that explains ``pattern`` (1 unless MoE layers are periodic)."""
+    moe = [i for i, flag in enumerate(pattern) if flag]
+    if not moe:
+        return 1
+    step = moe[0] + 1
+    return step if all((i + 1) % step == 0 for i in moe) else 1
+
+
+def dense_layers(pattern: Sequence[int], step: int) -> list[int]:
+    """Layers that the step rule would make MoE but ``pattern`` keeps dense (HF ``mlp_only_layers``)."""
+    return [i for i, flag in enumerate(pattern) if not flag and (i + 1) % step == 0]
+
+
+def range_list(n: int) -> list[int]:
+    """``[0, 1, ..., n - 1]``."""
+    return list(range(n))

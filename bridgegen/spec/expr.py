@@ -17,7 +17,9 @@ from dataclasses import dataclass
 BUILTIN_FUNCTIONS = frozenset(
     {"len", "min", "max", "int", "float", "bool", "abs", "round", "sum", "all", "any"}
 )
-RUNTIME_HELPERS = frozenset({"first_index", "count", "all_equal"})
+RUNTIME_HELPERS = frozenset(
+    {"first_index", "count", "all_equal", "moe_layer_pattern", "sparse_step", "dense_layers", "range_list"}
+)
 ALLOWED_FUNCTIONS = BUILTIN_FUNCTIONS | RUNTIME_HELPERS
 
 _ALLOWED_NODES: tuple[type[ast.AST], ...] = (

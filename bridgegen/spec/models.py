@@ -86,6 +86,13 @@ class RopeSection(Strict):
     supported: list[RopeType] = Field(description="RoPE scaling types this family accepts")
 
 
+class HFCheck(Strict):
+    """A condition an HF config must meet to be convertible (an expression over HF fields)."""
+
+    expect: Expression
+    message: StrictStr
+
+
 class ConfigSection(Strict):
     """HF <-> Megatron config fields. HF names may be dotted paths into nested configs."""
 
@@ -103,6 +110,14 @@ class ConfigSection(Strict):
     )
     to_hf: dict[Name, Expression | None] = Field(
         default_factory=dict, description="hf_name: expression over Megatron fields"
+    )
+    extra_fields: list[Name] = Field(
+        default_factory=list,
+        description="Megatron-side fields that are neither TransformerConfig fields nor model settings "
+        "(read by the runtime's quirk modules)",
+    )
+    hf_checks: list[HFCheck] = Field(
+        default_factory=list, description="conditions an HF config must meet; conversion fails with the message"
     )
     megatron_defaults: dict[Name, YamlValue] = Field(
         default_factory=dict, description="fixed Megatron values for this family"
@@ -124,8 +139,15 @@ class SpecFile(Strict):
     model_types: list[str] = Field(
         default_factory=list, description="HF `model_type` values this bridge serves"
     )
+    nested_configs: dict[str, Name] = Field(
+        default_factory=dict,
+        description="architecture: HF field holding the language model's config (e.g. text_config)",
+    )
     megatron_model: MegatronModel | None = None
     activation_field: Name | None = Field(default=None, description="HF field holding the activation name")
+    activation_default: StrictStr | None = Field(
+        default=None, description="HF activation assumed when the activation field is absent"
+    )
     activations: dict[str, MegatronActivation | None] = Field(
         default_factory=dict, description="HF activation name: Megatron activation"
     )

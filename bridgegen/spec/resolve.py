@@ -63,9 +63,12 @@ class ResolvedSpec:
     description: str
     architectures: tuple[str, ...]
     model_types: tuple[str, ...]
+    nested_configs: tuple[tuple[str, str], ...]
     megatron_model: str
     activation_field: str
+    activation_default: str | None
     activations: tuple[tuple[str, str], ...]
+    hf_checks: tuple[tuple[str, str], ...]  # (python condition over hf_* variables, message)
     rope_types: tuple[str, ...]
     hf_inputs: tuple[HFInput, ...]
     megatron_values: tuple[Assignment, ...]  # megatron_name = python over hf_* variables
@@ -157,6 +160,9 @@ class _Merged:
     activations: dict[str, tuple[str, _Origin]]
     weights: dict[str, tuple[Any, _Origin]]
     hf_ignore: dict[str, _Origin]
+    extra_fields: dict[str, _Origin]
+    hf_checks: list[tuple[str, str, _Origin]]
+    activation_default: str | None
     megatron_model: str | None
     activation_field: str | None
     rope_types: tuple[str, ...] | None
@@ -174,7 +180,7 @@ def _merge_section(
 
 
 def _merge_chain(chain: list[tuple[LoadedSpec, SpecFile]]) -> _Merged:
-    merged = _Merged({}, {}, {}, {}, {}, {}, {}, {}, {}, {}, None, None, None, "")
+    merged = _Merged({}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, [], None, None, None, None, "")
     for loaded, spec in chain:
         cfg = spec.config
         _merge_section(merged.renames, cfg.renames, loaded, ("config", "renames"))
@@ -209,6 +215,12 @@ def _merge_chain(chain: list[tuple[LoadedSpec, SpecFile]]) -> _Merged:
         _merge_section(merged.weights, dict(spec.weights), loaded, ("weights",))
         for index, name in enumerate(spec.hf_ignore):
             merged.hf_ignore[name] = _Origin(loaded, ("hf_ignore", index))
+        for index, name in enumerate(cfg.extra_fields):
+            merged.extra_fields[name] = _Origin(loaded, ("config", "extra_fields", index))
+        for index, check in enumerate(cfg.hf_checks):
+            merged.hf_checks.append((check.expect, check.message, _Origin(loaded, ("config", "hf_checks", index, "expect"))))
+        if spec.activation_default is not None:
+            merged.activation_default = spec.activation_default
         if spec.megatron_model is not None:
             merged.megatron_model = spec.megatron_model.value
         if spec.activation_field is not None:
@@ -236,6 +248,9 @@ def _resolve_one(
     loaded: LoadedSpec, spec: SpecFile, merged: _Merged
 ) -> tuple[ResolvedSpec | None, list[SpecError]]:
     errors: list[SpecError] = []
+    for architecture in spec.nested_configs:
+        if architecture not in spec.architectures:
+            errors.append(loaded.error(("nested_configs", architecture), f"{architecture!r} is not in architectures"))
     for required_key in ("architectures", "model_types"):
         if not getattr(spec, required_key):
             errors.append(loaded.error((), f"a concrete spec needs {required_key!r}"))
@@ -248,7 +263,22 @@ def _resolve_one(
     if not merged.activations:
         errors.append(loaded.error((), "no 'activations' given here or in any spec it extends"))
     model = merged.megatron_model or "gpt"
-    megatron_known = config_fields()[model] | MODEL_FIELDS
+    megatron_known = config_fields()[model] | MODEL_FIELDS | frozenset(merged.extra_fields)
+    for name, origin in sorted(merged.extra_fields.items()):
+        if name in config_fields()[model] | MODEL_FIELDS:
+            errors.append(origin.error(f"{name!r} is a megatron-core field; it needs no extra_fields entry"))
+    by_megatron: dict[str, str] = {}
+    for hf_act, (megatron_act, origin) in sorted(merged.activations.items()):
+        if megatron_act in by_megatron:
+            errors.append(
+                origin.error(
+                    f"activations {by_megatron[megatron_act]!r} and {hf_act!r} both map to {megatron_act!r}; "
+                    "export could not tell which HF name to write"
+                )
+            )
+        by_megatron.setdefault(megatron_act, hf_act)
+    if merged.activation_default is not None and merged.activation_default not in merged.activations:
+        errors.append(loaded.error(("activation_default",), f"activation_default {merged.activation_default!r} is not in activations"))
 
     # Megatron side: every field has exactly one source.
     megatron_source: dict[str, _Origin] = {}
@@ -327,9 +357,17 @@ def _resolve_one(
     for megatron_name, (value, _) in sorted(merged.megatron_defaults.items()):
         megatron_values.append(Assignment(megatron_name, repr(value)))
     megatron_values.sort(key=lambda a: a.target)
+    hf_checks: list[tuple[str, str]] = []
+    for source, message, origin in merged.hf_checks:
+        try:
+            checked = parse_expression(source)
+            check_names(checked, hf_known, "HF")
+            hf_checks.append((emit_python(checked, lambda n: variable_name("hf", n)), message))
+        except ExpressionError as exc:
+            errors.append(origin.error(str(exc)))
 
     used_hf: set[str] = set(merged.renames)
-    for source, _ in merged.to_megatron.values():
+    for source in [s for s, _ in merged.to_megatron.values()] + [c[0] for c in merged.hf_checks]:
         try:
             used_hf |= parse_expression(source).names
         except ExpressionError:
@@ -341,7 +379,7 @@ def _resolve_one(
         else:
             hf_inputs.append(HFInput(name, variable_name("hf", name), True, None))
     for name, (_, origin) in sorted(merged.hf_optional.items()):
-        if name not in used_hf:
+        if name not in used_hf and origin.loaded is loaded:
             errors.append(
                 origin.error(f"optional HF field {name!r} is declared but no rename or expression reads it")
             )
@@ -419,8 +457,11 @@ def _resolve_one(
             description=merged.description,
             architectures=tuple(spec.architectures),
             model_types=tuple(spec.model_types),
+            nested_configs=tuple(sorted(spec.nested_configs.items())),
             megatron_model=model,
             activation_field=merged.activation_field or "",
+            activation_default=merged.activation_default,
+            hf_checks=tuple(hf_checks),
             activations=tuple(sorted((k, v) for k, (v, _) in merged.activations.items())),
             rope_types=merged.rope_types or (),
             hf_inputs=tuple(hf_inputs),
