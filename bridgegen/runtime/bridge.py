@@ -67,7 +67,9 @@ class Bridge:
         root = cls.nested_configs.get(architecture)
         fields = data if root is None else get_path(data, root, None)
         if not isinstance(fields, dict):
-            raise ConfigError(f"{source}: {architecture} keeps its language model config in {root!r}, which is missing")
+            raise ConfigError(
+                f"{source}: {architecture} keeps its language model config in {root!r}, which is missing"
+            )
         reader = HFConfigReader(fields, cls.family, source)
         values = cls.megatron_values(reader)
         hf_activation = (
@@ -85,7 +87,10 @@ class Bridge:
         for name in HF_VOLATILE_FIELDS:
             drop_path(passthrough, name)
         for name in cls.hf_fields:
-            drop_path(passthrough, name if root is None or name in ("architectures", "model_type") else f"{root}.{name}")
+            drop_path(
+                passthrough,
+                name if root is None or name in ("architectures", "model_type") else f"{root}.{name}",
+            )
         return MegatronConfig(
             family=cls.family,
             megatron_model=cls.megatron_model,

@@ -108,7 +108,9 @@ class HFConfigReader:
 
     def check(self, condition: bool, message: str) -> None:
         if not condition:
-            raise ConfigError(f"{self.source}: {message} (the {self.family} bridge cannot convert this config)")
+            raise ConfigError(
+                f"{self.source}: {message} (the {self.family} bridge cannot convert this config)"
+            )
 
     def optional(self, path: str, default: Any) -> Any:
         value = get_path(self.data, path, None)

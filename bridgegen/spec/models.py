@@ -117,7 +117,8 @@ class ConfigSection(Strict):
         "(read by the runtime's quirk modules)",
     )
     hf_checks: list[HFCheck] = Field(
-        default_factory=list, description="conditions an HF config must meet; conversion fails with the message"
+        default_factory=list,
+        description="conditions an HF config must meet; conversion fails with the message",
     )
     megatron_defaults: dict[Name, YamlValue] = Field(
         default_factory=dict, description="fixed Megatron values for this family"

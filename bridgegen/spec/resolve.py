@@ -218,7 +218,9 @@ def _merge_chain(chain: list[tuple[LoadedSpec, SpecFile]]) -> _Merged:
         for index, name in enumerate(cfg.extra_fields):
             merged.extra_fields[name] = _Origin(loaded, ("config", "extra_fields", index))
         for index, check in enumerate(cfg.hf_checks):
-            merged.hf_checks.append((check.expect, check.message, _Origin(loaded, ("config", "hf_checks", index, "expect"))))
+            merged.hf_checks.append(
+                (check.expect, check.message, _Origin(loaded, ("config", "hf_checks", index, "expect")))
+            )
         if spec.activation_default is not None:
             merged.activation_default = spec.activation_default
         if spec.megatron_model is not None:
@@ -250,7 +252,9 @@ def _resolve_one(
     errors: list[SpecError] = []
     for architecture in spec.nested_configs:
         if architecture not in spec.architectures:
-            errors.append(loaded.error(("nested_configs", architecture), f"{architecture!r} is not in architectures"))
+            errors.append(
+                loaded.error(("nested_configs", architecture), f"{architecture!r} is not in architectures")
+            )
     for required_key in ("architectures", "model_types"):
         if not getattr(spec, required_key):
             errors.append(loaded.error((), f"a concrete spec needs {required_key!r}"))
@@ -278,7 +282,12 @@ def _resolve_one(
             )
         by_megatron.setdefault(megatron_act, hf_act)
     if merged.activation_default is not None and merged.activation_default not in merged.activations:
-        errors.append(loaded.error(("activation_default",), f"activation_default {merged.activation_default!r} is not in activations"))
+        errors.append(
+            loaded.error(
+                ("activation_default",),
+                f"activation_default {merged.activation_default!r} is not in activations",
+            )
+        )
 
     # Megatron side: every field has exactly one source.
     megatron_source: dict[str, _Origin] = {}

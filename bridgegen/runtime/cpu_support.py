@@ -1,0 +1,59 @@
+"""What megatron-core needs to run a forward pass on a CPU-only torch.
+
+megatron-core 0.16.1 assumes CUDA in a few places that a conversion or a parity check on a
+CPU machine reaches. ``enable_cpu_execution`` patches exactly those, and only when CUDA is
+absent; everything is idempotent. Building models and loading weights need none of this;
+running them does.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+_STATE = {"installed": False}
+
+
+def _default_causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def _sliding_window_causal_mask(sq: int, skv: int, window_size: tuple[int, int]) -> torch.Tensor:
+    allowed = torch.ones(sq, skv, dtype=torch.bool)
+    allowed = torch.triu(allowed, diagonal=skv - sq - window_size[0])
+    allowed = torch.tril(allowed, diagonal=skv - sq + window_size[1])
+    return ~allowed
+
+
+def enable_cpu_execution() -> None:
+    """Make megatron-core's forward pass work without CUDA (no-op when CUDA is available)."""
+    if _STATE["installed"] or torch.cuda.is_available():
+        return
+    import megatron.core.fusions.fused_softmax as fused_softmax
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+    from megatron.core import tensor_parallel
+
+    # RotaryEmbedding and others move tensors to torch.cuda.current_device().
+    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment,return-value]
+    # The causal-mask helpers allocate on "cuda".
+    fused_softmax.get_default_causal_mask = _default_causal_mask  # type: ignore[assignment]
+    fused_softmax.get_sliding_window_causal_mask = _sliding_window_causal_mask  # type: ignore[assignment]
+    # 0.16.1 calls te_general_gemm in the router even when Transformer Engine is absent.
+    if getattr(moe_utils, "te_general_gemm", None) is None:
+        moe_utils.te_general_gemm = None
+    # The default RNG tracker forks CUDA generators; the inference tracker does not.
+    tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    _STATE["installed"] = True
+
+
+def cpu_friendly(function: Any) -> Any:
+    """Decorator: call ``enable_cpu_execution`` before ``function``."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        enable_cpu_execution()
+        return function(*args, **kwargs)
+
+    return wrapper
