@@ -38,8 +38,8 @@ def enable_cpu_execution() -> None:
     # RotaryEmbedding and others move tensors to torch.cuda.current_device().
     torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment,return-value]
     # The causal-mask helpers allocate on "cuda".
-    fused_softmax.get_default_causal_mask = _default_causal_mask  # type: ignore[assignment]
-    fused_softmax.get_sliding_window_causal_mask = _sliding_window_causal_mask  # type: ignore[assignment]
+    fused_softmax.get_default_causal_mask = _default_causal_mask
+    fused_softmax.get_sliding_window_causal_mask = _sliding_window_causal_mask
     # 0.16.1 calls te_general_gemm in the router even when Transformer Engine is absent.
     if getattr(moe_utils, "te_general_gemm", None) is None:
         moe_utils.te_general_gemm = None

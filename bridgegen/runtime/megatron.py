@@ -33,7 +33,8 @@ def activation_function(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 def _config_class(config: MegatronConfig) -> type[Any]:
     from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
-    return MLATransformerConfig if config.megatron_model == "mla" else TransformerConfig
+    chosen: type[Any] = MLATransformerConfig if config.megatron_model == "mla" else TransformerConfig
+    return chosen
 
 
 def transformer_config(
