@@ -71,6 +71,7 @@ class DeepseekV3Bridge(Bridge):
         "v_head_dim",
         "vocab_size",
     )
+    extra_fields = ()
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
     weight_rules = (
         WeightRule(

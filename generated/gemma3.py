@@ -59,6 +59,12 @@ class Gemma3Bridge(Bridge):
         "tie_word_embeddings",
         "vocab_size",
     )
+    extra_fields = (
+        "attn_logit_softcapping",
+        "embedding_scale",
+        "final_logit_softcapping",
+        "rotary_base_local",
+    )
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
     weight_rules = (
         WeightRule(

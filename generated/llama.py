@@ -57,6 +57,7 @@ class LlamaBridge(Bridge):
         "tie_word_embeddings",
         "vocab_size",
     )
+    extra_fields = ()
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
     weight_rules = (
         WeightRule(

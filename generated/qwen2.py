@@ -53,6 +53,7 @@ class Qwen2Bridge(Bridge):
         "use_sliding_window",
         "vocab_size",
     )
+    extra_fields = ()
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
     weight_rules = (
         WeightRule(

@@ -65,6 +65,7 @@ class Qwen3MoeBridge(Bridge):
         "use_sliding_window",
         "vocab_size",
     )
+    extra_fields = ()
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
     weight_rules = (
         WeightRule(

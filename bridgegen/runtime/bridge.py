@@ -34,6 +34,7 @@ class Bridge:
     activations: ClassVar[Mapping[str, str]]
     rope_types: ClassVar[tuple[str, ...]]
     hf_fields: ClassVar[tuple[str, ...]]
+    extra_fields: ClassVar[tuple[str, ...]]
     weight_rules: ClassVar[tuple[WeightRule, ...]]
     hf_ignore: ClassVar[tuple[str, ...]]
 

@@ -76,6 +76,7 @@ class ResolvedSpec:
     hf_values: tuple[Assignment, ...]  # hf_name = python over m_* variables
     weights: tuple[ResolvedWeight, ...]
     hf_ignore: tuple[str, ...]
+    extra_fields: tuple[str, ...]
 
 
 def class_name_for(family: str) -> str:
@@ -479,6 +480,7 @@ def _resolve_one(
             hf_values=tuple(hf_values),
             weights=tuple(weights),
             hf_ignore=tuple(sorted(merged.hf_ignore)),
+            extra_fields=tuple(sorted(merged.extra_fields)),
         ),
         [],
     )

@@ -1,0 +1,254 @@
+"""The user-facing conversion API: one HF model, its bridge, and a Megatron model."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bridgegen.runtime.bridge import Bridge
+from bridgegen.runtime.config import MegatronConfig
+from bridgegen.runtime.errors import ConfigError, WeightError
+from bridgegen.runtime.safetensors_io import Checkpoint, HFDirWriter
+from bridgegen.runtime.weights import LoadStats, WeightMap, iter_hf_from_full, load_into, model_tensors
+
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+# Megatron-side fields the runtime implements; any other extra field with a value is refused
+# at model build, so no quirk is silently dropped.
+IMPLEMENTED_EXTRA_FIELDS: frozenset[str] = frozenset()
+
+
+def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bf16"`` -> torch.bfloat16; an error listing the accepted names otherwise."""
+    if value is None or isinstance(value, torch.dtype):
+        if isinstance(value, torch.dtype) and value not in DTYPE_NAMES.values():
+            raise ConfigError(
+                f"dtype {value} is not supported; choose one of {', '.join(sorted(DTYPE_NAMES))}"
+            )
+        return value
+    try:
+        return DTYPE_NAMES[value]
+    except KeyError:
+        raise ConfigError(
+            f"unknown dtype {value!r}; choose one of {', '.join(sorted(DTYPE_NAMES))}"
+        ) from None
+
+
+def ensure_model_parallel(
+    tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, **kwargs: Any
+) -> None:
+    """Initialise torch.distributed (gloo, one process if not launched by torchrun) and
+    megatron-core's parallel state, unless already done."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        else:
+            store = tempfile.NamedTemporaryFile(prefix="bridgegen-pg-", delete=False)
+            store.close()
+            dist.init_process_group("gloo", init_method=f"file://{store.name}", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_parallel_size, pipeline_parallel_size, **kwargs)
+
+
+def read_hf_config(hf_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: no config.json in the HF folder")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data
+
+
+@dataclass
+class ModelBridge:
+    """An HF model's bridge and Megatron config; builds, loads and exports Megatron models."""
+
+    bridge: type[Bridge]
+    config: MegatronConfig
+    hf_dir: Path | None = None
+
+    @staticmethod
+    def from_hf_config(hf_config: dict[str, Any], source: str = "config.json") -> ModelBridge:
+        from bridgegen.generated import bridge_for_config
+
+        bridge = bridge_for_config(hf_config)
+        return ModelBridge(bridge, bridge.to_megatron_config(hf_config, source=source))
+
+    @staticmethod
+    def from_hf_dir(hf_dir: str | os.PathLike[str]) -> ModelBridge:
+        data = read_hf_config(hf_dir)
+        found = ModelBridge.from_hf_config(data, source=str(Path(hf_dir) / "config.json"))
+        found.hf_dir = Path(hf_dir)
+        return found
+
+    # ----------------------------------------------------------------- building
+
+    def weight_map(self) -> WeightMap:
+        return WeightMap(self.bridge.weight_rules, self.config, self.bridge.hf_ignore)
+
+    def default_dtype(self) -> torch.dtype:
+        if self.hf_dir is not None:
+            return Checkpoint.open(self.hf_dir).floating_dtype()
+        return torch.float32
+
+    def transformer_config(self, dtype: str | torch.dtype | None = None, **parallel: Any) -> Any:
+        from bridgegen.runtime.megatron import transformer_config
+
+        return transformer_config(
+            self.config, params_dtype=parse_dtype(dtype) or self.default_dtype(), **parallel
+        )
+
+    def _refuse_unimplemented(self) -> None:
+        pending = sorted(
+            name
+            for name, value in self.config.values.items()
+            if name not in IMPLEMENTED_EXTRA_FIELDS
+            and value is not None
+            and name in _extra_fields(self.bridge)
+        )
+        if pending:
+            raise ConfigError(
+                f"{self.config.family}: the runtime cannot build a model with {', '.join(pending)} yet "
+                "(config conversion works; weights and forward need these quirks implemented)"
+            )
+        if self.config.rope.rope_type == "llama3":
+            from bridgegen.runtime.rope import MEGATRON_LLAMA3_CONSTANTS
+
+            for name, expected in MEGATRON_LLAMA3_CONSTANTS.items():
+                if float(self.config.rope.param(name)) != float(expected):
+                    raise ConfigError(
+                        f"{self.config.family}: llama3 RoPE {name}={self.config.rope.param(name)} differs from "
+                        f"megatron-core's fixed {expected}"
+                    )
+
+    def build_model(
+        self,
+        dtype: str | torch.dtype | None = None,
+        *,
+        pre_process: bool = True,
+        post_process: bool = True,
+        vp_stage: int | None = None,
+        transformer_config: Any = None,
+        tensor_parallel_size: int = 1,
+    ) -> torch.nn.Module:
+        """A megatron-core GPTModel for this config, parameters allocated but not initialised."""
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+        from megatron.core.models.gpt.gpt_model import GPTModel
+
+        self._refuse_unimplemented()
+        ensure_model_parallel(tensor_parallel_size)
+        config = transformer_config if transformer_config is not None else self.transformer_config(dtype)
+        spec = get_gpt_decoder_block_spec(
+            config, use_transformer_engine=False, normalization=config.normalization, vp_stage=vp_stage
+        )
+        model_kwargs = self.config.model_values()
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=self.config.padded_vocab_size(config.tensor_model_parallel_size),
+            max_sequence_length=int(model_kwargs.pop("max_sequence_length")),
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=bool(
+                model_kwargs.pop("share_embeddings_and_output_weights", False)
+            ),
+            vp_stage=vp_stage,
+            **{k: v for k, v in model_kwargs.items() if k != "vocab_size"},
+        )
+        return model
+
+    # ----------------------------------------------------------------- weights
+
+    def load_hf_weights(
+        self, model: torch.nn.Module, hf_dir: str | os.PathLike[str] | None = None, *, progress: bool = False
+    ) -> LoadStats:
+        """Copy an HF checkpoint into ``model`` (single process: the whole model)."""
+        folder = Path(hf_dir) if hf_dir is not None else self.hf_dir
+        if folder is None:
+            raise WeightError("no HF folder given to load weights from")
+        checkpoint = Checkpoint.open(folder)
+        bar = _progress(progress, sum(1 for _ in model_tensors(model)), "import")
+        try:
+            return load_into(self.weight_map(), model, checkpoint, progress=bar.update if bar else None)
+        finally:
+            if bar:
+                bar.close()
+
+    def iter_hf_weights(
+        self, model: torch.nn.Module, dtype: str | torch.dtype | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Stream (HF name, tensor) pairs from a single-process model, e.g. to refit an
+        inference engine in process. Tensors are views of the model where possible."""
+        target = parse_dtype(dtype) or _model_dtype(model)
+        yield from iter_hf_from_full(self.weight_map(), model_tensors(model), dtype=target)
+
+    def hf_config(self) -> dict[str, Any]:
+        return self.bridge.to_hf_config(self.config)
+
+    def export_hf(
+        self,
+        model: torch.nn.Module,
+        out_dir: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
+        dtype: str | torch.dtype | None = None,
+        max_shard_bytes: int = 5 * 2**30,
+        progress: bool = False,
+    ) -> Path:
+        """Write ``model`` as an HF folder: config, side files from the source, sharded
+        safetensors with an index. Atomic: the folder appears only when complete."""
+        target = parse_dtype(dtype) or _model_dtype(model)
+        hf_config = self.hf_config()
+        hf_config["torch_dtype"] = str(target).removeprefix("torch.")
+        tensors = list(model_tensors(model))
+        bar = _progress(progress, len(tensors), "export")
+        with HFDirWriter(out_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes) as writer:
+            for hf_name, tensor in iter_hf_from_full(self.weight_map(), tensors, dtype=target):
+                writer.add(hf_name, tensor)
+                if bar:
+                    bar.update(1)
+            writer.write_json("config.json", hf_config)
+            writer.copy_side_files(self.hf_dir)
+        if bar:
+            bar.close()
+        return Path(out_dir)
+
+
+def _extra_fields(bridge: type[Bridge]) -> frozenset[str]:
+    from bridgegen.runtime.config import MODEL_FIELDS
+
+    return frozenset(bridge.extra_fields) - MODEL_FIELDS
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    config = getattr(model, "config", None)
+    dtype = getattr(config, "params_dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def _progress(enabled: bool, total: int, what: str) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=what, unit="tensor")

@@ -1,0 +1,289 @@
+"""Lazy safetensors reading and bounded, atomic sharded writing.
+
+Reading maps each file into memory and hands out zero-copy tensor views; a conversion then
+copies only the slices it needs straight into the model's parameters, so each byte of the
+checkpoint is touched once and a tensor-parallel rank touches only its own shard. Headers are
+validated against the file size up front, so a truncated or corrupt file is an error that
+names the file and tensor, never a crash or garbage weights.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import shutil
+import struct
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from bridgegen.runtime.errors import WeightError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Validated tensor table of one safetensors file."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise WeightError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > _MAX_HEADER or 8 + header_len > size:
+            raise WeightError(
+                f"{path}: corrupt or truncated safetensors header (length {header_len}, file {size} bytes)"
+            )
+        try:
+            header = json.loads(handle.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise WeightError(f"{path}: corrupt safetensors header: {exc}") from None
+    if not isinstance(header, dict):
+        raise WeightError(f"{path}: corrupt safetensors header (not a JSON object)")
+    base = 8 + header_len
+    table: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            start, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise WeightError(f"{path}: tensor {name!r} has a corrupt header entry {entry!r}") from None
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        if end - start != numel * dtype.itemsize or start < 0:
+            raise WeightError(
+                f"{path}: tensor {name!r} header says {end - start} bytes for shape {list(shape)}"
+            )
+        if base + end > size:
+            raise WeightError(
+                f"{path}: truncated: tensor {name!r} ends at byte {base + end} but the file has {size} bytes"
+            )
+        table[name] = TensorInfo(path, dtype, shape, base + start, base + end)
+    return table
+
+
+@dataclass
+class Checkpoint:
+    """An HF checkpoint folder (single file or sharded with an index), read lazily."""
+
+    folder: Path
+    tensors: dict[str, TensorInfo]
+    bytes_requested: int = 0
+    _maps: dict[Path, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @staticmethod
+    def open(folder: str | os.PathLike[str]) -> Checkpoint:
+        root = Path(folder)
+        if not root.is_dir():
+            raise WeightError(f"{root}: no such checkpoint folder")
+        index = root / INDEX_NAME
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise WeightError(f"{index}: unreadable index: {exc}") from None
+            files = sorted(set(weight_map.values()))
+        elif (root / SINGLE_NAME).exists():
+            weight_map, files = None, [SINGLE_NAME]
+        else:
+            found = sorted(p.name for p in root.glob("*.safetensors"))
+            if not found:
+                raise WeightError(f"{root}: no *.safetensors files and no {INDEX_NAME}")
+            weight_map, files = None, found
+        tensors: dict[str, TensorInfo] = {}
+        for name in files:
+            path = root / name
+            if not path.exists():
+                raise WeightError(f"{index}: names shard {name!r}, which does not exist")
+            for tensor_name, info in read_header(path).items():
+                if weight_map is not None and weight_map.get(tensor_name) != name:
+                    raise WeightError(
+                        f"{path}: tensor {tensor_name!r} is not listed for this shard in {INDEX_NAME}"
+                    )
+                tensors[tensor_name] = info
+        if weight_map is not None:
+            missing = sorted(set(weight_map) - set(tensors))
+            if missing:
+                raise WeightError(f"{index}: lists tensors no shard holds: {', '.join(missing[:5])}")
+        return Checkpoint(root, tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def names(self) -> list[str]:
+        return sorted(self.tensors)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+    def view(self, name: str) -> torch.Tensor:
+        """A zero-copy, read-only view of tensor ``name`` (copy what you keep)."""
+        try:
+            info = self.tensors[name]
+        except KeyError:
+            raise WeightError(f"{self.folder}: missing tensor {name!r}") from None
+        buffer = self._maps.get(info.file)
+        if buffer is None:
+            with info.file.open("rb") as handle:
+                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # read-only buffer: we never write through views
+                buffer = torch.frombuffer(mapped, dtype=torch.uint8)
+            self._maps[info.file] = buffer
+        return buffer[info.start : info.end].view(info.dtype).view(info.shape)
+
+    def count(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Record that ``tensor`` (a slice of a view) is read; returns it unchanged."""
+        self.bytes_requested += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def floating_dtype(self) -> torch.dtype:
+        """The dtype most of the checkpoint's floating-point bytes are stored in."""
+        totals: dict[torch.dtype, int] = {}
+        for info in self.tensors.values():
+            if info.dtype.is_floating_point:
+                totals[info.dtype] = totals.get(info.dtype, 0) + info.nbytes
+        return max(totals, key=lambda d: totals[d]) if totals else torch.float32
+
+
+HF_SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
+
+class HFDirWriter:
+    """Writes an HF model folder atomically: everything goes to a temp folder beside the
+    target, which is renamed into place only when complete (and removed on any failure)."""
+
+    def __init__(
+        self, out_dir: str | os.PathLike[str], *, overwrite: bool = False, max_shard_bytes: int = 5 * 2**30
+    ):
+        self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and not overwrite:
+            raise WeightError(
+                f"{self.out_dir}: output folder exists; pass overwrite=True (--overwrite) to replace it"
+            )
+        self.overwrite = overwrite
+        self.max_shard_bytes = max_shard_bytes
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[list[str]] = []
+        self.bytes_written = 0
+
+    def __enter__(self) -> HFDirWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        else:
+            self.commit()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.contiguous()
+        self._pending_bytes += nbytes
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        index = len(self._shards)
+        save_file(self._pending, str(self.tmp / f"shard-{index:05d}.tmp"), metadata={"format": "pt"})
+        self.bytes_written += self._pending_bytes
+        self._shards.append(sorted(self._pending))
+        self._pending = {}
+        self._pending_bytes = 0
+
+    def write_json(self, name: str, data: object) -> None:
+        (self.tmp / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    def copy_side_files(self, source: str | os.PathLike[str] | None) -> list[str]:
+        """Copy tokenizer / generation config files from an HF source folder."""
+        if source is None:
+            return []
+        copied = []
+        for name in HF_SIDE_FILES:
+            path = Path(source) / name
+            if path.is_file():
+                shutil.copy2(path, self.tmp / name)
+                copied.append(name)
+        return copied
+
+    def commit(self) -> None:
+        self._flush()
+        count = len(self._shards)
+        weight_map: dict[str, str] = {}
+        for index, names in enumerate(self._shards):
+            final = SINGLE_NAME if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+            os.replace(self.tmp / f"shard-{index:05d}.tmp", self.tmp / final)
+            weight_map.update({name: final for name in names})
+        if count > 1:
+            self.write_json(
+                INDEX_NAME, {"metadata": {"total_size": self.bytes_written}, "weight_map": weight_map}
+            )
+        if self.out_dir.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.old-", dir=self.out_dir.parent))
+            os.replace(self.out_dir, trash / "old")
+            os.replace(self.tmp, self.out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.out_dir)
+
+
+def iter_checkpoint(folder: str | os.PathLike[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, view) for every tensor of an HF checkpoint folder, sorted by name."""
+    checkpoint = Checkpoint.open(folder)
+    for name in checkpoint.names():
+        yield name, checkpoint.view(name)

@@ -1,0 +1,184 @@
+"""The weight-map primitives: for each kind, HF tensors -> one rank's Megatron shard, and the
+full Megatron tensor -> HF tensors.
+
+Import functions take zero-copy views of the HF tensors and a destination (the rank's
+parameter) and copy into it exactly the slice that rank owns, so nothing else is read.
+Export functions take the whole Megatron tensor (gathered over TP where needed) and return
+views of it, one per HF tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from bridgegen.runtime.errors import WeightError
+from bridgegen.runtime.weight_rules import WeightKind
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a transform needs to know about the model and the rank it fills."""
+
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    vocab_size: int
+    tp_rank: int = 0
+    tp_size: int = 1
+
+
+Read = Callable[[torch.Tensor], torch.Tensor]  # records a slice as read, returns it
+
+
+def _chunk(size: int, layout: Layout, what: str) -> slice:
+    if size % layout.tp_size:
+        raise WeightError(
+            f"{what}: dimension {size} does not split evenly over tensor parallel size {layout.tp_size}"
+        )
+    step = size // layout.tp_size
+    return slice(layout.tp_rank * step, (layout.tp_rank + 1) * step)
+
+
+def _check_shape(name: str, got: torch.Size | tuple[int, ...], expected: tuple[int, ...]) -> None:
+    if tuple(got) != tuple(expected):
+        raise WeightError(f"{name}: shape {list(got)} does not match the expected {list(expected)}")
+
+
+def load_shard(
+    kind: WeightKind,
+    dest: torch.Tensor,
+    sources: list[torch.Tensor],
+    hf_names: tuple[str, ...],
+    layout: Layout,
+    read: Read,
+    norm_offset: float = 0.0,
+) -> None:
+    """Fill ``dest`` (this rank's Megatron shard) from the HF ``sources`` (views)."""
+    if kind is WeightKind.fused_qkv:
+        q_rows = layout.num_attention_heads * layout.head_dim
+        kv_rows = layout.num_query_groups * layout.head_dim
+        _check_shape(hf_names[0], sources[0].shape[:1], (q_rows + 2 * kv_rows,))
+        q, k, v = sources[0].split([q_rows, kv_rows, kv_rows])
+        return load_shard(WeightKind.qkv, dest, [q, k, v], hf_names * 3, layout, read)
+    if kind is WeightKind.fused_gate_up:
+        gate, up = sources[0].chunk(2)
+        return load_shard(WeightKind.gate_up, dest, [gate, up], hf_names * 2, layout, read)
+
+    if kind is WeightKind.replicated:
+        _check_shape(hf_names[0], sources[0].shape, tuple(dest.shape))
+        part = read(sources[0])
+    elif kind is WeightKind.column:
+        rows = _chunk(sources[0].shape[0], layout, hf_names[0])
+        _check_shape(hf_names[0], (rows.stop - rows.start, *sources[0].shape[1:]), tuple(dest.shape))
+        part = read(sources[0][rows])
+    elif kind is WeightKind.row:
+        if sources[0].dim() != 2:
+            raise WeightError(
+                f"{hf_names[0]}: a row-parallel tensor must be 2-D, got shape {list(sources[0].shape)}"
+            )
+        cols = _chunk(sources[0].shape[1], layout, hf_names[0])
+        _check_shape(hf_names[0], (sources[0].shape[0], cols.stop - cols.start), tuple(dest.shape))
+        part = read(sources[0][:, cols])
+    elif kind is WeightKind.vocab:
+        source = sources[0]
+        padded_rows = dest.shape[0] * layout.tp_size
+        if source.shape[0] != layout.vocab_size:
+            raise WeightError(
+                f"{hf_names[0]}: {source.shape[0]} rows, but the config's vocab_size is {layout.vocab_size}"
+            )
+        _check_shape(hf_names[0], source.shape[1:], tuple(dest.shape[1:]))
+        start = layout.tp_rank * dest.shape[0]
+        stop = min(start + dest.shape[0], layout.vocab_size)
+        if padded_rows < layout.vocab_size:
+            raise WeightError(
+                f"{hf_names[0]}: padded vocab {padded_rows} is smaller than vocab_size {layout.vocab_size}"
+            )
+        if stop > start:
+            dest[: stop - start].copy_(read(source[start:stop]))
+        dest[max(stop - start, 0) :].zero_()
+        return
+    elif kind is WeightKind.qkv:
+        _load_qkv(dest, sources, hf_names, layout, read)
+        return
+    elif kind is WeightKind.gate_up:
+        gate, up = sources
+        _check_shape(hf_names[1], up.shape, tuple(gate.shape))
+        rows = _chunk(gate.shape[0], layout, hf_names[0])
+        half = rows.stop - rows.start
+        _check_shape(hf_names[0], (2 * half, *gate.shape[1:]), tuple(dest.shape))
+        dest[:half].copy_(read(gate[rows]))
+        dest[half:].copy_(read(up[rows]))
+        return
+    else:  # pragma: no cover - the enum is closed
+        raise AssertionError(kind)
+    if norm_offset:
+        dest.copy_(part.to(torch.float32) + norm_offset)
+    else:
+        dest.copy_(part)
+
+
+def _load_qkv(
+    dest: torch.Tensor, sources: list[torch.Tensor], hf_names: tuple[str, ...], layout: Layout, read: Read
+) -> None:
+    q, k, v = sources
+    groups, dim = layout.num_query_groups, layout.head_dim
+    per_group = layout.num_attention_heads // groups
+    rest = tuple(q.shape[1:])
+    _check_shape(hf_names[0], q.shape, (layout.num_attention_heads * dim, *rest))
+    _check_shape(hf_names[1], k.shape, (groups * dim, *rest))
+    _check_shape(hf_names[2], v.shape, (groups * dim, *rest))
+    local = _chunk(groups, layout, f"{hf_names[0]} (query groups)")
+    count = local.stop - local.start
+    _check_shape(
+        f"{hf_names[0]} (fused qkv shard)", tuple(dest.shape), (count * (per_group + 2) * dim, *rest)
+    )
+    blocks = dest.view(count, per_group + 2, dim, *rest)
+    blocks[:, :per_group].copy_(read(q.view(groups, per_group, dim, *rest)[local]))
+    blocks[:, per_group].copy_(read(k.view(groups, dim, *rest)[local]))
+    blocks[:, per_group + 1].copy_(read(v.view(groups, dim, *rest)[local]))
+
+
+def split_full(
+    kind: WeightKind, full: torch.Tensor, layout: Layout, norm_offset: float = 0.0
+) -> list[torch.Tensor]:
+    """The HF tensors held by a whole (TP-gathered) Megatron tensor, as views where possible."""
+    if kind in (WeightKind.replicated, WeightKind.column, WeightKind.row):
+        return [full.to(torch.float32) - norm_offset if norm_offset else full]
+    if kind is WeightKind.vocab:
+        return [full[: layout.vocab_size]]
+    if kind in (WeightKind.qkv, WeightKind.fused_qkv):
+        groups, dim = layout.num_query_groups, layout.head_dim
+        per_group = layout.num_attention_heads // groups
+        rest = tuple(full.shape[1:])
+        blocks = full.view(groups, per_group + 2, dim, *rest)
+        q = blocks[:, :per_group].reshape(groups * per_group * dim, *rest)
+        k = blocks[:, per_group].reshape(groups * dim, *rest)
+        v = blocks[:, per_group + 1].reshape(groups * dim, *rest)
+        return [torch.cat([q, k, v])] if kind is WeightKind.fused_qkv else [q, k, v]
+    if kind in (WeightKind.gate_up, WeightKind.fused_gate_up):
+        gate, up = full.chunk(2)
+        return [full] if kind is WeightKind.fused_gate_up else [gate, up]
+    raise AssertionError(kind)  # pragma: no cover
+
+
+def tp_partition_dim(kind: WeightKind) -> int | None:
+    """The dim a Megatron tensor of this kind is split on over TP (None: replicated)."""
+    if kind is WeightKind.replicated:
+        return None
+    if kind is WeightKind.row:
+        return 1
+    return 0
+
+
+def gather_tp_shards(kind: WeightKind, shards: list[torch.Tensor]) -> torch.Tensor:
+    """Reassemble the whole Megatron tensor from its TP shards (in rank order)."""
+    dim = tp_partition_dim(kind)
+    if dim is None or len(shards) == 1:
+        return shards[0]
+    if kind in (WeightKind.gate_up, WeightKind.fused_gate_up):
+        gates, ups = zip(*(shard.chunk(2) for shard in shards), strict=True)
+        return torch.cat([*gates, *ups])
+    return torch.cat(shards, dim=dim)

@@ -1,0 +1,172 @@
+"""Matching Megatron parameter names to spec weight rules, and moving tensors through them."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from bridgegen.runtime.config import MegatronConfig
+from bridgegen.runtime.errors import WeightError
+from bridgegen.runtime.safetensors_io import Checkpoint
+from bridgegen.runtime.transforms import Layout, load_shard, split_full
+from bridgegen.runtime.weight_rules import WeightKind, WeightRule
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    return re.compile("^" + re.escape(template).replace(r"\{layer\}", r"(?P<layer>\d+)") + "$")
+
+
+@dataclass(frozen=True)
+class MatchedTensor:
+    """A Megatron parameter with the rule that maps it and its global layer number."""
+
+    megatron_name: str
+    rule: WeightRule
+    layer: int | None
+
+    def hf_names(self) -> tuple[str, ...]:
+        if self.layer is None:
+            return self.rule.hf_names
+        return tuple(name.replace("{layer}", str(self.layer)) for name in self.rule.hf_names)
+
+
+class WeightMap:
+    """The rules of one bridge that apply to one config, with name matching."""
+
+    def __init__(
+        self, rules: Iterable[WeightRule], config: MegatronConfig, hf_ignore: Iterable[str] = ()
+    ) -> None:
+        self.config = config
+        self.rules = [rule for rule in rules if rule.applies(config)]
+        self.inactive = [rule for rule in rules if not rule.applies(config)]
+        self._patterns: list[tuple[re.Pattern[str], WeightRule]] = []
+        for rule in self.rules:
+            self._patterns.append((_template_regex(rule.megatron_name), rule))
+            if rule.te_megatron_name:
+                self._patterns.append((_template_regex(rule.te_megatron_name), rule))
+        self._ignore = [_template_regex(t) for t in hf_ignore]
+        # An untied output layer's HF tensor may still be present in a tied checkpoint.
+        self._ignore += [
+            _template_regex(name)
+            for rule in self.inactive
+            if rule.kind is WeightKind.vocab
+            for name in rule.hf_names
+        ]
+
+    def match(self, megatron_name: str, layer_offset: int = 0) -> MatchedTensor:
+        for pattern, rule in self._patterns:
+            found = pattern.match(megatron_name)
+            if found:
+                layer = found.groupdict().get("layer")
+                return MatchedTensor(
+                    megatron_name, rule, None if layer is None else int(layer) + layer_offset
+                )
+        raise WeightError(
+            f"Megatron tensor {megatron_name!r} has no rule in the {self.config.family} spec "
+            "(add it to the spec's weights, or this architecture variant is not supported yet)"
+        )
+
+    def ignored(self, hf_name: str) -> bool:
+        return any(pattern.match(hf_name) for pattern in self._ignore)
+
+    def layout(self, tp_rank: int = 0, tp_size: int = 1) -> Layout:
+        cfg = self.config
+        heads = int(cfg.value("num_attention_heads"))
+        groups = cfg.values.get("num_query_groups") or heads
+        head_dim = cfg.values.get("kv_channels") or int(cfg.value("hidden_size")) // heads
+        return Layout(heads, int(groups), int(head_dim), cfg.vocab_size, tp_rank, tp_size)
+
+
+def model_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The parameters a conversion fills: every parameter, shared ones once."""
+    yield from model.named_parameters()
+
+
+@dataclass
+class LoadStats:
+    tensors: int = 0
+    bytes_requested: int = 0
+    hf_tensors_used: int = 0
+
+
+def load_into(
+    weight_map: WeightMap,
+    model: torch.nn.Module,
+    checkpoint: Checkpoint,
+    *,
+    layer_offset: int = 0,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    check_unused: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> LoadStats:
+    """Copy every parameter of ``model`` from ``checkpoint``; each rank reads only its slices."""
+    layout = weight_map.layout(tp_rank, tp_size)
+    used: set[str] = set()
+    stats = LoadStats()
+    params = list(model_tensors(model))
+    plan = [(name, param, weight_map.match(name, layer_offset)) for name, param in params]
+    for _, _, matched in plan:
+        for hf_name in matched.hf_names():
+            if hf_name not in checkpoint:
+                raise WeightError(
+                    f"{checkpoint.folder}: missing tensor {hf_name!r} (needed for Megatron {matched.megatron_name!r})"
+                )
+            info = checkpoint.tensors[hf_name]
+            if not info.dtype.is_floating_point:
+                raise WeightError(
+                    f"{info.file}: tensor {hf_name!r} has dtype {info.dtype}; expected floating point"
+                )
+    if check_unused:
+        wanted = {hf for _, _, matched in plan for hf in matched.hf_names()}
+        unexpected = [n for n in checkpoint.names() if n not in wanted and not weight_map.ignored(n)]
+        if unexpected:
+            shown = ", ".join(repr(n) for n in unexpected[:8])
+            more = f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""
+            raise WeightError(
+                f"{checkpoint.folder}: unexpected tensor(s) {shown}{more}: the {weight_map.config.family} spec maps no "
+                "Megatron tensor to them"
+            )
+    before = checkpoint.bytes_requested
+    with torch.no_grad():
+        for name, param, matched in plan:
+            hf_names = matched.hf_names()
+            sources = [checkpoint.view(n) for n in hf_names]
+            try:
+                load_shard(
+                    matched.rule.kind,
+                    param.data,
+                    sources,
+                    hf_names,
+                    layout,
+                    checkpoint.count,
+                    matched.rule.norm_offset,
+                )
+            except WeightError as exc:
+                raise WeightError(f"{checkpoint.folder}: {exc} (loading Megatron {name!r})") from None
+            used.update(hf_names)
+            stats.tensors += 1
+            if progress is not None:
+                progress(1)
+    stats.hf_tensors_used = len(used)
+    stats.bytes_requested = checkpoint.bytes_requested - before
+    return stats
+
+
+def iter_hf_from_full(
+    weight_map: WeightMap,
+    named_full_tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    layer_offset: int = 0,
+    dtype: torch.dtype | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(hf_name, tensor) for whole Megatron tensors (already gathered over TP)."""
+    layout = weight_map.layout()
+    for name, full in named_full_tensors:
+        matched = weight_map.match(name, layer_offset)
+        pieces = split_full(matched.rule.kind, full.detach(), layout, matched.rule.norm_offset)
+        for hf_name, piece in zip(matched.hf_names(), pieces, strict=True):
+            yield hf_name, piece if dtype is None else piece.to(dtype)
