@@ -162,7 +162,7 @@ class ModelBridge:
             config, use_transformer_engine=False, normalization=config.normalization, vp_stage=vp_stage
         )
         model_kwargs = self.config.model_values()
-        model = GPTModel(
+        model: torch.nn.Module = GPTModel(
             config=config,
             transformer_layer_spec=spec,
             vocab_size=self.config.padded_vocab_size(config.tensor_model_parallel_size),

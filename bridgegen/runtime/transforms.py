@@ -61,7 +61,9 @@ def load_shard(
         q_rows = layout.num_attention_heads * layout.head_dim
         kv_rows = layout.num_query_groups * layout.head_dim
         _check_shape(hf_names[0], sources[0].shape[:1], (q_rows + 2 * kv_rows,))
-        q, k, v = sources[0].split([q_rows, kv_rows, kv_rows])
+        q = sources[0][:q_rows]
+        k = sources[0][q_rows : q_rows + kv_rows]
+        v = sources[0][q_rows + kv_rows :]
         return load_shard(WeightKind.qkv, dest, [q, k, v], hf_names * 3, layout, read)
     if kind is WeightKind.fused_gate_up:
         gate, up = sources[0].chunk(2)
