@@ -37,6 +37,8 @@ def enable_cpu_execution() -> None:
 
     # RotaryEmbedding and others move tensors to torch.cuda.current_device().
     torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment,return-value]
+    # dist_checkpointing's writer synchronises the device before reading tensors.
+    torch.cuda.synchronize = lambda device=None: None
     # The causal-mask helpers allocate on "cuda".
     fused_softmax.get_default_causal_mask = _default_causal_mask
     fused_softmax.get_sliding_window_causal_mask = _sliding_window_causal_mask
