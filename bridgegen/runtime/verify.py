@@ -33,7 +33,8 @@ def megatron_logits(model: torch.nn.Module, input_ids: torch.Tensor, vocab_size:
     model.eval()
     with torch.no_grad():
         logits = model(input_ids, positions, attention_mask=None)
-    return logits[..., :vocab_size].float()
+    trimmed: torch.Tensor = logits[..., :vocab_size].float()
+    return trimmed
 
 
 def compare(reference: torch.Tensor, candidate: torch.Tensor) -> Parity:
@@ -51,7 +52,7 @@ def hf_vs_megatron(
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, vocab_size, (batch, seq_len), generator=generator)
     hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    hf_model.eval()
+    hf_model.train(False)
     with torch.no_grad():
         reference = hf_model(input_ids).logits.float()
     return compare(reference, megatron_logits(model, input_ids, vocab_size))

@@ -85,6 +85,18 @@ def _dotted_name(node: ast.AST) -> str | None:
     return None
 
 
+def _collect_names(node: ast.AST, names: set[str]) -> None:
+    """Every field an expression reads: whole ``a.b.c`` chains, never the helpers it calls."""
+    dotted = _dotted_name(node) if isinstance(node, ast.Name | ast.Attribute) else None
+    if dotted is not None:
+        names.add(dotted)
+        return
+    for child in ast.iter_child_nodes(node):
+        if isinstance(node, ast.Call) and child is node.func:
+            continue
+        _collect_names(child, names)
+
+
 def parse_expression(source: str) -> CheckedExpression:
     """Parse and whitelist-check ``source``; raise ExpressionError with the reason."""
     try:
@@ -112,17 +124,8 @@ def parse_expression(source: str) -> CheckedExpression:
                 )
         if isinstance(node, ast.Constant) and isinstance(node.value, bytes | complex):
             raise ExpressionError(f"expression {source!r} uses a {type(node.value).__name__} literal")
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute | ast.Name):
-            dotted = _dotted_name(node)
-            if dotted is not None:
-                names.add(dotted)
-    # Keep only outermost dotted chains ("a.b" rather than "a" too) and drop called helpers.
-    helper_names = {
-        n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
-    }
-    outer = {n for n in names if not any(other.startswith(n + ".") for other in names)}
-    return CheckedExpression(source=source.strip(), names=frozenset(outer - helper_names), tree=tree)
+    _collect_names(tree.body, names)
+    return CheckedExpression(source=source.strip(), names=frozenset(names), tree=tree)
 
 
 def check_names(expression: CheckedExpression, known: frozenset[str], side: str) -> None:

@@ -27,13 +27,14 @@ def load_specs(root: Path, specs_dir: str = "specs") -> list[ResolvedSpec]:
     """Load, validate and resolve every ``*.yaml`` under ``root/specs_dir``; raise SpecErrors."""
     errors: list[SpecError] = []
     loaded: list[LoadedSpec] = []
-    for path in sorted((root / specs_dir).glob("*.yaml")):
+    paths = sorted((root / specs_dir).glob("*.yaml"))
+    for path in paths:
         spec, file_errors = load_spec_file(path, path.relative_to(root).as_posix())
         errors.extend(file_errors)
         if spec is not None and not file_errors:
             loaded.append(spec)
     try:
-        resolved = resolve_all(loaded)
+        resolved = resolve_all(loaded, frozenset(path.stem for path in paths))
     except SpecErrors as exc:
         errors.extend(exc.errors)
         resolved = []

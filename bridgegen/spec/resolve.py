@@ -428,10 +428,13 @@ def _resolve_one(
             errors.append(
                 origin.error(f"unknown placeholder {{{unknown}}} in {megatron_name!r}; known: {{layer}}")
             )
-        for hf_name in (*hf_names, *((weight.te_megatron,) if weight.te_megatron else ())):
-            if set(PLACEHOLDER.findall(hf_name)) != placeholders:
+        templates = [(name, "hf") for name in hf_names]
+        if weight.te_megatron:
+            templates.append((weight.te_megatron, "te_megatron"))
+        for template, key in templates:
+            if set(PLACEHOLDER.findall(template)) != placeholders:
                 errors.append(
-                    origin.error(f"{hf_name!r} must use the same placeholders as {megatron_name!r}", ("hf",))
+                    origin.error(f"{template!r} must use the same placeholders as {megatron_name!r}", (key,))
                 )
         when_python = None
         if weight.when is not None:
@@ -489,7 +492,9 @@ def _resolve_one(
 # ---------------------------------------------------------------- the whole run
 
 
-def resolve_all(loaded_specs: list[LoadedSpec]) -> list[ResolvedSpec]:
+def resolve_all(
+    loaded_specs: list[LoadedSpec], known_names: frozenset[str] = frozenset()
+) -> list[ResolvedSpec]:
     """Validate, cross-check and resolve every spec; raise SpecErrors with all problems found."""
     errors: list[SpecError] = []
     valid: dict[str, tuple[LoadedSpec, SpecFile]] = {}
@@ -500,7 +505,8 @@ def resolve_all(loaded_specs: list[LoadedSpec]) -> list[ResolvedSpec]:
             valid[loaded.name] = (loaded, spec)
 
     # Cross-spec checks: unknown extends, cycles, claims on the same architecture / model type.
-    all_names = {loaded.name for loaded in loaded_specs}
+    # Specs that failed to load still exist: extending them is not an "unknown spec" error.
+    all_names = {loaded.name for loaded in loaded_specs} | set(known_names)
     chains: dict[str, list[tuple[LoadedSpec, SpecFile]]] = {}
     for name, (loaded, spec) in sorted(valid.items()):
         chain = [(loaded, spec)]
