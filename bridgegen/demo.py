@@ -11,6 +11,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,7 +20,7 @@ OUT = Path("demo_out")
 
 def main() -> int:
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from bridgegen.runtime.convert import ModelBridge
     from bridgegen.runtime.megatron_checkpoint import load_megatron, save_megatron
@@ -27,7 +28,8 @@ def main() -> int:
 
     shutil.rmtree(OUT, ignore_errors=True)
     hf_dir, megatron_dir, export_dir = OUT / "hf", OUT / "megatron", OUT / "hf_export"
-    config = LlamaConfig(
+    config = AutoConfig.for_model(
+        "llama",
         hidden_size=128,
         intermediate_size=344,
         num_hidden_layers=3,
@@ -46,7 +48,8 @@ def main() -> int:
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(hf_dir)
+    auto: Any = AutoModelForCausalLM
+    auto.from_config(config).save_pretrained(hf_dir)
     steps: list[tuple[str, str]] = []
 
     start = time.perf_counter()

@@ -71,6 +71,7 @@ class DeepseekV2Bridge(Bridge):
         "vocab_size",
     )
     extra_fields = ()
+    hf_aliases = {}
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
     weight_rules = (
         WeightRule(
@@ -141,6 +142,14 @@ class DeepseekV2Bridge(Bridge):
         hf_v_head_dim = hf.require("v_head_dim")
         hf_vocab_size = hf.require("vocab_size")
         hf.check(hf_moe_layer_freq == 1, "moe_layer_freq other than 1 is not supported")
+        hf.check(
+            hf_topk_method != "group_limited_greedy" or hf_num_experts_per_tok // hf_topk_group == 1,
+            "group_limited_greedy ranks a group by its best expert; megatron-core ranks it by the sum of its top (top_k // topk_group) experts, which differs here",
+        )
+        hf.check(
+            hf_scoring_func != "sigmoid" or hf_norm_topk_prob,
+            "sigmoid routing without norm_topk_prob: megatron-core always renormalises sigmoid top-k weights",
+        )
         hf.check(not hf_attention_bias, "attention_bias is true; MLA projections with bias are not supported")
         return {
             "add_bias_linear": False,

@@ -58,6 +58,7 @@ class Gemma2Bridge(Bridge):
         "vocab_size",
     )
     extra_fields = ("attn_logit_softcapping", "embedding_scale", "final_logit_softcapping")
+    hf_aliases = {}
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
     weight_rules = (
         WeightRule(

@@ -65,6 +65,7 @@ class Gemma3Bridge(Bridge):
         "final_logit_softcapping",
         "rotary_base_local",
     )
+    hf_aliases = {}
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
     weight_rules = (
         WeightRule(
@@ -120,22 +121,22 @@ class Gemma3Bridge(Bridge):
         hf_attention_bias = hf.optional("attention_bias", False)
         hf_attn_logit_softcapping = hf.optional("attn_logit_softcapping", None)
         hf_final_logit_softcapping = hf.optional("final_logit_softcapping", None)
-        hf_head_dim = hf.optional("head_dim", None)
-        hf_hidden_size = hf.require("hidden_size")
+        hf_head_dim = hf.optional("head_dim", 256)
+        hf_hidden_size = hf.optional("hidden_size", 2304)
         hf_initializer_range = hf.optional("initializer_range", 0.02)
-        hf_intermediate_size = hf.require("intermediate_size")
-        hf_max_position_embeddings = hf.require("max_position_embeddings")
-        hf_num_attention_heads = hf.require("num_attention_heads")
-        hf_num_hidden_layers = hf.require("num_hidden_layers")
-        hf_num_key_value_heads = hf.optional("num_key_value_heads", None)
-        hf_query_pre_attn_scalar = hf.optional("query_pre_attn_scalar", None)
+        hf_intermediate_size = hf.optional("intermediate_size", 9216)
+        hf_max_position_embeddings = hf.optional("max_position_embeddings", 131072)
+        hf_num_attention_heads = hf.optional("num_attention_heads", 8)
+        hf_num_hidden_layers = hf.optional("num_hidden_layers", 26)
+        hf_num_key_value_heads = hf.optional("num_key_value_heads", 4)
+        hf_query_pre_attn_scalar = hf.optional("query_pre_attn_scalar", 256)
         hf_rms_norm_eps = hf.optional("rms_norm_eps", 1e-06)
         hf_rope_local_base_freq = hf.optional("rope_local_base_freq", 10000.0)
-        hf_rope_theta = hf.optional("rope_theta", 10000.0)
-        hf_sliding_window = hf.optional("sliding_window", None)
+        hf_rope_theta = hf.optional("rope_theta", 1000000.0)
+        hf_sliding_window = hf.optional("sliding_window", 4096)
         hf_sliding_window_pattern = hf.optional("sliding_window_pattern", 6)
         hf_tie_word_embeddings = hf.optional("tie_word_embeddings", True)
-        hf_vocab_size = hf.require("vocab_size")
+        hf_vocab_size = hf.optional("vocab_size", 262208)
         return {
             "add_bias_linear": False,
             "add_qkv_bias": hf_attention_bias,

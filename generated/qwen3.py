@@ -11,7 +11,7 @@ from bridgegen.runtime.config import HFConfigReader, MegatronConfig
 from bridgegen.runtime.weight_rules import WeightKind, WeightRule
 
 
-def _when_decoder_layers_self_attention_linear_qkv_bias(config: MegatronConfig) -> bool:
+def _when_decoder_layers_layer_self_attention_linear_qkv_bias(config: MegatronConfig) -> bool:
     return bool(config.value("add_qkv_bias"))
 
 
@@ -59,6 +59,7 @@ class Qwen3Bridge(Bridge):
         "vocab_size",
     )
     extra_fields = ()
+    hf_aliases = {}
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
     weight_rules = (
         WeightRule(
@@ -106,7 +107,7 @@ class Qwen3Bridge(Bridge):
                 "model.layers.{layer}.self_attn.v_proj.bias",
             ),
             kind=WeightKind.qkv,
-            when=_when_decoder_layers_self_attention_linear_qkv_bias,
+            when=_when_decoder_layers_layer_self_attention_linear_qkv_bias,
         ),
         WeightRule(
             megatron_name="decoder.layers.{layer}.self_attention.linear_qkv.weight",

@@ -243,10 +243,6 @@ def test_bad_hf_configs_are_refused(toy: type[Bridge], change: dict[str, Any], m
         toy.to_megatron_config({**HF_CONFIG, **change})
 
 
-@pytest.mark.xfail(
-    reason="render.when_function gives weights whose names differ only by {layer} the same predicate name",
-    strict=True,
-)
 def test_weights_with_similar_names_keep_their_own_when(tmp_path: Path) -> None:
     # Bug (bridgegen/spec/render.py, when_function): the predicate name is the Megatron name with
     # "{layer}" removed, lowercased and punctuation folded to "_", so `decoder.layers.{layer}.extra.weight`

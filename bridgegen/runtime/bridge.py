@@ -35,6 +35,7 @@ class Bridge:
     rope_types: ClassVar[tuple[str, ...]]
     hf_fields: ClassVar[tuple[str, ...]]
     extra_fields: ClassVar[tuple[str, ...]]
+    hf_aliases: ClassVar[Mapping[str, tuple[str, ...]]]
     weight_rules: ClassVar[tuple[WeightRule, ...]]
     hf_ignore: ClassVar[tuple[str, ...]]
 
@@ -71,7 +72,7 @@ class Bridge:
             raise ConfigError(
                 f"{source}: {architecture} keeps its language model config in {root!r}, which is missing"
             )
-        reader = HFConfigReader(fields, cls.family, source)
+        reader = HFConfigReader(fields, cls.family, source, cls.hf_aliases)
         values = cls.megatron_values(reader)
         hf_activation = (
             reader.require(cls.activation_field)
@@ -83,7 +84,7 @@ class Bridge:
                 f"{source}: {cls.activation_field} {hf_activation!r} is not a known activation for the "
                 f"{cls.family} bridge; known: {', '.join(sorted(cls.activations))}"
             )
-        rope = rope_from_hf(fields, cls.rope_types, cls.family)
+        rope = rope_from_hf(fields, cls.rope_types, cls.family, source)
         passthrough = copy.deepcopy(data)
         for name in HF_VOLATILE_FIELDS:
             drop_path(passthrough, name)

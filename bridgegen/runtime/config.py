@@ -41,6 +41,13 @@ def normalize_hf_config(data: Mapping[str, Any]) -> dict[str, Any]:
     """
     out = copy.deepcopy(dict(data))
     params = out.pop("rope_parameters", None)
+    if isinstance(params, Mapping) and "full_attention" in params:
+        # Per layer type (Gemma 3 in transformers 5): global layers carry the model's RoPE,
+        # local (sliding) layers their own base.
+        local = params.get("sliding_attention")
+        if isinstance(local, Mapping) and "rope_theta" in local:
+            out.setdefault("rope_local_base_freq", local["rope_theta"])
+        params = params["full_attention"]
     if (
         isinstance(params, Mapping)
         and "rope_type" in params
@@ -93,13 +100,28 @@ def drop_path(data: dict[str, Any], path: str) -> None:
 class HFConfigReader:
     """Reads fields (dotted paths allowed) from an HF config dict with errors that name them."""
 
-    def __init__(self, data: Mapping[str, Any], family: str, source: str = "config.json") -> None:
+    def __init__(
+        self,
+        data: Mapping[str, Any],
+        family: str,
+        source: str = "config.json",
+        aliases: Mapping[str, tuple[str, ...]] | None = None,
+    ) -> None:
         self.data = data
         self.family = family
         self.source = source
+        self.aliases = aliases or {}
+
+    def _get(self, path: str) -> Any:
+        value = get_path(self.data, path, None)
+        for alias in self.aliases.get(path, ()):
+            if value is not None:
+                break
+            value = get_path(self.data, alias, None)
+        return value
 
     def require(self, path: str) -> Any:
-        value = get_path(self.data, path, None)
+        value = self._get(path)
         if value is None:
             raise ConfigError(
                 f"{self.source}: field {path!r} is required by the {self.family} bridge but missing"
@@ -113,7 +135,7 @@ class HFConfigReader:
             )
 
     def optional(self, path: str, default: Any) -> Any:
-        value = get_path(self.data, path, None)
+        value = self._get(path)
         return default if value is None else value
 
 

@@ -15,7 +15,7 @@ import torch
 from bridgegen.runtime.bridge import Bridge
 from bridgegen.runtime.config import MegatronConfig
 from bridgegen.runtime.errors import ConfigError, WeightError
-from bridgegen.runtime.safetensors_io import Checkpoint, HFDirWriter
+from bridgegen.runtime.safetensors_io import Checkpoint, HFDirWriter, PlannedTensor
 from bridgegen.runtime.weights import LoadStats, WeightMap, iter_hf_from_full, load_into, model_tensors
 
 DTYPE_NAMES: dict[str, torch.dtype] = {
@@ -131,15 +131,6 @@ class ModelBridge:
                 f"{self.config.family}: the runtime cannot build a model with {', '.join(pending)} yet "
                 "(config conversion works; weights and forward need these quirks implemented)"
             )
-        if self.config.rope.rope_type == "llama3":
-            from bridgegen.runtime.rope import MEGATRON_LLAMA3_CONSTANTS
-
-            for name, expected in MEGATRON_LLAMA3_CONSTANTS.items():
-                if float(self.config.rope.param(name)) != float(expected):
-                    raise ConfigError(
-                        f"{self.config.family}: llama3 RoPE {name}={self.config.rope.param(name)} differs from "
-                        f"megatron-core's fixed {expected}"
-                    )
 
     def build_model(
         self,
@@ -219,14 +210,29 @@ class ModelBridge:
         safetensors with an index. Atomic: the folder appears only when complete."""
         target = parse_dtype(dtype) or _model_dtype(model)
         hf_config = self.hf_config()
-        hf_config["torch_dtype"] = str(target).removeprefix("torch.")
+        dtype_name = str(target).removeprefix("torch.")
+        # transformers >= 4.56 writes `dtype`, older versions `torch_dtype`; state the truth in both.
+        for key in ("dtype", "torch_dtype"):
+            if key in hf_config or key == "torch_dtype":
+                hf_config[key] = dtype_name
         tensors = list(model_tensors(model))
-        bar = _progress(progress, len(tensors), "export")
-        with HFDirWriter(out_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes) as writer:
-            for hf_name, tensor in iter_hf_from_full(self.weight_map(), tensors, dtype=target):
-                writer.add(hf_name, tensor)
+        weight_map = self.weight_map()
+        # Plan every HF tensor (name, dtype, shape) from meta copies, then stream the real ones.
+        meta = [(name, torch.empty(t.shape, dtype=t.dtype, device="meta")) for name, t in tensors]
+        planned = [
+            PlannedTensor(n, t.dtype, tuple(t.shape))
+            for n, t in iter_hf_from_full(weight_map, meta, dtype=target)
+        ]
+        bar = _progress(progress, len(planned), "export")
+
+        def produce() -> Iterator[tuple[str, torch.Tensor]]:
+            for item in iter_hf_from_full(weight_map, tensors, dtype=target):
+                yield item
                 if bar:
                     bar.update(1)
+
+        with HFDirWriter(out_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes) as writer:
+            writer.write_tensors(planned, produce())
             writer.write_json("config.json", hf_config)
             writer.copy_side_files(self.hf_dir)
         if bar:

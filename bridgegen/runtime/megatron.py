@@ -57,14 +57,14 @@ def transformer_config(
     cls = _config_class(config)
     names = frozenset(f.name for f in dataclasses.fields(cls))
     kwargs = config.transformer_values(names)
-    if config.rope.rope_type not in ("default",) and "unsupported_rope_type" in (
+    rope_settings = (
         config.rope.megatron_mla_settings()
         if config.megatron_model == "mla"
         else config.rope.megatron_gpt_settings()
-    ):
-        raise ConfigError(
-            f"{config.family}: RoPE type {config.rope.rope_type!r} has no megatron-core equivalent yet"
-        )
+    )
+    if "unsupported_rope_type" in rope_settings:
+        unsupported = rope_settings["unsupported_rope_type"]
+        raise ConfigError(f"{config.family}: RoPE type {unsupported!r} has no megatron-core equivalent yet")
     kwargs.update(
         activation_func=activation_function(config.activation),
         params_dtype=params_dtype,

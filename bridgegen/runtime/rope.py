@@ -36,6 +36,7 @@ class RopeScaling:
 
     rope_type: str = "default"
     source: Mapping[str, Any] = field(default_factory=dict)
+    explicit_null: bool = False  # the source config said `rope_scaling: null`; export says it too
 
     def param(self, name: str, default: Any = None) -> Any:
         return self.source.get(name, default)
@@ -47,6 +48,16 @@ class RopeScaling:
         if self.rope_type == "linear":
             return {"seq_len_interpolation_factor": float(self.param("factor"))}
         if self.rope_type == "llama3":
+            if any(float(self.param(k)) != v for k, v in MEGATRON_LLAMA3_CONSTANTS.items()):
+                # megatron-core fixes these three; other values need the runtime's own rotary embedding.
+                return {
+                    "unsupported_rope_type": "llama3 with "
+                    + ", ".join(
+                        f"{k}={self.param(k)}"
+                        for k, v in MEGATRON_LLAMA3_CONSTANTS.items()
+                        if float(self.param(k)) != v
+                    )
+                }
             return {"rope_scaling": True, "rope_scaling_factor": float(self.param("factor"))}
         if self.rope_type == "yarn":
             return {
@@ -83,36 +94,42 @@ class RopeScaling:
         return {"unsupported_rope_type": self.rope_type}
 
     def to_hf(self) -> dict[str, Any]:
+        if self.explicit_null:
+            return {"rope_scaling": None}
         return {} if self.rope_type == "default" and not self.source else {"rope_scaling": dict(self.source)}
 
     def to_json(self) -> dict[str, Any]:
-        return {"rope_type": self.rope_type, "source": dict(self.source)}
+        return {"rope_type": self.rope_type, "source": dict(self.source), "explicit_null": self.explicit_null}
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> RopeScaling:
-        return RopeScaling(str(data["rope_type"]), dict(data["source"]))
+        return RopeScaling(
+            str(data["rope_type"]), dict(data["source"]), bool(data.get("explicit_null", False))
+        )
 
 
-def rope_from_hf(hf_config: Mapping[str, Any], supported: tuple[str, ...], family: str) -> RopeScaling:
+def rope_from_hf(
+    hf_config: Mapping[str, Any], supported: tuple[str, ...], family: str, source_name: str = "config.json"
+) -> RopeScaling:
     """The scaling an HF config asks for; an error if the family does not support it."""
     source = hf_config.get("rope_scaling")
     if not source:
-        return RopeScaling()
+        return RopeScaling(explicit_null="rope_scaling" in hf_config and source is None)
     if not isinstance(source, Mapping):
-        raise ConfigError(f"config.json: 'rope_scaling' must be a mapping, got {source!r}")
+        raise ConfigError(f"{source_name}: 'rope_scaling' must be a mapping, got {source!r}")
     rope_type = source.get("rope_type", source.get("type"))
     if rope_type is None:
-        raise ConfigError("config.json: 'rope_scaling' has neither 'rope_type' nor 'type'")
+        raise ConfigError(f"{source_name}: 'rope_scaling' has neither 'rope_type' nor 'type'")
     if rope_type not in REQUIRED_PARAMS:
         raise ConfigError(
-            f"config.json: rope_scaling type {rope_type!r} is unknown; known types: {', '.join(sorted(REQUIRED_PARAMS))}"
+            f"{source_name}: rope_scaling type {rope_type!r} is unknown; known types: {', '.join(sorted(REQUIRED_PARAMS))}"
         )
     if rope_type not in supported:
         raise ConfigError(
-            f"config.json: rope_scaling type {rope_type!r} is not supported by the {family} bridge; "
+            f"{source_name}: rope_scaling type {rope_type!r} is not supported by the {family} bridge; "
             f"supported: {', '.join(supported)}"
         )
     missing = [name for name in REQUIRED_PARAMS[rope_type] if name not in source]
     if missing:
-        raise ConfigError(f"config.json: rope_scaling type {rope_type!r} lacks {', '.join(missing)}")
+        raise ConfigError(f"{source_name}: rope_scaling type {rope_type!r} lacks {', '.join(missing)}")
     return RopeScaling(str(rope_type), dict(source))

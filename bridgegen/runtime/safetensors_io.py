@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from bridgegen.runtime.errors import WeightError
 
@@ -109,6 +108,7 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     bytes_requested: int = 0
     _maps: dict[Path, torch.Tensor] = field(default_factory=dict, repr=False)
+    _mmaps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
 
     @staticmethod
     def open(folder: str | os.PathLike[str]) -> Checkpoint:
@@ -170,7 +170,18 @@ class Checkpoint:
                 warnings.simplefilter("ignore")  # read-only buffer: we never write through views
                 buffer = torch.frombuffer(mapped, dtype=torch.uint8)
             self._maps[info.file] = buffer
+            self._mmaps[info.file] = mapped
         return buffer[info.start : info.end].view(info.dtype).view(info.shape)
+
+    def release(self, name: str) -> None:
+        """Drop tensor ``name``'s pages from this process's mapping once it is copied, so the
+        checkpoint does not sit in our RSS beside the model (the page cache keeps them)."""
+        info = self.tensors.get(name)
+        mapped = self._mmaps.get(info.file) if info is not None else None
+        if info is None or mapped is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = info.start - info.start % mmap.PAGESIZE
+        mapped.madvise(mmap.MADV_DONTNEED, start, info.end - start)
 
     def count(self, tensor: torch.Tensor) -> torch.Tensor:
         """Record that ``tensor`` (a slice of a view) is read; returns it unchanged."""
@@ -184,6 +195,75 @@ class Checkpoint:
             if info.dtype.is_floating_point:
                 totals[info.dtype] = totals.get(info.dtype, 0) + info.nbytes
         return max(totals, key=lambda d: totals[d]) if totals else torch.float32
+
+
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """A tensor an export will write: known before any byte is produced."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count * self.dtype.itemsize
+
+
+def plan_shards(planned: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+    """Group tensors, in order, into shards of at most ``max_shard_bytes`` (a larger tensor
+    gets a shard of its own)."""
+    shards: list[list[PlannedTensor]] = []
+    size = 0
+    for tensor in planned:
+        if not shards or (shards[-1] and size + tensor.nbytes > max_shard_bytes):
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.nbytes
+    return shards
+
+
+def write_safetensors(
+    path: Path, entries: list[PlannedTensor], produce: Iterator[tuple[str, torch.Tensor]]
+) -> int:
+    """Write one safetensors file, streaming each tensor from ``produce`` as it comes.
+
+    The header is written first from the plan, then every tensor's bytes straight from its
+    memory: at most one tensor is materialised at a time, and nothing is copied into Python
+    bytes objects.
+    """
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for entry in entries:
+        header[entry.name] = {
+            "dtype": DTYPE_NAMES[entry.dtype],
+            "shape": list(entry.shape),
+            "data_offsets": [offset, offset + entry.nbytes],
+        }
+        offset += entry.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with path.open("wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for entry in entries:
+            name, tensor = next(produce)
+            if name != entry.name or tensor.dtype != entry.dtype or tuple(tensor.shape) != entry.shape:
+                raise WeightError(
+                    f"{path}: produced {name!r} {tensor.dtype} {list(tensor.shape)} where the plan has "
+                    f"{entry.name!r} {entry.dtype} {list(entry.shape)}"
+                )
+            flat = tensor.detach().contiguous().reshape(-1)
+            if flat.numel():
+                handle.write(flat.view(torch.uint8).numpy().data)
+    return offset
 
 
 HF_SIDE_FILES = (
@@ -215,8 +295,6 @@ class HFDirWriter:
         self.max_shard_bytes = max_shard_bytes
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
         self._shards: list[list[str]] = []
         self.bytes_written = 0
 
@@ -226,25 +304,21 @@ class HFDirWriter:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
-        else:
-            self.commit()
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor.contiguous()
-        self._pending_bytes += nbytes
-
-    def _flush(self) -> None:
-        if not self._pending:
             return
-        index = len(self._shards)
-        save_file(self._pending, str(self.tmp / f"shard-{index:05d}.tmp"), metadata={"format": "pt"})
-        self.bytes_written += self._pending_bytes
-        self._shards.append(sorted(self._pending))
-        self._pending = {}
-        self._pending_bytes = 0
+        try:
+            self.commit()
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+
+    def write_tensors(
+        self, planned: list[PlannedTensor], produce: Iterator[tuple[str, torch.Tensor]]
+    ) -> None:
+        """Write all tensors, sharded by the plan; ``produce`` yields them in plan order."""
+        for shard in plan_shards(planned, self.max_shard_bytes):
+            index = len(self._shards)
+            self.bytes_written += write_safetensors(self.tmp / f"shard-{index:05d}.tmp", shard, produce)
+            self._shards.append([entry.name for entry in shard])
 
     def write_json(self, name: str, data: object) -> None:
         (self.tmp / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -262,7 +336,6 @@ class HFDirWriter:
         return copied
 
     def commit(self) -> None:
-        self._flush()
         count = len(self._shards)
         weight_map: dict[str, str] = {}
         for index, names in enumerate(self._shards):
@@ -276,8 +349,13 @@ class HFDirWriter:
         if self.out_dir.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.old-", dir=self.out_dir.parent))
             os.replace(self.out_dir, trash / "old")
-            os.replace(self.tmp, self.out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
+            try:
+                os.replace(self.tmp, self.out_dir)
+            except BaseException:
+                os.replace(trash / "old", self.out_dir)
+                raise
+            finally:
+                shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(self.tmp, self.out_dir)
 

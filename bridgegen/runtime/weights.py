@@ -148,6 +148,8 @@ def load_into(
             except WeightError as exc:
                 raise WeightError(f"{checkpoint.folder}: {exc} (loading Megatron {name!r})") from None
             used.update(hf_names)
+            for hf_name in hf_names:
+                checkpoint.release(hf_name)
             stats.tensors += 1
             if progress is not None:
                 progress(1)

@@ -102,6 +102,10 @@ class ConfigSection(Strict):
     hf_optional: dict[Name, YamlValue] = Field(
         default_factory=dict, description="HF fields that may be absent, with the value assumed then"
     )
+    hf_aliases: dict[Name, list[Name]] = Field(
+        default_factory=dict,
+        description="hf_name: other names some transformers versions write for it (read when it is absent)",
+    )
     hf_required: list[Name] = Field(
         default_factory=list, description="HF fields used only in expressions that must be present"
     )

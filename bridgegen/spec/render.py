@@ -35,7 +35,7 @@ def _pyrepr(value: Any) -> str:
 
 
 def when_function(weight: ResolvedWeight) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "_", weight.megatron_name.replace("{layer}", "").lower()).strip("_")
+    slug = re.sub(r"[^a-z0-9]+", "_", weight.megatron_name.replace("{layer}", "layer_").lower()).strip("_")
     return f"_when_{slug}"
 
 
@@ -57,6 +57,7 @@ def hf_fields_of(spec: ResolvedSpec) -> tuple[str, ...]:
     """Every HF field the spec maps (read on import or written on export)."""
     names = {field.hf_name for field in spec.hf_inputs} | {value.target for value in spec.hf_values}
     names |= {spec.activation_field, "rope_scaling", "rope_parameters", "architectures", "model_type"}
+    names |= {alias for _, aliases in spec.hf_aliases for alias in aliases}
     return tuple(sorted(names))
 
 

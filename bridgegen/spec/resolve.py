@@ -77,6 +77,7 @@ class ResolvedSpec:
     weights: tuple[ResolvedWeight, ...]
     hf_ignore: tuple[str, ...]
     extra_fields: tuple[str, ...]
+    hf_aliases: tuple[tuple[str, tuple[str, ...]], ...]
 
 
 def class_name_for(family: str) -> str:
@@ -128,11 +129,17 @@ def validate_file(loaded: LoadedSpec) -> tuple[SpecFile | None, list[SpecError]]
                 path = (*path, loc[-1]) if loc[-1] not in path[-1:] else path
             key = (path, message)
             errors.setdefault(key, loaded.error(path, message))
-        # A union field reports one error per member; keep one per field path.
+        # A union field reports one error per member; keep one per field path, and drop an
+        # error on a path when a deeper one explains it (a bad item of a list-or-string field).
         by_path: dict[FieldPath, SpecError] = {}
         for (path, _), err in errors.items():
             by_path.setdefault(path, err)
-        return None, list(by_path.values())
+        paths = list(by_path)
+        return None, [
+            err
+            for path, err in by_path.items()
+            if not any(len(o) > len(path) and o[: len(path)] == path for o in paths)
+        ]
 
 
 # ---------------------------------------------------------------- merging (extends)
@@ -161,6 +168,7 @@ class _Merged:
     activations: dict[str, tuple[str, _Origin]]
     weights: dict[str, tuple[Any, _Origin]]
     hf_ignore: dict[str, _Origin]
+    hf_aliases: dict[str, tuple[list[str], _Origin]]
     extra_fields: dict[str, _Origin]
     hf_checks: list[tuple[str, str, _Origin]]
     activation_default: str | None
@@ -181,7 +189,7 @@ def _merge_section(
 
 
 def _merge_chain(chain: list[tuple[LoadedSpec, SpecFile]]) -> _Merged:
-    merged = _Merged({}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, [], None, None, None, None, "")
+    merged = _Merged({}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, [], None, None, None, None, "")
     for loaded, spec in chain:
         cfg = spec.config
         _merge_section(merged.renames, cfg.renames, loaded, ("config", "renames"))
@@ -216,6 +224,7 @@ def _merge_chain(chain: list[tuple[LoadedSpec, SpecFile]]) -> _Merged:
         _merge_section(merged.weights, dict(spec.weights), loaded, ("weights",))
         for index, name in enumerate(spec.hf_ignore):
             merged.hf_ignore[name] = _Origin(loaded, ("hf_ignore", index))
+        _merge_section(merged.hf_aliases, dict(cfg.hf_aliases), loaded, ("config", "hf_aliases"))
         for index, name in enumerate(cfg.extra_fields):
             merged.extra_fields[name] = _Origin(loaded, ("config", "extra_fields", index))
         for index, check in enumerate(cfg.hf_checks):
@@ -346,6 +355,9 @@ def _resolve_one(
             )
         )
 
+    for name, (_, origin) in sorted(merged.hf_aliases.items()):
+        if name not in merged.renames and name not in merged.hf_optional and name not in merged.hf_required:
+            errors.append(origin.error(f"alias target {name!r} is not an HF field this spec reads"))
     # Import side inputs.
     hf_known = frozenset(merged.renames) | frozenset(merged.hf_optional) | frozenset(merged.hf_required)
     for name, (_, origin) in merged.hf_optional.items():
@@ -484,6 +496,7 @@ def _resolve_one(
             weights=tuple(weights),
             hf_ignore=tuple(sorted(merged.hf_ignore)),
             extra_fields=tuple(sorted(merged.extra_fields)),
+            hf_aliases=tuple(sorted((k, tuple(v)) for k, (v, _) in merged.hf_aliases.items())),
         ),
         [],
     )

@@ -51,6 +51,7 @@ class TinyBridge(Bridge):
         "vocab_size",
     )
     extra_fields = ("tiny_clip_qkv", "tiny_window")
+    hf_aliases = {}
     hf_ignore = ("lm_head.bias", "model.layers.{layer}.self_attn.rotary_emb.inv_freq")
     weight_rules = (
         WeightRule(

@@ -1,0 +1,189 @@
+"""Conversion throughput and memory against raw safetensors I/O of the same tensors.
+
+Builds a synthetic bf16 checkpoint with Llama-3.2-1B's shapes (random weights, offline),
+then runs each phase in a fresh process, several times, and reports median wall time and
+the phase's peak RSS above the process's RSS just before the phase started:
+
+  raw-read   safetensors safe_open().get_tensor() of every tensor
+  import     bridgegen: HF folder -> megatron-core GPTModel (built without init)
+  raw-write  safetensors save_file() of the same tensors (one file, like our export)
+  export     bridgegen: GPTModel -> HF folder
+
+Usage: python bench/bench_convert.py [--repeats 3] [--workdir bench/out]
+This is a benchmark, not a test: numbers depend on the machine and its page cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LLAMA_32_1B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
+    "torch_dtype": "bfloat16",
+}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def make_checkpoint(folder: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    if (folder / "config.json").exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    c = LLAMA_32_1B
+    h, f, d = c["hidden_size"], c["intermediate_size"], c["head_dim"]
+    q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
+    shapes = {"model.embed_tokens.weight": (c["vocab_size"], h), "model.norm.weight": (h,)}
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (f, h),
+            p + "mlp.up_proj.weight": (f, h),
+            p + "mlp.down_proj.weight": (h, f),
+        }
+    generator = torch.Generator().manual_seed(0)
+    names = sorted(shapes)
+    shards = [names[i::3] for i in range(3)]  # three shards, as the published checkpoint layout varies
+    weight_map = {}
+    for index, shard in enumerate(shards):
+        file = f"model-{index + 1:05d}-of-00003.safetensors"
+        tensors = {n: (torch.randn(shapes[n], generator=generator) * 0.02).to(torch.bfloat16) for n in shard}
+        save_file(tensors, str(folder / file), metadata={"format": "pt"})
+        weight_map |= {n: file for n in shard}
+        del tensors
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(LLAMA_32_1B, indent=2))
+
+
+def phase(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
+    """Run one phase in this process; returns seconds and peak RSS above the start."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from bridgegen.runtime.convert import ModelBridge
+
+    result: dict[str, float] = {}
+    if name in ("raw-read", "raw-write"):
+        before = rss_bytes()
+        start = time.perf_counter()
+        tensors = {}
+        index = json.loads((checkpoint / "model.safetensors.index.json").read_text())["weight_map"]
+        for file in sorted(set(index.values())):
+            with safe_open(str(checkpoint / file), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    tensors[key] = handle.get_tensor(key)
+        result["read_s"] = time.perf_counter() - start
+        if name == "raw-write":
+            shutil.rmtree(scratch, ignore_errors=True)
+            scratch.mkdir(parents=True)
+            before = rss_bytes()
+            resource_start = time.perf_counter()
+            save_file(tensors, str(scratch / "model.safetensors"), metadata={"format": "pt"})
+            result["seconds"] = time.perf_counter() - resource_start
+        else:
+            result["seconds"] = result["read_s"]
+        result["bytes"] = float(sum(t.numel() * t.element_size() for t in tensors.values()))
+    else:
+        bridge = ModelBridge.from_hf_dir(checkpoint)
+        start = time.perf_counter()
+        model = bridge.build_model(torch.bfloat16)
+        result["build_s"] = time.perf_counter() - start
+        before = rss_bytes()
+        start = time.perf_counter()
+        stats = bridge.load_hf_weights(model)
+        result["bytes"] = float(stats.bytes_requested)
+        if name == "import":
+            result["seconds"] = time.perf_counter() - start
+        else:
+            result["import_s"] = time.perf_counter() - start
+            shutil.rmtree(scratch, ignore_errors=True)
+            before = rss_bytes()
+            start = time.perf_counter()
+            bridge.export_hf(model, scratch, overwrite=True)
+            result["seconds"] = time.perf_counter() - start
+    result["rss_before_mb"] = before / 2**20
+    result["peak_above_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workdir", default="bench/out")
+    parser.add_argument("--phase", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    workdir = Path(args.workdir)
+    checkpoint, scratch = workdir / "llama-3.2-1b-synthetic", workdir / "scratch"
+    if args.phase:
+        print(json.dumps(phase(args.phase, checkpoint, scratch)))
+        return 0
+    make_checkpoint(checkpoint)
+    model_bytes = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
+    runs: dict[str, list[dict[str, float]]] = {}
+    for _ in range(args.repeats):
+        for name in ("raw-read", "import", "raw-write", "export"):
+            out = subprocess.run(
+                [sys.executable, __file__, "--phase", name, "--workdir", str(workdir)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            runs.setdefault(name, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+    med = {name: statistics.median(r["seconds"] for r in rs) for name, rs in runs.items()}
+    peak = {name: max(r["peak_above_mb"] for r in rs) for name, rs in runs.items()}
+    base = {name: statistics.median(r["rss_before_mb"] for r in rs) for name, rs in runs.items()}
+    print(f"checkpoint: {checkpoint} ({model_bytes / 1e9:.2f} GB bf16, 3 shards); medians of {args.repeats} runs")
+    print(f"{'phase':<10} {'seconds':>8} {'ratio':>7} {'peak RSS above start':>22} {'RSS at start':>13}")
+    for name, ref in (("raw-read", "raw-read"), ("import", "raw-read"), ("raw-write", "raw-write"), ("export", "raw-write")):
+        print(
+            f"{name:<10} {med[name]:>8.2f} {med[name] / med[ref]:>6.2f}x {peak[name]:>17.0f} MB "
+            f"{base[name]:>10.0f} MB"
+        )
+    print(f"import bytes requested / checkpoint bytes: {runs['import'][0]['bytes'] / model_bytes:.3f}")
+    print(f"model bytes: {model_bytes / 2**20:.0f} MB; import peak / model bytes: {peak['import'] / (model_bytes / 2**20):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
