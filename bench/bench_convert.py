@@ -4,7 +4,7 @@ Builds a synthetic bf16 checkpoint with Llama-3.2-1B's shapes (random weights, o
 then runs each phase in a fresh process, several times, and reports median wall time and
 the phase's peak RSS above the process's RSS just before the phase started:
 
-  raw-read   safetensors safe_open().get_tensor() of every tensor
+  raw-read   safetensors safe_open().get_tensor() of every tensor, read into memory
   import     bridgegen: HF folder -> megatron-core GPTModel (built without init)
   raw-write  safetensors save_file() of the same tensors (one file, like our export)
   export     bridgegen: GPTModel -> HF folder
@@ -112,7 +112,9 @@ def phase(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
         for file in sorted(set(index.values())):
             with safe_open(str(checkpoint / file), framework="pt") as handle:
                 for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
-                    tensors[key] = handle.get_tensor(key)
+                    # get_tensor maps the file lazily; clone() reads the bytes into memory, as
+                    # loading into a model does.
+                    tensors[key] = handle.get_tensor(key).clone()
         result["read_s"] = time.perf_counter() - start
         if name == "raw-write":
             shutil.rmtree(scratch, ignore_errors=True)

@@ -19,15 +19,23 @@ from safetensors.torch import load_file, save_file
 
 VOCAB = 250  # not divisible by 128: Megatron pads it to 256
 SEQ = 16
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3")
 LOGIT_ATOL = 1e-5
 
-# Shrunk versions of the real configs' field sets (Llama-3.2, Qwen2-7B, Qwen3-0.6B, Mistral-7B).
+# Shrunk versions of the real configs' field sets (Llama-3.2, Qwen2-7B, Qwen3-0.6B, Mistral-7B, Phi-3).
 FAMILY_KWARGS: dict[str, dict[str, Any]] = {
     "llama": dict(rms_norm_eps=1e-5, rope_theta=500000.0, attention_bias=False, mlp_bias=False),
     "qwen2": dict(rms_norm_eps=1e-6, rope_theta=1000000.0, use_sliding_window=False, sliding_window=131072),
     "qwen3": dict(head_dim=32, rms_norm_eps=1e-6, rope_theta=1000000.0, attention_bias=False),
     "mistral": dict(rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=4096),
+    # Phi-3 fuses q/k/v and gate/up on the HF side; window 5 < SEQ so the window matters.
+    "phi3": dict(
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        sliding_window=5,
+        original_max_position_embeddings=256,
+        pad_token_id=0,
+    ),
 }
 
 
@@ -407,6 +415,12 @@ def test_export_loads_in_transformers(convert: Any, variant: Variant) -> None:
         assert (
             exported_config.pop("head_dim")
             == source_config["hidden_size"] // source_config["num_attention_heads"]
+        )
+    # transformers 5 keeps Phi-3's partial_rotary_factor inside rope_parameters; the export
+    # writes it top-level (the classic shape), which Phi3Config reads back to the same value.
+    if "partial_rotary_factor" in exported_config and "partial_rotary_factor" not in source_config:
+        assert exported_config.pop("partial_rotary_factor") == source_config["rope_parameters"].get(
+            "partial_rotary_factor", 1.0
         )
     assert exported_config == source_config
     assert (out / "generation_config.json").read_bytes() == (

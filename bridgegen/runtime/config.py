@@ -57,6 +57,8 @@ def normalize_hf_config(data: Mapping[str, Any]) -> dict[str, Any]:
         params = dict(params)
         if "rope_theta" in params:
             out.setdefault("rope_theta", params.pop("rope_theta"))
+        if "partial_rotary_factor" in params:
+            out.setdefault("partial_rotary_factor", params.pop("partial_rotary_factor"))
         if params.get("rope_type", "default") != "default" and not out.get("rope_scaling"):
             out["rope_scaling"] = params
     elif params is not None:
