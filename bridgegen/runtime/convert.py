@@ -140,14 +140,14 @@ class ModelBridge:
         post_process: bool = True,
         vp_stage: int | None = None,
         transformer_config: Any = None,
-        tensor_parallel_size: int = 1,
+        parallel_output: bool = True,
     ) -> torch.nn.Module:
         """A megatron-core GPTModel for this config, parameters allocated but not initialised."""
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
         from megatron.core.models.gpt.gpt_model import GPTModel
 
         self._refuse_unimplemented()
-        ensure_model_parallel(tensor_parallel_size)
+        ensure_model_parallel()
         config = transformer_config if transformer_config is not None else self.transformer_config(dtype)
         spec = get_gpt_decoder_block_spec(
             config, use_transformer_engine=False, normalization=config.normalization, vp_stage=vp_stage
@@ -160,6 +160,7 @@ class ModelBridge:
             max_sequence_length=int(model_kwargs.pop("max_sequence_length")),
             pre_process=pre_process,
             post_process=post_process,
+            parallel_output=parallel_output,
             share_embeddings_and_output_weights=bool(
                 model_kwargs.pop("share_embeddings_and_output_weights", False)
             ),

@@ -56,7 +56,15 @@ class WeightMap:
             for name in rule.hf_names
         ]
 
+    def is_tied_output(self, megatron_name: str) -> bool:
+        """The last pipeline stage's copy of a tied output layer (it mirrors the embedding)."""
+        return megatron_name == "output_layer.weight" and bool(
+            self.config.values.get("share_embeddings_and_output_weights")
+        )
+
     def match(self, megatron_name: str, layer_offset: int = 0) -> MatchedTensor:
+        if self.is_tied_output(megatron_name):
+            megatron_name = "embedding.word_embeddings.weight"
         for pattern, rule in self._patterns:
             found = pattern.match(megatron_name)
             if found:

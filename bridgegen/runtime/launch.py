@@ -1,0 +1,36 @@
+"""Run a function on N local processes joined in a gloo (or NCCL) process group — the same
+setting torchrun gives, without torchrun. Used by tests and by users on one machine."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _entry(rank: int, fn: Callable[..., Any], world_size: int, init_file: str, result_dir: str, args: tuple[Any, ...]) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        result = fn(*args)
+        Path(result_dir, f"{rank}.pkl").write_bytes(pickle.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
+    """Call ``fn(*args)`` on ``world_size`` spawned processes; returns each rank's result.
+
+    ``fn`` must be importable (a module-level function). If any rank raises, the others are
+    stopped and the error is raised here (torch.multiprocessing.ProcessRaisedException).
+    """
+    with tempfile.TemporaryDirectory(prefix="bridgegen-ranks-") as scratch:
+        init_file = str(Path(scratch) / "store")
+        mp.spawn(_entry, args=(fn, world_size, init_file, scratch, args), nprocs=world_size, join=True)
+        return [pickle.loads(Path(scratch, f"{rank}.pkl").read_bytes()) for rank in range(world_size)]
