@@ -81,7 +81,11 @@ def initialize(layout: ParallelLayout) -> None:
 
 
 def build_chunks(
-    bridge: ModelBridge, layout: ParallelLayout, dtype: str | torch.dtype | None = None, *, parallel_output: bool = True
+    bridge: ModelBridge,
+    layout: ParallelLayout,
+    dtype: str | torch.dtype | None = None,
+    *,
+    parallel_output: bool = True,
 ) -> list[ModelChunk]:
     """This rank's model chunks (one per virtual pipeline stage)."""
     from megatron.core import parallel_state
@@ -217,11 +221,15 @@ def export_hf(
     tmp = Path(holder[1])
     try:
         # Only the first rank of each TP group of the first data-parallel replica writes.
-        writes = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
+        writes = (
+            parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_data_parallel_rank() == 0
+        )
         shards: list[tuple[str, list[str], int]] = []
         if writes:
             planned = [
-                PlannedTensor(n, t.dtype, tuple(t.shape)) for n, t in _hf_stream(bridge, chunks, target_dtype, meta=True)
+                PlannedTensor(n, t.dtype, tuple(t.shape))
+                for n, t in _hf_stream(bridge, chunks, target_dtype, meta=True)
             ]
             produce = _hf_stream(bridge, chunks, target_dtype, meta=False)
             for index, shard in enumerate(plan_shards(planned, max_shard_bytes)):
@@ -268,7 +276,9 @@ def _commit(
     if count > 1:
         total = sum(size for _, _, size in shards)
         (tmp / INDEX_NAME).write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
+            json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2
+            )
         )
     hf_config = bridge.hf_config()
     dtype_name = str(dtype).removeprefix("torch.")

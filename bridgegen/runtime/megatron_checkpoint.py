@@ -1,5 +1,9 @@
 """Megatron-Core distributed checkpoints (``megatron.core.dist_checkpointing``) with the
-bridge's config recorded beside them, so export needs no extra flags."""
+bridge's config recorded beside them, so export needs no extra flags.
+
+The checkpoint is saved from whatever layout the model has (every rank takes part) and can be
+loaded at any other layout: dist_checkpointing stores tensors by global key and offsets.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from bridgegen.runtime.config import MegatronConfig
 from bridgegen.runtime.errors import WeightError
@@ -20,8 +25,20 @@ BRIDGE_FILE = "bridgegen.json"
 SIDE_FILES_DIR = "hf_side_files"
 
 
+def _sharded_state_dict(models: list[Any]) -> dict[str, Any]:
+    """One dict for all of this rank's model chunks. The keys inside each ShardedTensor are
+    global; the chunk prefix only keeps this rank's dict keys apart."""
+    if len(models) == 1:
+        return dict(models[0].sharded_state_dict())
+    return {f"chunk{i}": model.sharded_state_dict() for i, model in enumerate(models)}
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def save_megatron(
-    model: torch.nn.Module,
+    models: torch.nn.Module | list[Any],
     config: MegatronConfig,
     out_dir: str | os.PathLike[str],
     *,
@@ -29,34 +46,47 @@ def save_megatron(
     hf_source: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Save ``model`` as a dist checkpoint in ``out_dir`` (atomic: temp folder, then rename)."""
+    """Save the model (all ranks call this) as a dist checkpoint in ``out_dir``; atomic: the
+    folder appears only when every rank has written its part."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
+    from bridgegen.runtime.convert import ensure_model_parallel
     from bridgegen.runtime.cpu_support import enable_cpu_execution
 
     enable_cpu_execution()
+    ensure_model_parallel()
+    chunks = models if isinstance(models, list) else [models]
     target = Path(out_dir)
-    if target.exists() and not overwrite:
-        raise WeightError(f"{target}: output folder exists; pass overwrite=True (--overwrite) to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    holder: list[Any] = [None, None]
+    if _rank() == 0:
+        if target.exists() and not overwrite:
+            holder[0] = f"{target}: output folder exists; pass overwrite=True (--overwrite) to replace it"
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            holder[1] = tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    dist.broadcast_object_list(holder, src=0)
+    if holder[0] is not None:
+        raise WeightError(holder[0])
+    tmp = Path(holder[1])
     try:
         strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
-        dist_checkpointing.save(model.sharded_state_dict(), str(tmp), sharded_strategy=strategy)  # type: ignore[operator]
-        record: dict[str, Any] = {
-            "megatron_config": json.loads(config.to_json()),
-            "dtype": str(dtype).removeprefix("torch."),
-        }
-        (tmp / BRIDGE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        if hf_source is not None:
-            (tmp / SIDE_FILES_DIR).mkdir()
-            for name in HF_SIDE_FILES:
-                if (Path(hf_source) / name).is_file():
-                    shutil.copy2(Path(hf_source) / name, tmp / SIDE_FILES_DIR / name)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        dist_checkpointing.save(_sharded_state_dict(chunks), str(tmp), sharded_strategy=strategy)  # type: ignore[operator]
+        if _rank() == 0:
+            record = {
+                "megatron_config": json.loads(config.to_json()),
+                "dtype": str(dtype).removeprefix("torch."),
+            }
+            (tmp / BRIDGE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+            if hf_source is not None:
+                (tmp / SIDE_FILES_DIR).mkdir()
+                for name in HF_SIDE_FILES:
+                    if (Path(hf_source) / name).is_file():
+                        shutil.copy2(Path(hf_source) / name, tmp / SIDE_FILES_DIR / name)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        dist.barrier()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -71,15 +101,18 @@ def read_record(checkpoint_dir: str | os.PathLike[str]) -> tuple[MegatronConfig,
     return MegatronConfig.from_json(json.dumps(record["megatron_config"])), getattr(torch, record["dtype"])
 
 
-def load_megatron(model: torch.nn.Module, checkpoint_dir: str | os.PathLike[str]) -> None:
-    """Fill ``model`` from a dist checkpoint (any layout it was saved at)."""
+def load_megatron(models: torch.nn.Module | list[Any], checkpoint_dir: str | os.PathLike[str]) -> None:
+    """Fill the model (all ranks call this) from a dist checkpoint saved at any layout."""
     from megatron.core import dist_checkpointing
 
     from bridgegen.runtime.cpu_support import enable_cpu_execution
 
     enable_cpu_execution()
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(checkpoint_dir))  # type: ignore[operator]
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-    if missing:
-        raise WeightError(f"{checkpoint_dir}: checkpoint lacks {', '.join(missing[:5])}")
+    chunks = models if isinstance(models, list) else [models]
+    state = dist_checkpointing.load(_sharded_state_dict(chunks), str(checkpoint_dir))  # type: ignore[operator]
+    for index, model in enumerate(chunks):
+        part = state if len(chunks) == 1 else state[f"chunk{index}"]
+        result = model.load_state_dict(part, strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing:
+            raise WeightError(f"{checkpoint_dir}: checkpoint lacks {', '.join(missing[:5])}")
