@@ -1,8 +1,13 @@
-"""Conversion subcommands: ``import`` (HF -> Megatron), ``export`` (Megatron -> HF), ``verify``."""
+"""Conversion subcommands: ``import`` (HF -> Megatron), ``export`` (Megatron -> HF), ``verify``.
+
+Each runs at any parallel layout. Under torchrun every process runs the command; without
+torchrun, a layout of several ranks is run on that many local processes (gloo).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,8 +16,26 @@ from typing import Any
 from bridgegen.runtime.errors import BridgeError
 
 
-def _cmd_import(args: argparse.Namespace) -> int:
+def _layout(args: argparse.Namespace) -> Any:
+    from bridgegen.runtime.distributed import ParallelLayout
+
+    return ParallelLayout(tp=args.tp, pp=args.pp, vpp=args.vpp)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _say(text: str) -> None:
+    if _rank() == 0:
+        print(text, flush=True)
+
+
+def import_on_rank(args: argparse.Namespace) -> None:
     from bridgegen.runtime.convert import ModelBridge, parse_dtype
+    from bridgegen.runtime.distributed import build_chunks, load_hf
     from bridgegen.runtime.megatron_checkpoint import save_megatron
 
     start = time.perf_counter()
@@ -20,63 +43,127 @@ def _cmd_import(args: argparse.Namespace) -> int:
     dtype = parse_dtype(args.dtype) or bridge.default_dtype()
     if Path(args.out).exists() and not args.overwrite:
         raise BridgeError(f"{args.out}: output folder exists; pass --overwrite to replace it")
-    print(
-        f"{args.hf}: {bridge.config.hf_architecture} -> {bridge.bridge.__name__} ({bridge.config.family}), {dtype}"
+    _say(
+        f"{args.hf}: {bridge.config.hf_architecture} -> {bridge.bridge.__name__}, {dtype}, layout {_layout(args)}"
     )
-    model = bridge.build_model(dtype)
-    stats = bridge.load_hf_weights(model, progress=not args.quiet)
-    save_megatron(model, bridge.config, args.out, dtype=dtype, hf_source=args.hf, overwrite=args.overwrite)
-    print(
-        f"wrote Megatron dist checkpoint {args.out}: {stats.tensors} tensors, "
-        f"{stats.bytes_requested / 2**20:.1f} MiB read, {time.perf_counter() - start:.1f} s"
+    chunks = build_chunks(bridge, _layout(args), dtype)
+    stats = load_hf(bridge, chunks, args.hf)
+    _say(f"rank 0 read {stats.bytes_requested / 2**20:.1f} MiB for {stats.tensors} tensors")
+    save_megatron(
+        [c.model for c in chunks],
+        bridge.config,
+        args.out,
+        dtype=dtype,
+        hf_source=args.hf,
+        overwrite=args.overwrite,
     )
-    return 0
+    _say(f"wrote Megatron dist checkpoint {args.out} in {time.perf_counter() - start:.1f} s")
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
-    from bridgegen.runtime.convert import ModelBridge, parse_dtype
+def export_on_rank(args: argparse.Namespace) -> None:
+    from bridgegen.generated import BRIDGES
+    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.runtime.distributed import build_chunks, export_hf
     from bridgegen.runtime.megatron_checkpoint import SIDE_FILES_DIR, load_megatron, read_record
 
     start = time.perf_counter()
     config, saved_dtype = read_record(args.megatron)
-    from bridgegen.generated import BRIDGES
-
     bridge_cls = next((b for b in BRIDGES if b.family == config.family), None)
     if bridge_cls is None:
         raise BridgeError(f"{args.megatron}: family {config.family!r} has no bridge in this version")
     side = Path(args.megatron) / SIDE_FILES_DIR
     bridge = ModelBridge(bridge_cls, config, side if side.is_dir() else None)
-    model = bridge.build_model(saved_dtype)
-    load_megatron(model, args.megatron)
-    bridge.export_hf(
-        model,
+    chunks = build_chunks(bridge, _layout(args), saved_dtype)
+    load_megatron([c.model for c in chunks], args.megatron)
+    export_hf(
+        bridge,
+        chunks,
         args.out,
         overwrite=args.overwrite,
-        dtype=parse_dtype(args.dtype),
+        dtype=args.dtype,
         max_shard_bytes=int(args.max_shard_gb * 2**30),
-        progress=not args.quiet,
     )
-    print(f"wrote HF folder {args.out} in {time.perf_counter() - start:.1f} s")
-    return 0
+    _say(f"wrote HF folder {args.out} in {time.perf_counter() - start:.1f} s")
 
 
-def _cmd_verify(args: argparse.Namespace) -> int:
+def verify_on_rank(args: argparse.Namespace) -> bool:
     import torch
+    from transformers import AutoModelForCausalLM
 
     from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.runtime.distributed import build_chunks, forward_logits, load_hf
     from bridgegen.runtime.megatron_checkpoint import load_megatron
-    from bridgegen.runtime.verify import hf_vs_megatron
+    from bridgegen.runtime.verify import compare
 
     bridge = ModelBridge.from_hf_dir(args.hf)
-    model = bridge.build_model(torch.float32)
+    chunks = build_chunks(bridge, _layout(args), torch.float32, parallel_output=False)
     if args.megatron:
-        load_megatron(model, args.megatron)
+        load_megatron([c.model for c in chunks], args.megatron)
     else:
-        bridge.load_hf_weights(model)
-    parity = hf_vs_megatron(args.hf, model, bridge.config.vocab_size, batch=args.batch, seq_len=args.seq_len)
-    verdict = "OK" if parity.ok(args.tolerance) else "MISMATCH"
-    print(f"{verdict}: {parity} (tolerance {args.tolerance:g}, fp32)")
-    return 0 if parity.ok(args.tolerance) else 1
+        load_hf(bridge, chunks, args.hf)
+    vocab = bridge.config.vocab_size
+    tokens = torch.randint(0, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
+    logits = forward_logits(chunks, tokens, vocab)
+    if logits is None:
+        return True
+    auto: Any = AutoModelForCausalLM
+    reference = auto.from_pretrained(args.hf, dtype=torch.float32)
+    reference.train(False)
+    with torch.no_grad():
+        parity = compare(reference(tokens).logits.float(), logits)
+    from megatron.core import parallel_state
+
+    if parallel_state.get_tensor_model_parallel_rank() == 0:
+        verdict = "OK" if parity.ok(args.tolerance) else "MISMATCH"
+        print(f"{verdict}: {parity} (tolerance {args.tolerance:g}, fp32, layout {_layout(args)})", flush=True)
+    return parity.ok(args.tolerance)
+
+
+def run_command(name: str, args: argparse.Namespace) -> Any:
+    """One rank's work, with any conversion error printed as ``rank N: error: ...``."""
+    command = {"import": import_on_rank, "export": export_on_rank, "verify": verify_on_rank}[name]
+    try:
+        return command(args)
+    except BridgeError as exc:
+        print(f"bridgegen {name}: rank {_rank()}: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def _dispatch(name: str) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        world = args.tp * args.pp
+        if "WORLD_SIZE" in os.environ or world == 1:
+            result = run_command(name, args)
+            return 1 if result is False else 0
+        from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException
+
+        from bridgegen.runtime.launch import run_on_ranks
+
+        plain = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "func"})
+        try:
+            results = run_on_ranks(run_command, world, name, plain)
+        except (ProcessExitedException, ProcessRaisedException) as exc:
+            from bridgegen.runtime.safetensors_io import remove_partial_outputs
+
+            if getattr(args, "out", None):
+                remove_partial_outputs(args.out)
+            print(
+                f"bridgegen {name}: failed on a rank ({exc.__class__.__name__}); all ranks stopped",
+                file=sys.stderr,
+            )
+            return 2
+        return 1 if any(r is False for r in results) else 0
+
+    return run
+
+
+def _add_layout(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group(
+        "parallel layout", "run under torchrun with tp*pp processes, or without it to use local processes"
+    )
+    group.add_argument("--tp", type=int, default=1, help="tensor parallel size")
+    group.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    group.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per pipeline rank")
 
 
 def add_conversion_commands(sub: Any) -> None:
@@ -84,7 +171,8 @@ def add_conversion_commands(sub: Any) -> None:
         "import",
         help="convert an HF checkpoint folder into a Megatron-Core distributed checkpoint",
         description="Read an HF folder (config.json + safetensors), build the Megatron-Core model its bridge "
-        "describes, load the weights lazily, and save a dist checkpoint with the bridge config beside it.",
+        "describes at the given layout, let each rank read only its own slices, and save a dist checkpoint "
+        "with the bridge config beside it (bridgegen.json). Atomic.",
     )
     p.add_argument("--hf", required=True, help="HF model folder")
     p.add_argument("--out", required=True, help="Megatron checkpoint folder to create")
@@ -92,14 +180,15 @@ def add_conversion_commands(sub: Any) -> None:
         "--dtype", help="parameter dtype: float32 | bfloat16 | float16 (default: the checkpoint's)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_guard(_cmd_import))
+    _add_layout(p)
+    p.set_defaults(func=_dispatch("import"))
 
     p = sub.add_parser(
         "export",
         help="convert a Megatron checkpoint written by `bridgegen import` back to an HF folder",
-        description="Load a dist checkpoint (its bridge config is read from bridgegen.json) and write an HF "
-        "folder: config.json, tokenizer files, sharded safetensors with an index. Atomic.",
+        description="Load a dist checkpoint (saved at any layout; its bridge config is read from "
+        "bridgegen.json) at the given layout and write an HF folder: config.json, tokenizer files, "
+        "sharded safetensors with an index. Each pipeline stage writes its own shards. Atomic.",
     )
     p.add_argument("--megatron", required=True, help="Megatron checkpoint folder")
     p.add_argument("--out", required=True, help="HF folder to create")
@@ -108,30 +197,20 @@ def add_conversion_commands(sub: Any) -> None:
         "--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, GiB (default 5)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_guard(_cmd_export))
+    _add_layout(p)
+    p.set_defaults(func=_dispatch("export"))
 
     p = sub.add_parser(
         "verify",
         help="run HF and Megatron forward on the same tokens and compare logits",
-        description="Builds the Megatron model in fp32 from an HF folder (or a Megatron checkpoint of it), runs "
-        "both on the same random tokens, and prints max|diff|, mean|diff| and argmax agreement. Exit 1 "
-        "on mismatch.",
+        description="Builds the Megatron model in fp32 from an HF folder (or a Megatron checkpoint of it) at "
+        "the given layout, runs both on the same random tokens, and prints max|diff|, mean|diff| and argmax "
+        "agreement. Exit 1 on mismatch.",
     )
     p.add_argument("--hf", required=True, help="HF model folder (the reference)")
     p.add_argument("--megatron", help="Megatron checkpoint to compare instead of a fresh import")
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--tolerance", type=float, default=1e-5, help="largest accepted max|diff| (default 1e-5)")
-    p.set_defaults(func=_guard(_cmd_verify))
-
-
-def _guard(command: Any) -> Any:
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return int(command(args))
-        except BridgeError as exc:
-            print(f"bridgegen {args.command}: error: {exc}", file=sys.stderr)
-            return 2
-
-    return run
+    _add_layout(p)
+    p.set_defaults(func=_dispatch("verify"))

@@ -146,8 +146,11 @@ class ModelBridge:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
         from megatron.core.models.gpt.gpt_model import GPTModel
 
+        from bridgegen.runtime.cpu_support import enable_cpu_execution
+
         self._refuse_unimplemented()
         ensure_model_parallel()
+        enable_cpu_execution()
         config = transformer_config if transformer_config is not None else self.transformer_config(dtype)
         spec = get_gpt_decoder_block_spec(
             config, use_transformer_engine=False, normalization=config.normalization, vp_stage=vp_stage

@@ -37,6 +37,9 @@ def enable_cpu_execution() -> None:
 
     # RotaryEmbedding and others move tensors to torch.cuda.current_device().
     torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment,return-value]
+    # Tied embeddings across pipeline stages: the model moves the shared weight to CUDA
+    # before all-reducing it between the first and last stage.
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
     # dist_checkpointing's writer synchronises the device before reading tensors.
     torch.cuda.synchronize = lambda device=None: None
     # The causal-mask helpers allocate on "cuda".

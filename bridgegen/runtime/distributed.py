@@ -28,6 +28,7 @@ from bridgegen.runtime.safetensors_io import (
     Checkpoint,
     PlannedTensor,
     plan_shards,
+    remove_partial_outputs,
     write_safetensors,
 )
 from bridgegen.runtime.transforms import gather_tp_shards
@@ -45,6 +46,15 @@ class ParallelLayout:
     etp: int | None = None
     first_stage_layers: int | None = None
     last_stage_layers: int | None = None
+
+    def __str__(self) -> str:
+        parts = [f"tp={self.tp}", f"pp={self.pp}"]
+        parts += [
+            f"{k}={v}"
+            for k, v in (("vpp", self.vpp), ("ep", self.ep if self.ep > 1 else None), ("etp", self.etp))
+            if v
+        ]
+        return " ".join(parts)
 
     def transformer_overrides(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -214,6 +224,7 @@ def export_hf(
     holder: list[Any] = [error, None]
     if rank == 0 and error is None:
         out.parent.mkdir(parents=True, exist_ok=True)
+        remove_partial_outputs(out)  # left by an earlier run whose ranks were killed
         holder[1] = tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     dist.broadcast_object_list(holder, src=0)
     if holder[0] is not None:

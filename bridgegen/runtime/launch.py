@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import spawn
 
 
 def _entry(
@@ -34,5 +34,5 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> list[An
     """
     with tempfile.TemporaryDirectory(prefix="bridgegen-ranks-") as scratch:
         init_file = str(Path(scratch) / "store")
-        mp.spawn(_entry, args=(fn, world_size, init_file, scratch, args), nprocs=world_size, join=True)
+        spawn(_entry, args=(fn, world_size, init_file, scratch, args), nprocs=world_size, join=True)  # type: ignore[no-untyped-call]
         return [pickle.loads(Path(scratch, f"{rank}.pkl").read_bytes()) for rank in range(world_size)]

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from bridgegen.runtime.config import MegatronConfig
 from bridgegen.runtime.errors import WeightError
-from bridgegen.runtime.safetensors_io import HF_SIDE_FILES
+from bridgegen.runtime.safetensors_io import HF_SIDE_FILES, remove_partial_outputs
 
 BRIDGE_FILE = "bridgegen.json"
 SIDE_FILES_DIR = "hf_side_files"
@@ -64,6 +64,7 @@ def save_megatron(
             holder[0] = f"{target}: output folder exists; pass overwrite=True (--overwrite) to replace it"
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
+            remove_partial_outputs(target)  # left by an earlier run whose ranks were killed
             holder[1] = tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     dist.broadcast_object_list(holder, src=0)
     if holder[0] is not None:
@@ -71,7 +72,7 @@ def save_megatron(
     tmp = Path(holder[1])
     try:
         strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
-        dist_checkpointing.save(_sharded_state_dict(chunks), str(tmp), sharded_strategy=strategy)  # type: ignore[operator]
+        dist_checkpointing.save(_sharded_state_dict(chunks), str(tmp), sharded_strategy=strategy)
         if _rank() == 0:
             record = {
                 "megatron_config": json.loads(config.to_json()),
@@ -109,7 +110,7 @@ def load_megatron(models: torch.nn.Module | list[Any], checkpoint_dir: str | os.
 
     enable_cpu_execution()
     chunks = models if isinstance(models, list) else [models]
-    state = dist_checkpointing.load(_sharded_state_dict(chunks), str(checkpoint_dir))  # type: ignore[operator]
+    state = dist_checkpointing.load(_sharded_state_dict(chunks), str(checkpoint_dir))
     for index, model in enumerate(chunks):
         part = state if len(chunks) == 1 else state[f"chunk{index}"]
         result = model.load_state_dict(part, strict=False)

@@ -279,6 +279,17 @@ HF_SIDE_FILES = (
 )
 
 
+def remove_partial_outputs(out_dir: str | os.PathLike[str]) -> list[str]:
+    """Remove temp folders (``.<name>.tmp-*``) that a failed write of ``out_dir`` left beside it."""
+    target = Path(out_dir)
+    removed = []
+    if target.parent.is_dir():
+        for stale in target.parent.glob(f".{target.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+            removed.append(stale.name)
+    return removed
+
+
 class HFDirWriter:
     """Writes an HF model folder atomically: everything goes to a temp folder beside the
     target, which is renamed into place only when complete (and removed on any failure)."""
