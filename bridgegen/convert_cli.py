@@ -19,7 +19,13 @@ from bridgegen.runtime.errors import BridgeError
 def _layout(args: argparse.Namespace) -> Any:
     from bridgegen.runtime.distributed import ParallelLayout
 
-    return ParallelLayout(tp=args.tp, pp=args.pp, vpp=args.vpp)
+    return ParallelLayout(
+        tp=args.tp,
+        pp=args.pp,
+        vpp=args.vpp,
+        first_stage_layers=args.first_stage_layers,
+        last_stage_layers=args.last_stage_layers,
+    )
 
 
 def _rank() -> int:
@@ -47,7 +53,7 @@ def import_on_rank(args: argparse.Namespace) -> None:
         f"{args.hf}: {bridge.config.hf_architecture} -> {bridge.bridge.__name__}, {dtype}, layout {_layout(args)}"
     )
     chunks = build_chunks(bridge, _layout(args), dtype)
-    stats = load_hf(bridge, chunks, args.hf)
+    stats = load_hf(bridge, chunks, args.hf, progress=True)
     _say(f"rank 0 read {stats.bytes_requested / 2**20:.1f} MiB for {stats.tensors} tensors")
     save_megatron(
         [c.model for c in chunks],
@@ -164,6 +170,8 @@ def _add_layout(p: argparse.ArgumentParser) -> None:
     group.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     group.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     group.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per pipeline rank")
+    group.add_argument("--first-stage-layers", type=int, default=None, help="layers on the first pipeline stage (uneven PP)")
+    group.add_argument("--last-stage-layers", type=int, default=None, help="layers on the last pipeline stage (uneven PP)")
 
 
 def add_conversion_commands(sub: Any) -> None:

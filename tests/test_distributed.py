@@ -91,6 +91,7 @@ LAYOUTS = {
     "pp2": {"pp": 2},
     "tp2-pp2": {"tp": 2, "pp": 2},
     "pp2-vpp2": {"pp": 2, "vpp": 2},
+    "pp2-uneven": {"pp": 2, "first_stage_layers": 1, "last_stage_layers": 3},
 }
 
 

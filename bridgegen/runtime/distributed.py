@@ -117,7 +117,9 @@ def build_chunks(
     return chunks
 
 
-def load_hf(bridge: ModelBridge, chunks: list[ModelChunk], hf_dir: str | os.PathLike[str]) -> LoadStats:
+def load_hf(
+    bridge: ModelBridge, chunks: list[ModelChunk], hf_dir: str | os.PathLike[str], *, progress: bool = False
+) -> LoadStats:
     """Fill this rank's chunks from an HF folder, reading only this rank's slices. Every rank
     checks that the checkpoint holds no tensor that no rank needs."""
     from megatron.core import parallel_state
@@ -144,6 +146,11 @@ def load_hf(bridge: ModelBridge, chunks: list[ModelChunk], hf_dir: str | os.Path
             f"the {bridge.config.family} spec maps no Megatron tensor to them"
         )
     total = LoadStats()
+    bar = None
+    if progress and dist.get_rank() == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(1 for c in chunks for _ in model_tensors(c.model)), desc="import (rank 0)", unit="tensor")
     for chunk in chunks:
         stats = load_into(
             weight_map,
@@ -153,10 +160,13 @@ def load_hf(bridge: ModelBridge, chunks: list[ModelChunk], hf_dir: str | os.Path
             tp_rank=tp_rank,
             tp_size=tp_size,
             check_unused=False,
+            progress=bar.update if bar is not None else None,
         )
         total.tensors += stats.tensors
         total.bytes_requested += stats.bytes_requested
         total.hf_tensors_used += stats.hf_tensors_used
+    if bar is not None:
+        bar.close()
     return total
 
 

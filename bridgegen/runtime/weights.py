@@ -109,7 +109,7 @@ def load_into(
     tp_rank: int = 0,
     tp_size: int = 1,
     check_unused: bool = True,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> LoadStats:
     """Copy every parameter of ``model`` from ``checkpoint``; each rank reads only its slices."""
     layout = weight_map.layout(tp_rank, tp_size)
