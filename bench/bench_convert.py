@@ -8,6 +8,8 @@ the phase's peak RSS above the process's RSS just before the phase started:
   import     bridgegen: HF folder -> megatron-core GPTModel (built without init)
   raw-write  safetensors save_file() of the same tensors (one file, like our export)
   export     bridgegen: GPTModel -> HF folder
+  import-tp2 bridgegen at TP=2 on 2 local processes (gloo): each rank reads only its slices
+  export-tp2 bridgegen at TP=2: gather over TP onto rank 0, which streams the shards
 
 Usage: python bench/bench_convert.py [--repeats 3] [--workdir bench/out]
 This is a benchmark, not a test: numbers depend on the machine and its page cache.
@@ -149,6 +151,37 @@ def phase(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
     return result
 
 
+def rank_phase(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
+    """One rank's part of a TP=2 phase (run by bridgegen.runtime.launch.run_on_ranks)."""
+    import torch
+    import torch.distributed as dist
+
+    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.runtime.distributed import ParallelLayout, build_chunks, export_hf, load_hf
+
+    bridge = ModelBridge.from_hf_dir(checkpoint)
+    chunks = build_chunks(bridge, ParallelLayout(tp=2), torch.bfloat16)
+    dist.barrier()
+    before = rss_bytes()
+    start = time.perf_counter()
+    stats = load_hf(bridge, chunks, checkpoint)
+    dist.barrier()
+    result = {"bytes": float(stats.bytes_requested)}
+    if name == "import-tp2":
+        result["seconds"] = time.perf_counter() - start
+    else:
+        if dist.get_rank() == 0:
+            shutil.rmtree(scratch, ignore_errors=True)
+        dist.barrier()
+        before = rss_bytes()
+        start = time.perf_counter()
+        export_hf(bridge, chunks, scratch)
+        result["seconds"] = time.perf_counter() - start
+    result["rss_before_mb"] = before / 2**20
+    result["peak_above_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
@@ -157,6 +190,22 @@ def main() -> int:
     args = parser.parse_args()
     workdir = Path(args.workdir)
     checkpoint, scratch = workdir / "llama-3.2-1b-synthetic", workdir / "scratch"
+    if args.phase in ("import-tp2", "export-tp2"):
+        from bridgegen.runtime.launch import run_on_ranks
+
+        ranks = run_on_ranks(rank_phase, 2, args.phase, checkpoint, scratch)
+        print(
+            json.dumps(
+                {
+                    "seconds": max(r["seconds"] for r in ranks),
+                    "bytes": sum(r["bytes"] for r in ranks),
+                    "rank_bytes": [r["bytes"] for r in ranks],
+                    "peak_above_mb": max(r["peak_above_mb"] for r in ranks),
+                    "rss_before_mb": max(r["rss_before_mb"] for r in ranks),
+                }
+            )
+        )
+        return 0
     if args.phase:
         print(json.dumps(phase(args.phase, checkpoint, scratch)))
         return 0
@@ -164,7 +213,7 @@ def main() -> int:
     model_bytes = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
     runs: dict[str, list[dict[str, float]]] = {}
     for _ in range(args.repeats):
-        for name in ("raw-read", "import", "raw-write", "export"):
+        for name in ("raw-read", "import", "raw-write", "export", "import-tp2", "export-tp2"):
             out = subprocess.run(
                 [sys.executable, __file__, "--phase", name, "--workdir", str(workdir)],
                 capture_output=True,
@@ -177,12 +226,24 @@ def main() -> int:
     base = {name: statistics.median(r["rss_before_mb"] for r in rs) for name, rs in runs.items()}
     print(f"checkpoint: {checkpoint} ({model_bytes / 1e9:.2f} GB bf16, 3 shards); medians of {args.repeats} runs")
     print(f"{'phase':<10} {'seconds':>8} {'ratio':>7} {'peak RSS above start':>22} {'RSS at start':>13}")
-    for name, ref in (("raw-read", "raw-read"), ("import", "raw-read"), ("raw-write", "raw-write"), ("export", "raw-write")):
+    for name, ref in (
+        ("raw-read", "raw-read"),
+        ("import", "raw-read"),
+        ("import-tp2", "raw-read"),
+        ("raw-write", "raw-write"),
+        ("export", "raw-write"),
+        ("export-tp2", "raw-write"),
+    ):
         print(
             f"{name:<10} {med[name]:>8.2f} {med[name] / med[ref]:>6.2f}x {peak[name]:>17.0f} MB "
             f"{base[name]:>10.0f} MB"
         )
     print(f"import bytes requested / checkpoint bytes: {runs['import'][0]['bytes'] / model_bytes:.3f}")
+    per_rank = runs["import-tp2"][0]["rank_bytes"]
+    print(
+        f"TP=2 import bytes requested per rank: {[f'{b / model_bytes:.3f}' for b in per_rank]} of the checkpoint, "
+        f"total {sum(per_rank) / model_bytes:.3f}; peak RSS columns are the busiest rank"
+    )
     print(f"model bytes: {model_bytes / 2**20:.0f} MB; import peak / model bytes: {peak['import'] / (model_bytes / 2**20):.2f}")
     return 0
 

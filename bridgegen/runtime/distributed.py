@@ -31,7 +31,8 @@ from bridgegen.runtime.safetensors_io import (
     remove_partial_outputs,
     write_safetensors,
 )
-from bridgegen.runtime.transforms import gather_tp_shards
+from bridgegen.runtime.transforms import gather_tp_shards, tp_partition_dim
+from bridgegen.runtime.weight_rules import WeightKind
 from bridgegen.runtime.weights import LoadStats, iter_hf_from_full, load_into, model_tensors
 
 
@@ -172,43 +173,65 @@ def load_hf(
 
 def _gathered_tensors(
     bridge: ModelBridge, chunks: list[ModelChunk], *, meta: bool
-) -> Iterator[tuple[str, torch.Tensor, int]]:
-    """(megatron name, whole tensor, layer offset) on each TP group's first rank, in the same
-    order on every rank of the group. With ``meta``, only shapes (no communication)."""
-    from megatron.core import parallel_state
+) -> Iterator[tuple[str, torch.Tensor, int, int]]:
+    """(megatron name, whole tensor, layer offset, expert offset) for the tensors this rank
+    owns. Ownership alternates over the ranks of each tensor's group (TP for dense tensors,
+    expert-TP for experts), so gathering and writing are spread over ranks. With ``meta``, only
+    shapes are produced and nothing is communicated."""
+    from megatron.core import parallel_state as ps
 
     weight_map = bridge.weight_map()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    group = parallel_state.get_tensor_model_parallel_group()
-    src = parallel_state.get_tensor_model_parallel_src_rank()
+    dense = (ps.get_tensor_model_parallel_group(), ps.get_data_parallel_rank() == 0)
+    experts = (ps.get_expert_tensor_parallel_group(), ps.get_expert_data_parallel_rank() == 0)
+    local_experts = int(bridge.config.values.get("num_moe_experts") or 0) // ps.get_expert_model_parallel_world_size()
+    expert_offset = ps.get_expert_model_parallel_rank() * local_experts
+    index = 0
     for chunk in chunks:
         for name, param in model_tensors(chunk.model):
-            kind = weight_map.match(name, chunk.layer_offset).rule.kind
             if weight_map.is_tied_output(name):
                 continue  # a tied output layer is the embedding; HF has no tensor of its own
+            matched = weight_map.match(name, chunk.layer_offset, expert_offset)
+            group, takes_part = experts if matched.expert is not None else dense
+            if not takes_part:
+                continue  # another data-parallel replica holds the same tensor
+            size, me = dist.get_world_size(group), dist.get_rank(group)
+            owner = index % size
+            index += 1
+            kind = matched.rule.kind
             if meta:
-                shards = [torch.empty(param.shape, dtype=param.dtype, device="meta")] * tp_size
-                yield name, gather_tp_shards(kind, shards), chunk.layer_offset
+                if me == owner:
+                    shards = [torch.empty(param.shape, dtype=param.dtype, device="meta")] * size
+                    yield name, gather_tp_shards(kind, shards), chunk.layer_offset, expert_offset
                 continue
-            local = param.detach().contiguous()
-            if tp_size == 1:
-                yield name, local, chunk.layer_offset
+            local = param.detach()
+            if size == 1 or tp_partition_dim(kind) is None:
+                if me == owner:  # replicated tensors need no communication
+                    yield name, local, chunk.layer_offset, expert_offset
                 continue
-            if tp_rank == 0:
-                shards = [torch.empty_like(local) for _ in range(tp_size)]
-                dist.gather(local, shards, dst=src, group=group)
-                yield name, gather_tp_shards(kind, shards), chunk.layer_offset
+            local = local.contiguous()
+            destination = dist.get_global_rank(group, owner)
+            if me != owner:
+                dist.gather(local, None, dst=destination, group=group)
+                continue
+            if tp_partition_dim(kind) == 0 and kind not in (WeightKind.gate_up, WeightKind.fused_gate_up):
+                # Receive straight into the whole tensor: its dim-0 chunks are contiguous.
+                full = torch.empty((local.shape[0] * size, *local.shape[1:]), dtype=local.dtype, device=local.device)
+                dist.gather(local, list(full.chunk(size)), dst=destination, group=group)
             else:
-                dist.gather(local, None, dst=src, group=group)
+                shards = [torch.empty_like(local) for _ in range(size)]
+                dist.gather(local, shards, dst=destination, group=group)
+                full = gather_tp_shards(kind, shards)
+            yield name, full, chunk.layer_offset, expert_offset
 
 
 def _hf_stream(
     bridge: ModelBridge, chunks: list[ModelChunk], dtype: torch.dtype, *, meta: bool
 ) -> Iterator[tuple[str, torch.Tensor]]:
     weight_map = bridge.weight_map()
-    for name, full, offset in _gathered_tensors(bridge, chunks, meta=meta):
-        yield from iter_hf_from_full(weight_map, [(name, full)], layer_offset=offset, dtype=dtype)
+    for name, full, layer_offset, expert_offset in _gathered_tensors(bridge, chunks, meta=meta):
+        yield from iter_hf_from_full(
+            weight_map, [(name, full)], layer_offset=layer_offset, expert_offset=expert_offset, dtype=dtype
+        )
 
 
 def export_hf(

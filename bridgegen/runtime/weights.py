@@ -16,7 +16,8 @@ from bridgegen.runtime.weight_rules import WeightKind, WeightRule
 
 
 def _template_regex(template: str) -> re.Pattern[str]:
-    return re.compile("^" + re.escape(template).replace(r"\{layer\}", r"(?P<layer>\d+)") + "$")
+    pattern = re.escape(template).replace(r"\{layer\}", r"(?P<layer>\d+)").replace(r"\{expert\}", r"(?P<expert>\d+)")
+    return re.compile("^" + pattern + "$")
 
 
 @dataclass(frozen=True)
@@ -26,11 +27,15 @@ class MatchedTensor:
     megatron_name: str
     rule: WeightRule
     layer: int | None
+    expert: int | None = None  # global expert number (local number + this rank's expert offset)
 
     def hf_names(self) -> tuple[str, ...]:
-        if self.layer is None:
-            return self.rule.hf_names
-        return tuple(name.replace("{layer}", str(self.layer)) for name in self.rule.hf_names)
+        names = self.rule.hf_names
+        if self.layer is not None:
+            names = tuple(name.replace("{layer}", str(self.layer)) for name in names)
+        if self.expert is not None:
+            names = tuple(name.replace("{expert}", str(self.expert)) for name in names)
+        return names
 
 
 class WeightMap:
@@ -62,16 +67,19 @@ class WeightMap:
             self.config.values.get("share_embeddings_and_output_weights")
         )
 
-    def match(self, megatron_name: str, layer_offset: int = 0) -> MatchedTensor:
+    def maps(self, megatron_name: str) -> bool:
+        return self.is_tied_output(megatron_name) or any(p.match(megatron_name) for p, _ in self._patterns)
+
+    def match(self, megatron_name: str, layer_offset: int = 0, expert_offset: int = 0) -> MatchedTensor:
         if self.is_tied_output(megatron_name):
             megatron_name = "embedding.word_embeddings.weight"
         for pattern, rule in self._patterns:
             found = pattern.match(megatron_name)
             if found:
-                layer = found.groupdict().get("layer")
-                return MatchedTensor(
-                    megatron_name, rule, None if layer is None else int(layer) + layer_offset
-                )
+                groups = found.groupdict()
+                layer = None if groups.get("layer") is None else int(groups["layer"]) + layer_offset
+                expert = None if groups.get("expert") is None else int(groups["expert"]) + expert_offset
+                return MatchedTensor(megatron_name, rule, layer, expert)
         raise WeightError(
             f"Megatron tensor {megatron_name!r} has no rule in the {self.config.family} spec "
             "(add it to the spec's weights, or this architecture variant is not supported yet)"
@@ -89,8 +97,12 @@ class WeightMap:
 
 
 def model_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The parameters a conversion fills: every parameter, shared ones once."""
+    """The tensors a conversion fills: every parameter (shared ones once) and the buffers that
+    carry weights (e.g. a router's expert bias)."""
     yield from model.named_parameters()
+    for name, buffer in model.named_buffers():
+        if name.endswith("expert_bias"):
+            yield name, buffer
 
 
 @dataclass
@@ -108,15 +120,19 @@ def load_into(
     layer_offset: int = 0,
     tp_rank: int = 0,
     tp_size: int = 1,
+    expert_offset: int = 0,
+    expert_tp_rank: int = 0,
+    expert_tp_size: int = 1,
     check_unused: bool = True,
     progress: Callable[[int], object] | None = None,
 ) -> LoadStats:
     """Copy every parameter of ``model`` from ``checkpoint``; each rank reads only its slices."""
     layout = weight_map.layout(tp_rank, tp_size)
+    expert_layout = weight_map.layout(expert_tp_rank, expert_tp_size)
     used: set[str] = set()
     stats = LoadStats()
     params = list(model_tensors(model))
-    plan = [(name, param, weight_map.match(name, layer_offset)) for name, param in params]
+    plan = [(name, param, weight_map.match(name, layer_offset, expert_offset)) for name, param in params]
     for _, _, matched in plan:
         for hf_name in matched.hf_names():
             if hf_name not in checkpoint:
@@ -149,7 +165,7 @@ def load_into(
                     param.data,
                     sources,
                     hf_names,
-                    layout,
+                    layout if matched.expert is None else expert_layout,
                     checkpoint.count,
                     matched.rule.norm_offset,
                 )
@@ -171,12 +187,13 @@ def iter_hf_from_full(
     named_full_tensors: Iterable[tuple[str, torch.Tensor]],
     *,
     layer_offset: int = 0,
+    expert_offset: int = 0,
     dtype: torch.dtype | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(hf_name, tensor) for whole Megatron tensors (already gathered over TP)."""
     layout = weight_map.layout()
     for name, full in named_full_tensors:
-        matched = weight_map.match(name, layer_offset)
+        matched = weight_map.match(name, layer_offset, expert_offset)
         pieces = split_full(matched.rule.kind, full.detach(), layout, matched.rule.norm_offset)
         for hf_name, piece in zip(matched.hf_names(), pieces, strict=True):
             yield hf_name, piece if dtype is None else piece.to(dtype)

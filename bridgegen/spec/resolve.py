@@ -24,7 +24,7 @@ from bridgegen.spec.megatron_fields import config_fields
 from bridgegen.spec.models import SpecFile
 
 PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
-KNOWN_PLACEHOLDERS = frozenset({"layer"})
+KNOWN_PLACEHOLDERS = frozenset({"layer", "expert"})
 
 
 @dataclass(frozen=True)
@@ -438,7 +438,7 @@ def _resolve_one(
         placeholders = set(PLACEHOLDER.findall(megatron_name))
         for unknown in sorted(placeholders - KNOWN_PLACEHOLDERS):
             errors.append(
-                origin.error(f"unknown placeholder {{{unknown}}} in {megatron_name!r}; known: {{layer}}")
+                origin.error(f"unknown placeholder {{{unknown}}} in {megatron_name!r}; known: {{expert}}, {{layer}}")
             )
         templates = [(name, "hf") for name in hf_names]
         if weight.te_megatron:
