@@ -170,8 +170,12 @@ def _add_layout(p: argparse.ArgumentParser) -> None:
     group.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     group.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     group.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per pipeline rank")
-    group.add_argument("--first-stage-layers", type=int, default=None, help="layers on the first pipeline stage (uneven PP)")
-    group.add_argument("--last-stage-layers", type=int, default=None, help="layers on the last pipeline stage (uneven PP)")
+    group.add_argument(
+        "--first-stage-layers", type=int, default=None, help="layers on the first pipeline stage (uneven PP)"
+    )
+    group.add_argument(
+        "--last-stage-layers", type=int, default=None, help="layers on the last pipeline stage (uneven PP)"
+    )
 
 
 def add_conversion_commands(sub: Any) -> None:

@@ -80,11 +80,16 @@ def fail_on_rank_1(hf_dir: str, out_dir: str, layout: dict[str, Any], when: str)
 
             weights.load_shard = failing_load  # type: ignore[assignment]
         elif when == "export":
+            real_store = distributed.shard_writes
+            stored = {"n": 0}
 
-            def failing_write(*args: Any, **kwargs: Any) -> int:
-                raise InjectedFailure("rank 1 fails mid-export")
+            def failing_store(*args: Any, **kwargs: Any) -> Any:
+                stored["n"] += 1
+                if stored["n"] == 3:
+                    raise InjectedFailure("rank 1 fails mid-export")
+                return real_store(*args, **kwargs)
 
-            distributed.write_safetensors = failing_write  # type: ignore[assignment]
+            distributed.shard_writes = failing_store  # type: ignore[assignment]
     bridge = ModelBridge.from_hf_dir(hf_dir)
     chunks = build_chunks(bridge, ParallelLayout(**layout), torch.float32)
     load_hf(bridge, chunks, hf_dir)

@@ -157,7 +157,7 @@ def test_dist_checkpoint_at_tp2_exports_like_tp1(
 
 @pytest.mark.parametrize(
     ("when", "layout"),
-    [("import", {"tp": 2}), ("export", {"pp": 2}), ("save", {"tp": 2})],  # at PP=2 rank 1 writes shards
+    [("import", {"tp": 2}), ("export", {"tp": 2}), ("export", {"pp": 2}), ("save", {"tp": 2})],
 )
 def test_one_rank_failing_stops_all_and_leaves_nothing(
     when: str, layout: dict[str, int], models: dict[str, Any], tmp_path: Path

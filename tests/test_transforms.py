@@ -442,3 +442,51 @@ def test_load_and_split_keep_bits_in_every_dtype(dtype: torch.dtype) -> None:
     assert torch.equal(got, ref_qkv(q, k, v, HEADS, GROUPS, DIM))
     for a, b in zip(split_full(WeightKind.qkv, got, _layout()), [q, k, v], strict=True):
         assert a.dtype == dtype and torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- export: each rank writes its own slices
+
+WRITE_CASES: dict[WeightKind, list[tuple[int, int]]] = {  # kind: HF source shapes
+    WeightKind.qkv: [(HEADS * DIM, HIDDEN), (GROUPS * DIM, HIDDEN), (GROUPS * DIM, HIDDEN)],
+    WeightKind.fused_qkv: [((HEADS + 2 * GROUPS) * DIM, HIDDEN)],
+    WeightKind.gate_up: [(8, HIDDEN), (8, HIDDEN)],
+    WeightKind.fused_gate_up: [(16, HIDDEN)],
+    WeightKind.column: [(8, HIDDEN)],
+    WeightKind.row: [(HIDDEN, 8)],
+    WeightKind.vocab: [(VOCAB, HIDDEN)],
+}
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("kind", sorted(WRITE_CASES, key=lambda k: k.value))
+def test_shard_writes_from_every_rank_rebuild_the_hf_tensors(kind: WeightKind, tp: int) -> None:
+    from bridgegen.runtime.transforms import store_shard
+
+    shapes = WRITE_CASES[kind]
+    sources = [_rand(*shape, seed=i) for i, shape in enumerate(shapes)]
+    names = tuple(f"hf.{i}.weight" for i in range(len(sources)))
+    rebuilt = [torch.full_like(s, float("nan")) for s in sources]
+    for rank in range(tp):
+        layout = _layout(rank, tp)
+        if kind is WeightKind.vocab:
+            dest_shape: tuple[int, ...] = (PADDED // tp, HIDDEN)
+        elif kind is WeightKind.row:
+            dest_shape = (HIDDEN, 8 // tp)
+        elif kind in (WeightKind.qkv, WeightKind.fused_qkv):
+            dest_shape = ((HEADS + 2 * GROUPS) * DIM // tp, HIDDEN)
+        else:
+            dest_shape = (sum(s[0] for s in shapes) // tp, HIDDEN)
+        shard = _load(kind, dest_shape, sources, layout)
+        store_shard(kind, shard, rebuilt, names, layout)
+    for source, result in zip(sources, rebuilt, strict=True):
+        assert torch.equal(source, result)  # every element written once, by its owner
+
+
+def test_contiguous_runs_of_a_column_slice() -> None:
+    from bridgegen.runtime.safetensors_io import contiguous_runs
+
+    base = torch.empty(4, 6, device="meta")
+    assert list(contiguous_runs(base[:, 2:5])) == [(2, 3), (8, 3), (14, 3), (20, 3)]
+    assert list(contiguous_runs(base[1:3])) == [(6, 12)]
+    grouped = torch.empty(2, 3, 4, device="meta").view(2, 3, 4)[1:]
+    assert list(contiguous_runs(grouped)) == [(12, 12)]

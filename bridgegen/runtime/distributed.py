@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,14 +25,14 @@ from bridgegen.runtime.safetensors_io import (
     INDEX_NAME,
     SINGLE_NAME,
     Checkpoint,
+    FilePlan,
+    PlannedFiles,
     PlannedTensor,
     plan_shards,
     remove_partial_outputs,
-    write_safetensors,
 )
-from bridgegen.runtime.transforms import gather_tp_shards, tp_partition_dim
-from bridgegen.runtime.weight_rules import WeightKind
-from bridgegen.runtime.weights import LoadStats, iter_hf_from_full, load_into, model_tensors
+from bridgegen.runtime.transforms import gather_tp_shards, shard_writes, split_full, tp_partition_dim
+from bridgegen.runtime.weights import LoadStats, MatchedTensor, load_into, model_tensors
 
 
 @dataclass(frozen=True)
@@ -151,7 +150,11 @@ def load_hf(
     if progress and dist.get_rank() == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(1 for c in chunks for _ in model_tensors(c.model)), desc="import (rank 0)", unit="tensor")
+        bar = tqdm(
+            total=sum(1 for c in chunks for _ in model_tensors(c.model)),
+            desc="import (rank 0)",
+            unit="tensor",
+        )
     for chunk in chunks:
         stats = load_into(
             weight_map,
@@ -171,67 +174,60 @@ def load_hf(
     return total
 
 
-def _gathered_tensors(
-    bridge: ModelBridge, chunks: list[ModelChunk], *, meta: bool
-) -> Iterator[tuple[str, torch.Tensor, int, int]]:
-    """(megatron name, whole tensor, layer offset, expert offset) for the tensors this rank
-    owns. Ownership alternates over the ranks of each tensor's group (TP for dense tensors,
-    expert-TP for experts), so gathering and writing are spread over ranks. With ``meta``, only
-    shapes are produced and nothing is communicated."""
+@dataclass(frozen=True)
+class _LocalTensor:
+    """One of this rank's Megatron tensors, with its rule and its place in its TP group."""
+
+    name: str
+    tensor: torch.Tensor
+    matched: MatchedTensor
+    group_rank: int  # rank in the tensor's group: TP for dense tensors, expert-TP for experts
+    group_size: int
+
+    def writes(self) -> bool:
+        """Replicated tensors are written by the group's first rank; split ones by every rank."""
+        return tp_partition_dim(self.matched.rule.kind) is not None or self.group_rank == 0
+
+
+def _local_tensors(bridge: ModelBridge, chunks: list[ModelChunk]) -> list[_LocalTensor]:
+    """This rank's tensors that the export writes (one data-parallel replica writes each)."""
     from megatron.core import parallel_state as ps
 
     weight_map = bridge.weight_map()
-    dense = (ps.get_tensor_model_parallel_group(), ps.get_data_parallel_rank() == 0)
-    experts = (ps.get_expert_tensor_parallel_group(), ps.get_expert_data_parallel_rank() == 0)
-    local_experts = int(bridge.config.values.get("num_moe_experts") or 0) // ps.get_expert_model_parallel_world_size()
+    local_experts = (
+        int(bridge.config.values.get("num_moe_experts") or 0) // ps.get_expert_model_parallel_world_size()
+    )
     expert_offset = ps.get_expert_model_parallel_rank() * local_experts
-    index = 0
+    out = []
     for chunk in chunks:
-        for name, param in model_tensors(chunk.model):
+        for name, tensor in model_tensors(chunk.model):
             if weight_map.is_tied_output(name):
                 continue  # a tied output layer is the embedding; HF has no tensor of its own
             matched = weight_map.match(name, chunk.layer_offset, expert_offset)
-            group, takes_part = experts if matched.expert is not None else dense
-            if not takes_part:
-                continue  # another data-parallel replica holds the same tensor
-            size, me = dist.get_world_size(group), dist.get_rank(group)
-            owner = index % size
-            index += 1
-            kind = matched.rule.kind
-            if meta:
-                if me == owner:
-                    shards = [torch.empty(param.shape, dtype=param.dtype, device="meta")] * size
-                    yield name, gather_tp_shards(kind, shards), chunk.layer_offset, expert_offset
-                continue
-            local = param.detach()
-            if size == 1 or tp_partition_dim(kind) is None:
-                if me == owner:  # replicated tensors need no communication
-                    yield name, local, chunk.layer_offset, expert_offset
-                continue
-            local = local.contiguous()
-            destination = dist.get_global_rank(group, owner)
-            if me != owner:
-                dist.gather(local, None, dst=destination, group=group)
-                continue
-            if tp_partition_dim(kind) == 0 and kind not in (WeightKind.gate_up, WeightKind.fused_gate_up):
-                # Receive straight into the whole tensor: its dim-0 chunks are contiguous.
-                full = torch.empty((local.shape[0] * size, *local.shape[1:]), dtype=local.dtype, device=local.device)
-                dist.gather(local, list(full.chunk(size)), dst=destination, group=group)
+            if matched.expert is None:
+                if ps.get_data_parallel_rank() != 0:
+                    continue
+                rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
             else:
-                shards = [torch.empty_like(local) for _ in range(size)]
-                dist.gather(local, shards, dst=destination, group=group)
-                full = gather_tp_shards(kind, shards)
-            yield name, full, chunk.layer_offset, expert_offset
+                if ps.get_expert_data_parallel_rank() != 0:
+                    continue
+                rank, size = ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()
+            out.append(_LocalTensor(name, tensor, matched, rank, size))
+    return out
 
 
-def _hf_stream(
-    bridge: ModelBridge, chunks: list[ModelChunk], dtype: torch.dtype, *, meta: bool
-) -> Iterator[tuple[str, torch.Tensor]]:
+def _planned(bridge: ModelBridge, tensors: list[_LocalTensor], dtype: torch.dtype) -> list[PlannedTensor]:
+    """The HF tensors (name, dtype, whole shape) this rank's tensors are part of."""
     weight_map = bridge.weight_map()
-    for name, full, layer_offset, expert_offset in _gathered_tensors(bridge, chunks, meta=meta):
-        yield from iter_hf_from_full(
-            weight_map, [(name, full)], layer_offset=layer_offset, expert_offset=expert_offset, dtype=dtype
-        )
+    layout = weight_map.layout()
+    out = []
+    for item in tensors:
+        kind = item.matched.rule.kind
+        shard = torch.empty(item.tensor.shape, dtype=item.tensor.dtype, device="meta")
+        whole = gather_tp_shards(kind, [shard] * item.group_size)
+        for hf_name, piece in zip(item.matched.hf_names(), split_full(kind, whole, layout), strict=True):
+            out.append(PlannedTensor(hf_name, dtype, tuple(piece.shape)))
+    return out
 
 
 def export_hf(
@@ -243,52 +239,70 @@ def export_hf(
     dtype: str | torch.dtype | None = None,
     max_shard_bytes: int = 5 * 2**30,
 ) -> Path:
-    """Write the model spread over all ranks as one HF folder. Each TP group's first rank
-    writes the shards of its pipeline stage; rank 0 writes the index and commits atomically."""
-    from megatron.core import parallel_state
+    """Write the model spread over all ranks as one HF folder, with no gathering.
 
+    Rank 0 plans the files (every rank reports the HF tensors it holds parts of) and creates
+    them with their headers; then every rank writes exactly the bytes of its own shards into
+    memory maps of those files, the inverse of the lazy import. Rank 0 then writes the index
+    and config and moves the finished folder into place.
+    """
     target_dtype = parse_dtype(dtype) or chunks[0].model.config.params_dtype
     out = Path(out_dir)
     rank = dist.get_rank()
-    if rank == 0 and out.exists() and not overwrite:
-        error: str | None = f"{out}: output folder exists; pass overwrite=True (--overwrite) to replace it"
-    else:
-        error = None
-    holder: list[Any] = [error, None]
-    if rank == 0 and error is None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        remove_partial_outputs(out)  # left by an earlier run whose ranks were killed
-        holder[1] = tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    holder: list[Any] = [None, None]
+    if rank == 0:
+        if out.exists() and not overwrite:
+            holder[0] = f"{out}: output folder exists; pass overwrite=True (--overwrite) to replace it"
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            remove_partial_outputs(out)  # left by an earlier run whose ranks were killed
+            holder[1] = tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     dist.broadcast_object_list(holder, src=0)
     if holder[0] is not None:
         raise WeightError(holder[0])
     tmp = Path(holder[1])
     try:
-        # Only the first rank of each TP group of the first data-parallel replica writes.
-        writes = (
-            parallel_state.get_tensor_model_parallel_rank() == 0
-            and parallel_state.get_data_parallel_rank() == 0
-        )
-        shards: list[tuple[str, list[str], int]] = []
-        if writes:
-            planned = [
-                PlannedTensor(n, t.dtype, tuple(t.shape))
-                for n, t in _hf_stream(bridge, chunks, target_dtype, meta=True)
-            ]
-            produce = _hf_stream(bridge, chunks, target_dtype, meta=False)
-            for index, shard in enumerate(plan_shards(planned, max_shard_bytes)):
-                file = f"part-{rank:05d}-{index:05d}.tmp"
-                size = write_safetensors(tmp / file, shard, produce)
-                shards.append((file, [entry.name for entry in shard], size))
-            for _ in produce:  # pragma: no cover - the plan covers every tensor
-                raise WeightError("export produced more tensors than planned")
-        elif parallel_state.get_data_parallel_rank() == 0:
-            for _ in _gathered_tensors(bridge, chunks, meta=False):
-                pass  # take part in the TP gathers
+        tensors = _local_tensors(bridge, chunks)
         everyone: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, shards)
+        dist.all_gather_object(everyone, _planned(bridge, tensors, target_dtype))
+        plan_holder: list[Any] = [None]
         if rank == 0:
-            _commit(bridge, tmp, out, [s for per_rank in everyone for s in per_rank], target_dtype, overwrite)
+            unique: dict[str, PlannedTensor] = {}
+            for entry in (entry for per_rank in everyone for entry in per_rank):
+                if unique.setdefault(entry.name, entry) != entry:
+                    raise WeightError(
+                        f"ranks disagree on HF tensor {entry.name!r}: {unique[entry.name]} vs {entry}"
+                    )
+            shards = plan_shards(list(unique.values()), max_shard_bytes)
+            names = [
+                SINGLE_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                for i in range(len(shards))
+            ]
+            plan_holder[0] = FilePlan(dict(zip(names, shards, strict=True)))
+            plan_holder[0].create(tmp)
+        dist.broadcast_object_list(plan_holder, src=0)
+        plan: FilePlan = plan_holder[0]
+        layout = bridge.weight_map().layout
+        output = PlannedFiles(tmp, plan)
+        with torch.no_grad():
+            for item in tensors:
+                if not item.writes():
+                    continue
+                hf_names = item.matched.hf_names()
+                writes = shard_writes(
+                    item.matched.rule.kind,
+                    item.tensor.detach(),
+                    [output.target(name) for name in hf_names],
+                    hf_names,
+                    layout(item.group_rank, item.group_size),
+                    item.matched.rule.norm_offset,
+                )
+                for index, view, data in writes:
+                    output.write(hf_names[index], view, data)
+        output.close()
+        dist.barrier()
+        if rank == 0:
+            _commit(bridge, tmp, out, plan, target_dtype, overwrite)
         dist.barrier()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -297,28 +311,15 @@ def export_hf(
 
 
 def _commit(
-    bridge: ModelBridge,
-    tmp: Path,
-    out: Path,
-    shards: list[tuple[str, list[str], int]],
-    dtype: torch.dtype,
-    overwrite: bool,
+    bridge: ModelBridge, tmp: Path, out: Path, plan: FilePlan, dtype: torch.dtype, overwrite: bool
 ) -> None:
     import json
 
     from bridgegen.runtime.safetensors_io import HF_SIDE_FILES
 
-    count = len(shards)
-    weight_map: dict[str, str] = {}
-    for index, (file, names, _) in enumerate(shards):
-        final = SINGLE_NAME if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
-        os.replace(tmp / file, tmp / final)
-        for name in names:
-            if name in weight_map:
-                raise WeightError(f"export wrote HF tensor {name!r} twice")
-            weight_map[name] = final
-    if count > 1:
-        total = sum(size for _, _, size in shards)
+    if len(plan.files) > 1:
+        weight_map = {entry.name: file for file, entries in plan.files.items() for entry in entries}
+        total = sum(entry.nbytes for entries in plan.files.values() for entry in entries)
         (tmp / INDEX_NAME).write_text(
             json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2

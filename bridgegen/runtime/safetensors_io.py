@@ -9,6 +9,7 @@ names the file and tensor, never a crash or garbage weights.
 
 from __future__ import annotations
 
+import itertools
 import json
 import mmap
 import os
@@ -264,6 +265,91 @@ def write_safetensors(
             if flat.numel():
                 handle.write(flat.view(torch.uint8).numpy().data)
     return offset
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    """Where every tensor of a multi-file export goes: file, byte offset, dtype and shape."""
+
+    files: dict[str, list[PlannedTensor]]
+
+    def header(self, file: str) -> bytes:
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for entry in self.files[file]:
+            header[entry.name] = {
+                "dtype": DTYPE_NAMES[entry.dtype],
+                "shape": list(entry.shape),
+                "data_offsets": [offset, offset + entry.nbytes],
+            }
+            offset += entry.nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        return encoded + b" " * (-len(encoded) % 8)
+
+    def create(self, folder: Path) -> None:
+        """Write every file's header and size it (the data regions are filled in later)."""
+        for file, entries in self.files.items():
+            header = self.header(file)
+            with (folder / file).open("wb") as handle:
+                handle.write(struct.pack("<Q", len(header)))
+                handle.write(header)
+                handle.truncate(8 + len(header) + sum(e.nbytes for e in entries))
+
+
+def contiguous_runs(view: torch.Tensor) -> Iterator[tuple[int, int]]:
+    """(element offset, element count) of the contiguous runs of a strided view, in row-major
+    order of the view's elements."""
+    sizes, strides = [int(d) for d in view.shape], [int(d) for d in view.stride()]
+    run = 1
+    cut = len(sizes)
+    while cut > 0 and (sizes[cut - 1] == 1 or strides[cut - 1] == run):
+        run *= sizes[cut - 1]
+        cut -= 1
+    base = int(view.storage_offset())
+    for index in itertools.product(*(range(size) for size in sizes[:cut])):
+        yield base + sum(i * stride for i, stride in zip(index, strides[:cut], strict=True)), run
+
+
+class PlannedFiles:
+    """The files of a FilePlan, open for writing slices of their tensors at known offsets, so
+    several processes can fill disjoint parts of the same files with plain ``pwrite`` calls."""
+
+    def __init__(self, folder: Path, plan: FilePlan) -> None:
+        self._where: dict[str, tuple[str, int, PlannedTensor]] = {}
+        for file, entries in plan.files.items():
+            offset = 8 + len(plan.header(file))
+            for entry in entries:
+                self._where[entry.name] = (file, offset, entry)
+                offset += entry.nbytes
+        self._fds = {file: os.open(folder / file, os.O_WRONLY) for file in plan.files}
+
+    def target(self, name: str) -> torch.Tensor:
+        """A meta tensor standing for tensor ``name``: slice it to say which part to write."""
+        _, _, entry = self._where[name]
+        return torch.empty(entry.shape, dtype=entry.dtype, device="meta")
+
+    def write(self, name: str, view: torch.Tensor, data: torch.Tensor) -> int:
+        """Write ``data`` into the part of tensor ``name`` that ``view`` (a view of
+        ``target(name)``) selects. Returns the bytes written."""
+        file, offset, entry = self._where[name]
+        if tuple(view.shape) != tuple(data.shape):
+            raise WeightError(
+                f"{name}: writing shape {list(data.shape)} into a slice of shape {list(view.shape)}"
+            )
+        flat = data.detach().to(entry.dtype).contiguous().reshape(-1).cpu()
+        raw = flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")
+        size = entry.dtype.itemsize
+        fd = self._fds[file]
+        consumed = 0
+        for start, count in contiguous_runs(view):
+            os.pwrite(fd, raw[consumed : consumed + count * size], offset + start * size)
+            consumed += count * size
+        return consumed
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 HF_SIDE_FILES = (

@@ -184,3 +184,77 @@ def gather_tp_shards(kind: WeightKind, shards: list[torch.Tensor]) -> torch.Tens
         gates, ups = zip(*(shard.chunk(2) for shard in shards), strict=True)
         return torch.cat([*gates, *ups])
     return torch.cat(shards, dim=dim)
+
+
+def shard_writes(
+    kind: WeightKind,
+    local: torch.Tensor,
+    targets: list[torch.Tensor],
+    hf_names: tuple[str, ...],
+    layout: Layout,
+    norm_offset: float = 0.0,
+) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """The inverse of ``load_shard``: (index into ``targets``, slice of that HF tensor, data)
+    triples that write this rank's Megatron shard into the parts of the HF tensors it owns.
+
+    ``targets`` may be real tensors or meta tensors standing for regions of an output file
+    (their views' offsets and strides then say where the bytes go). Every rank of a TP group
+    calls this for its own shard; together they cover each HF element exactly once, with no
+    communication. Replicated tensors are written by one rank only (the caller decides which).
+    """
+    if kind is WeightKind.fused_qkv:
+        q_rows = layout.num_attention_heads * layout.head_dim
+        kv_rows = layout.num_query_groups * layout.head_dim
+        target = targets[0]
+        parts = [target[:q_rows], target[q_rows : q_rows + kv_rows], target[q_rows + kv_rows :]]
+        return [
+            (0, view, data)
+            for _, view, data in shard_writes(WeightKind.qkv, local, parts, hf_names * 3, layout)
+        ]
+    if kind is WeightKind.fused_gate_up:
+        gate, up = targets[0].chunk(2)
+        return [
+            (0, view, data)
+            for _, view, data in shard_writes(WeightKind.gate_up, local, [gate, up], hf_names * 2, layout)
+        ]
+    if kind is WeightKind.replicated:
+        return [(0, targets[0], local.to(torch.float32) - norm_offset if norm_offset else local)]
+    if kind is WeightKind.column:
+        return [(0, targets[0][_chunk(targets[0].shape[0], layout, hf_names[0])], local)]
+    if kind is WeightKind.row:
+        return [(0, targets[0][:, _chunk(targets[0].shape[1], layout, hf_names[0])], local)]
+    if kind is WeightKind.vocab:
+        start = layout.tp_rank * local.shape[0]
+        stop = min(start + local.shape[0], layout.vocab_size)
+        return [(0, targets[0][start:stop], local[: stop - start])] if stop > start else []
+    if kind is WeightKind.qkv:
+        q, k, v = targets
+        groups, dim = layout.num_query_groups, layout.head_dim
+        per_group = layout.num_attention_heads // groups
+        rest = tuple(q.shape[1:])
+        owned = _chunk(groups, layout, f"{hf_names[0]} (query groups)")
+        blocks = local.view(owned.stop - owned.start, per_group + 2, dim, *rest)
+        return [
+            (0, q.view(groups, per_group, dim, *rest)[owned], blocks[:, :per_group]),
+            (1, k.view(groups, dim, *rest)[owned], blocks[:, per_group]),
+            (2, v.view(groups, dim, *rest)[owned], blocks[:, per_group + 1]),
+        ]
+    if kind is WeightKind.gate_up:
+        gate, up = targets
+        rows = _chunk(gate.shape[0], layout, hf_names[0])
+        half = rows.stop - rows.start
+        return [(0, gate[rows], local[:half]), (1, up[rows], local[half:])]
+    raise AssertionError(kind)  # pragma: no cover - the enum is closed
+
+
+def store_shard(
+    kind: WeightKind,
+    local: torch.Tensor,
+    targets: list[torch.Tensor],
+    hf_names: tuple[str, ...],
+    layout: Layout,
+    norm_offset: float = 0.0,
+) -> None:
+    """Copy this rank's shard into real HF tensors (see ``shard_writes``)."""
+    for _, target, data in shard_writes(kind, local, targets, hf_names, layout, norm_offset):
+        target.copy_(data)

@@ -16,7 +16,11 @@ from bridgegen.runtime.weight_rules import WeightKind, WeightRule
 
 
 def _template_regex(template: str) -> re.Pattern[str]:
-    pattern = re.escape(template).replace(r"\{layer\}", r"(?P<layer>\d+)").replace(r"\{expert\}", r"(?P<expert>\d+)")
+    pattern = (
+        re.escape(template)
+        .replace(r"\{layer\}", r"(?P<layer>\d+)")
+        .replace(r"\{expert\}", r"(?P<expert>\d+)")
+    )
     return re.compile("^" + pattern + "$")
 
 

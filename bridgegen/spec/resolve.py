@@ -438,7 +438,9 @@ def _resolve_one(
         placeholders = set(PLACEHOLDER.findall(megatron_name))
         for unknown in sorted(placeholders - KNOWN_PLACEHOLDERS):
             errors.append(
-                origin.error(f"unknown placeholder {{{unknown}}} in {megatron_name!r}; known: {{expert}}, {{layer}}")
+                origin.error(
+                    f"unknown placeholder {{{unknown}}} in {megatron_name!r}; known: {{expert}}, {{layer}}"
+                )
             )
         templates = [(name, "hf") for name in hf_names]
         if weight.te_megatron:
