@@ -128,12 +128,13 @@ def load_hf(
     weight_map = bridge.weight_map()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    expert_offset = _expert_offset(bridge)
     needed = sorted(
         {
             hf
             for chunk in chunks
             for name, _ in model_tensors(chunk.model)
-            for hf in weight_map.match(name, chunk.layer_offset).hf_names()
+            for hf in weight_map.match(name, chunk.layer_offset, expert_offset).hf_names()
         }
     )
     everyone: list[list[str] | None] = [None] * dist.get_world_size()
@@ -163,6 +164,9 @@ def load_hf(
             layer_offset=chunk.layer_offset,
             tp_rank=tp_rank,
             tp_size=tp_size,
+            expert_offset=expert_offset,
+            expert_tp_rank=parallel_state.get_expert_tensor_parallel_rank(),
+            expert_tp_size=parallel_state.get_expert_tensor_parallel_world_size(),
             check_unused=False,
             progress=bar.update if bar is not None else None,
         )
@@ -189,15 +193,22 @@ class _LocalTensor:
         return tp_partition_dim(self.matched.rule.kind) is not None or self.group_rank == 0
 
 
+def _expert_offset(bridge: ModelBridge) -> int:
+    """Global number of this rank's first local expert (experts split evenly over EP ranks)."""
+    from megatron.core import parallel_state as ps
+
+    experts = int(bridge.config.values.get("num_moe_experts") or 0)
+    return int(ps.get_expert_model_parallel_rank()) * (
+        experts // int(ps.get_expert_model_parallel_world_size())
+    )
+
+
 def _local_tensors(bridge: ModelBridge, chunks: list[ModelChunk]) -> list[_LocalTensor]:
     """This rank's tensors that the export writes (one data-parallel replica writes each)."""
     from megatron.core import parallel_state as ps
 
     weight_map = bridge.weight_map()
-    local_experts = (
-        int(bridge.config.values.get("num_moe_experts") or 0) // ps.get_expert_model_parallel_world_size()
-    )
-    expert_offset = ps.get_expert_model_parallel_rank() * local_experts
+    expert_offset = _expert_offset(bridge)
     out = []
     for chunk in chunks:
         for name, tensor in model_tensors(chunk.model):
