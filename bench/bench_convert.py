@@ -93,7 +93,9 @@ def make_checkpoint(folder: Path) -> None:
         save_file(tensors, str(folder / file), metadata={"format": "pt"})
         weight_map |= {n: file for n in shard}
         del tensors
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     (folder / "config.json").write_text(json.dumps(LLAMA_32_1B, indent=2))
 
 
@@ -183,7 +185,9 @@ def rank_phase(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", default="bench/out")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
@@ -224,7 +228,9 @@ def main() -> int:
     med = {name: statistics.median(r["seconds"] for r in rs) for name, rs in runs.items()}
     peak = {name: max(r["peak_above_mb"] for r in rs) for name, rs in runs.items()}
     base = {name: statistics.median(r["rss_before_mb"] for r in rs) for name, rs in runs.items()}
-    print(f"checkpoint: {checkpoint} ({model_bytes / 1e9:.2f} GB bf16, 3 shards); medians of {args.repeats} runs")
+    print(
+        f"checkpoint: {checkpoint} ({model_bytes / 1e9:.2f} GB bf16, 3 shards); medians of {args.repeats} runs"
+    )
     print(f"{'phase':<10} {'seconds':>8} {'ratio':>7} {'peak RSS above start':>22} {'RSS at start':>13}")
     for name, ref in (
         ("raw-read", "raw-read"),
@@ -244,7 +250,9 @@ def main() -> int:
         f"TP=2 import bytes requested per rank: {[f'{b / model_bytes:.3f}' for b in per_rank]} of the checkpoint, "
         f"total {sum(per_rank) / model_bytes:.3f}; peak RSS columns are the busiest rank"
     )
-    print(f"model bytes: {model_bytes / 2**20:.0f} MB; import peak / model bytes: {peak['import'] / (model_bytes / 2**20):.2f}")
+    print(
+        f"model bytes: {model_bytes / 2**20:.0f} MB; import peak / model bytes: {peak['import'] / (model_bytes / 2**20):.2f}"
+    )
     return 0
 
 

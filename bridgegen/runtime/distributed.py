@@ -96,8 +96,10 @@ def build_chunks(
     dtype: str | torch.dtype | None = None,
     *,
     parallel_output: bool = True,
+    device: str | torch.device | None = None,
 ) -> list[ModelChunk]:
-    """This rank's model chunks (one per virtual pipeline stage)."""
+    """This rank's model chunks (one per virtual pipeline stage), moved to ``device`` if
+    given (parameters stay uninitialised until loaded)."""
     from megatron.core import parallel_state
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
@@ -113,6 +115,8 @@ def build_chunks(
             vp_stage=vp_stage,
             parallel_output=parallel_output,
         )
+        if device is not None:
+            model = model.to(device)
         chunks.append(ModelChunk(model, vp_stage, get_transformer_layer_offset(config, vp_stage=vp_stage)))
     return chunks
 
@@ -364,7 +368,7 @@ def forward_logits(chunks: list[ModelChunk], input_ids: torch.Tensor, vocab_size
     enable_cpu_execution()
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    positions = torch.arange(input_ids.shape[1]).unsqueeze(0).expand_as(input_ids)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
     config = chunks[0].model.config
     hidden_shape = (input_ids.shape[1], input_ids.shape[0], config.hidden_size)
     output = None
@@ -374,7 +378,7 @@ def forward_logits(chunks: list[ModelChunk], input_ids: torch.Tensor, vocab_size
             first = pp_rank == 0 and index == 0
             last = pp_rank == pp_size - 1 and index == len(chunks) - 1
             if not first:
-                received = torch.empty(hidden_shape, dtype=config.params_dtype)
+                received = torch.empty(hidden_shape, dtype=config.params_dtype, device=input_ids.device)
                 dist.recv(received, src=parallel_state.get_pipeline_model_parallel_prev_rank())
                 chunk.model.set_input_tensor(received)
             output = chunk.model(input_ids, positions, attention_mask=None)
