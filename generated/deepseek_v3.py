@@ -11,6 +11,34 @@ from bridgegen.runtime.config import HFConfigReader, MegatronConfig
 from bridgegen.runtime.weight_rules import WeightKind, WeightRule
 
 
+def _when_decoder_layers_layer_mlp_router_expert_bias(config: MegatronConfig) -> bool:
+    return bool(config.value("moe_router_enable_expert_bias"))
+
+
+def _when_decoder_layers_layer_mlp_shared_experts_linear_fc1_weight(config: MegatronConfig) -> bool:
+    return bool(config.value("moe_shared_expert_intermediate_size") is not None)
+
+
+def _when_decoder_layers_layer_mlp_shared_experts_linear_fc2_weight(config: MegatronConfig) -> bool:
+    return bool(config.value("moe_shared_expert_intermediate_size") is not None)
+
+
+def _when_decoder_layers_layer_self_attention_linear_q_down_proj_weight(config: MegatronConfig) -> bool:
+    return bool(config.value("q_lora_rank") is not None)
+
+
+def _when_decoder_layers_layer_self_attention_linear_q_proj_weight(config: MegatronConfig) -> bool:
+    return bool(config.value("q_lora_rank") is None)
+
+
+def _when_decoder_layers_layer_self_attention_linear_q_up_proj_weight(config: MegatronConfig) -> bool:
+    return bool(config.value("q_lora_rank") is not None)
+
+
+def _when_decoder_layers_layer_self_attention_q_layernorm_weight(config: MegatronConfig) -> bool:
+    return bool(config.value("q_lora_rank") is not None)
+
+
 def _when_output_layer_weight(config: MegatronConfig) -> bool:
     return bool(not config.value("share_embeddings_and_output_weights"))
 
@@ -87,15 +115,107 @@ class DeepseekV3Bridge(Bridge):
             te_megatron_name="decoder.layers.{layer}.self_attention.linear_qkv.layer_norm_weight",
         ),
         WeightRule(
+            megatron_name="decoder.layers.{layer}.mlp.experts.local_experts.{expert}.linear_fc1.weight",
+            hf_names=(
+                "model.layers.{layer}.mlp.experts.{expert}.gate_proj.weight",
+                "model.layers.{layer}.mlp.experts.{expert}.up_proj.weight",
+            ),
+            kind=WeightKind.gate_up,
+            te_megatron_name="decoder.layers.{layer}.mlp.experts.linear_fc1.weight{expert}",
+        ),
+        WeightRule(
+            megatron_name="decoder.layers.{layer}.mlp.experts.local_experts.{expert}.linear_fc2.weight",
+            hf_names=("model.layers.{layer}.mlp.experts.{expert}.down_proj.weight",),
+            kind=WeightKind.row,
+            te_megatron_name="decoder.layers.{layer}.mlp.experts.linear_fc2.weight{expert}",
+        ),
+        WeightRule(
+            megatron_name="decoder.layers.{layer}.mlp.linear_fc1.weight",
+            hf_names=("model.layers.{layer}.mlp.gate_proj.weight", "model.layers.{layer}.mlp.up_proj.weight"),
+            kind=WeightKind.gate_up,
+        ),
+        WeightRule(
+            megatron_name="decoder.layers.{layer}.mlp.linear_fc2.weight",
+            hf_names=("model.layers.{layer}.mlp.down_proj.weight",),
+            kind=WeightKind.row,
+        ),
+        WeightRule(
+            megatron_name="decoder.layers.{layer}.mlp.router.expert_bias",
+            hf_names=("model.layers.{layer}.mlp.gate.e_score_correction_bias",),
+            kind=WeightKind.replicated,
+            when=_when_decoder_layers_layer_mlp_router_expert_bias,
+        ),
+        WeightRule(
+            megatron_name="decoder.layers.{layer}.mlp.router.weight",
+            hf_names=("model.layers.{layer}.mlp.gate.weight",),
+            kind=WeightKind.replicated,
+        ),
+        WeightRule(
+            megatron_name="decoder.layers.{layer}.mlp.shared_experts.linear_fc1.weight",
+            hf_names=(
+                "model.layers.{layer}.mlp.shared_experts.gate_proj.weight",
+                "model.layers.{layer}.mlp.shared_experts.up_proj.weight",
+            ),
+            kind=WeightKind.gate_up,
+            when=_when_decoder_layers_layer_mlp_shared_experts_linear_fc1_weight,
+        ),
+        WeightRule(
+            megatron_name="decoder.layers.{layer}.mlp.shared_experts.linear_fc2.weight",
+            hf_names=("model.layers.{layer}.mlp.shared_experts.down_proj.weight",),
+            kind=WeightKind.row,
+            when=_when_decoder_layers_layer_mlp_shared_experts_linear_fc2_weight,
+        ),
+        WeightRule(
             megatron_name="decoder.layers.{layer}.pre_mlp_layernorm.weight",
             hf_names=("model.layers.{layer}.post_attention_layernorm.weight",),
             kind=WeightKind.replicated,
             te_megatron_name="decoder.layers.{layer}.mlp.linear_fc1.layer_norm_weight",
         ),
         WeightRule(
+            megatron_name="decoder.layers.{layer}.self_attention.kv_layernorm.weight",
+            hf_names=("model.layers.{layer}.self_attn.kv_a_layernorm.weight",),
+            kind=WeightKind.replicated,
+            te_megatron_name="decoder.layers.{layer}.self_attention.linear_kv_up_proj.layer_norm_weight",
+        ),
+        WeightRule(
+            megatron_name="decoder.layers.{layer}.self_attention.linear_kv_down_proj.weight",
+            hf_names=("model.layers.{layer}.self_attn.kv_a_proj_with_mqa.weight",),
+            kind=WeightKind.column,
+        ),
+        WeightRule(
+            megatron_name="decoder.layers.{layer}.self_attention.linear_kv_up_proj.weight",
+            hf_names=("model.layers.{layer}.self_attn.kv_b_proj.weight",),
+            kind=WeightKind.column,
+        ),
+        WeightRule(
             megatron_name="decoder.layers.{layer}.self_attention.linear_proj.weight",
             hf_names=("model.layers.{layer}.self_attn.o_proj.weight",),
             kind=WeightKind.row,
+        ),
+        WeightRule(
+            megatron_name="decoder.layers.{layer}.self_attention.linear_q_down_proj.weight",
+            hf_names=("model.layers.{layer}.self_attn.q_a_proj.weight",),
+            kind=WeightKind.column,
+            when=_when_decoder_layers_layer_self_attention_linear_q_down_proj_weight,
+        ),
+        WeightRule(
+            megatron_name="decoder.layers.{layer}.self_attention.linear_q_proj.weight",
+            hf_names=("model.layers.{layer}.self_attn.q_proj.weight",),
+            kind=WeightKind.column,
+            when=_when_decoder_layers_layer_self_attention_linear_q_proj_weight,
+        ),
+        WeightRule(
+            megatron_name="decoder.layers.{layer}.self_attention.linear_q_up_proj.weight",
+            hf_names=("model.layers.{layer}.self_attn.q_b_proj.weight",),
+            kind=WeightKind.column,
+            when=_when_decoder_layers_layer_self_attention_linear_q_up_proj_weight,
+        ),
+        WeightRule(
+            megatron_name="decoder.layers.{layer}.self_attention.q_layernorm.weight",
+            hf_names=("model.layers.{layer}.self_attn.q_a_layernorm.weight",),
+            kind=WeightKind.replicated,
+            te_megatron_name="decoder.layers.{layer}.self_attention.linear_q_up_proj.layer_norm_weight",
+            when=_when_decoder_layers_layer_self_attention_q_layernorm_weight,
         ),
         WeightRule(
             megatron_name="embedding.word_embeddings.weight",
@@ -147,6 +267,10 @@ class DeepseekV3Bridge(Bridge):
         hf.check(
             hf_topk_method != "group_limited_greedy" or hf_num_experts_per_tok // hf_topk_group == 1,
             "group_limited_greedy ranks a group by its best expert; megatron-core ranks it by the sum of its top (top_k // topk_group) experts, which differs here",
+        )
+        hf.check(
+            hf_topk_method != "noaux_tc" or hf_n_group <= 1 or hf_num_experts_per_tok // hf_topk_group == 2,
+            "noaux_tc ranks a group by the sum of its best two experts; megatron-core sums its top (top_k // topk_group), which differs here",
         )
         hf.check(
             hf_scoring_func != "sigmoid" or hf_norm_topk_prob,

@@ -126,6 +126,11 @@ class ModelBridge:
             and value is not None
             and name in _extra_fields(self.bridge)
         )
+        if self.config.values.get("mtp_num_layers"):
+            raise ConfigError(
+                f"{self.config.family}: multi-token prediction layers (mtp_num_layers="
+                f"{self.config.values['mtp_num_layers']}) have no weight map yet; config conversion works"
+            )
         if pending:
             raise ConfigError(
                 f"{self.config.family}: the runtime cannot build a model with {', '.join(pending)} yet "
@@ -155,6 +160,10 @@ class ModelBridge:
         spec = get_gpt_decoder_block_spec(
             config, use_transformer_engine=False, normalization=config.normalization, vp_stage=vp_stage
         )
+        if self.config.megatron_model == "mla":
+            from bridgegen.runtime.modules import use_latent_core_attention
+
+            use_latent_core_attention(spec)
         model_kwargs = self.config.model_values()
         model: torch.nn.Module = GPTModel(
             config=config,

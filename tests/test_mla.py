@@ -1,0 +1,190 @@
+"""DeepSeek V2 / V3 family weights (multi-latent attention, routed + shared experts, dense
+first layers): Moonlight's and Kimi K2's field sets too. Single process, fp32 parity and
+bit-exact round trips."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import dist_cases
+import pytest
+import torch
+from safetensors.torch import load_file
+
+VOCAB = 250
+LOGIT_ATOL = 1e-5
+
+COMMON: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    num_hidden_layers=3,
+    first_k_dense_replace=1,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    kv_lora_rank=16,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    vocab_size=VOCAB,
+    max_position_embeddings=256,
+    num_nextn_predict_layers=0,
+)
+VARIANTS: dict[str, dict[str, Any]] = {
+    # sigmoid scoring with expert bias, group-limited routing, one shared expert, q LoRA
+    "deepseek_v3": dict(
+        model_type="deepseek_v3",
+        q_lora_rank=32,
+        n_shared_experts=1,
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+    ),
+    # YaRN RoPE with mscale on a sequence 3x its original context
+    "deepseek_v3_yarn": dict(
+        model_type="deepseek_v3",
+        q_lora_rank=32,
+        n_shared_experts=1,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=2.5,
+        rope_scaling={
+            "type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 16,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 0.707,
+            "mscale_all_dim": 0.707,
+        },
+    ),
+    # V2-Lite: softmax over all experts, no renormalisation, no q LoRA, two shared experts
+    "deepseek_v2": dict(
+        model_type="deepseek_v2",
+        q_lora_rank=None,
+        n_shared_experts=2,
+        n_group=1,
+        topk_group=1,
+        topk_method="greedy",
+        scoring_func="softmax",
+        norm_topk_prob=False,
+        routed_scaling_factor=1.0,
+    ),
+    # Moonlight's field set: deepseek_v3 without q LoRA or groups
+    "moonlight": dict(
+        model_type="deepseek_v3",
+        q_lora_rank=None,
+        n_shared_experts=2,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=2.446,
+    ),
+}
+
+
+def build(folder: Path, name: str, dtype: torch.dtype = torch.float32) -> tuple[Path, Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = dict(COMMON) | dict(VARIANTS[name])
+    model_type = kwargs.pop("model_type")
+    config = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # make routing non-trivial: spread router rows, random expert bias
+        for layer in model.model.layers[COMMON["first_k_dense_replace"] :]:
+            layer.mlp.gate.weight.normal_(0.0, 0.5)
+            bias = getattr(layer.mlp.gate, "e_score_correction_bias", None)
+            if bias is not None:
+                bias.normal_(0.0, 0.1)
+    model.to(dtype).save_pretrained(folder)
+    model.train(False)
+    return folder, model
+
+
+def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def convert(folder: Path, dtype: torch.dtype, out: Path) -> Any:
+    from bridgegen.runtime.convert import ModelBridge
+
+    bridge = ModelBridge.from_hf_dir(folder)
+    model = bridge.build_model(dtype)
+    bridge.load_hf_weights(model)
+    bridge.export_hf(model, out)
+    return bridge, model
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_logits_match_hf_and_round_trip_is_exact(name: str, tmp_path: Path) -> None:
+    from bridgegen.runtime.verify import compare, megatron_logits
+
+    folder, hf = build(tmp_path / "hf", name)
+    bridge, model = convert(folder, torch.float32, tmp_path / "out")
+    assert bridge.config.rope.rope_type == ("yarn" if "yarn" in name else "default")
+    tokens = dist_cases.tokens(VOCAB) if "yarn" not in name else torch.randint(0, VOCAB, (2, 48))
+    with torch.no_grad():
+        reference = hf(tokens).logits.float()
+    parity = compare(reference, megatron_logits(model, tokens, VOCAB))
+    print(f"{name}: {parity}")
+    assert parity.max_abs_diff <= LOGIT_ATOL
+    assert parity.argmax_agreement == 1.0
+    a, b = tensors_of(folder), tensors_of(tmp_path / "out")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    exported = json.loads((tmp_path / "out" / "config.json").read_text())
+    source = json.loads((folder / "config.json").read_text())
+    for key in (
+        "q_lora_rank",
+        "kv_lora_rank",
+        "n_shared_experts",
+        "first_k_dense_replace",
+        "n_group",
+        "topk_group",
+    ):
+        assert exported[key] == source[key], key
+
+
+def test_bf16_round_trip_is_exact(tmp_path: Path) -> None:
+    folder, _ = build(tmp_path / "hf", "deepseek_v3", torch.bfloat16)
+    convert(folder, torch.bfloat16, tmp_path / "out")
+    a, b = tensors_of(folder), tensors_of(tmp_path / "out")
+    assert sorted(a) == sorted(b)
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kimi_k2_model_type_is_served_by_the_deepseek_v3_bridge(tmp_path: Path) -> None:
+    from bridgegen.runtime.verify import compare, megatron_logits
+
+    folder, hf = build(tmp_path / "hf", "moonlight")
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "kimi_k2"  # what Kimi K2 checkpoints say; transformers has no class for it
+    (folder / "config.json").write_text(json.dumps(config))
+    bridge, model = convert(folder, torch.float32, tmp_path / "out")
+    assert bridge.bridge.family == "deepseek_v3"
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "kimi_k2"
+    tokens = dist_cases.tokens(VOCAB)
+    with torch.no_grad():
+        parity = compare(hf(tokens).logits.float(), megatron_logits(model, tokens, VOCAB))
+    assert parity.max_abs_diff <= LOGIT_ATOL and parity.argmax_agreement == 1.0
+
+
+def test_multi_token_prediction_layers_are_refused_with_a_reason(tmp_path: Path) -> None:
+    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.runtime.errors import ConfigError
+
+    folder, _ = build(tmp_path / "hf", "deepseek_v3")
+    config = json.loads((folder / "config.json").read_text())
+    config["num_nextn_predict_layers"] = 1
+    (folder / "config.json").write_text(json.dumps(config))
+    bridge = ModelBridge.from_hf_dir(folder)
+    assert bridge.config.value("mtp_num_layers") == 1  # the config converts
+    with pytest.raises(ConfigError, match="multi-token prediction"):
+        bridge.build_model()
