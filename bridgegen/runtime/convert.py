@@ -15,6 +15,7 @@ import torch
 from bridgegen.runtime.bridge import Bridge
 from bridgegen.runtime.config import MegatronConfig
 from bridgegen.runtime.errors import ConfigError, WeightError
+from bridgegen.runtime.fp8 import block_size
 from bridgegen.runtime.safetensors_io import Checkpoint, HFDirWriter, PlannedTensor
 from bridgegen.runtime.weights import LoadStats, WeightMap, iter_hf_from_full, load_into, model_tensors
 
@@ -193,7 +194,13 @@ class ModelBridge:
         checkpoint = Checkpoint.open(folder)
         bar = _progress(progress, sum(1 for _ in model_tensors(model)), "import")
         try:
-            return load_into(self.weight_map(), model, checkpoint, progress=bar.update if bar else None)
+            return load_into(
+                self.weight_map(),
+                model,
+                checkpoint,
+                progress=bar.update if bar else None,
+                fp8_block=block_size(self.config.hf_passthrough),
+            )
         finally:
             if bar:
                 bar.close()
@@ -223,6 +230,7 @@ class ModelBridge:
         safetensors with an index. Atomic: the folder appears only when complete."""
         target = parse_dtype(dtype) or _model_dtype(model)
         hf_config = self.hf_config()
+        hf_config.pop("quantization_config", None)  # the export writes plain (unquantized) tensors
         dtype_name = str(target).removeprefix("torch.")
         # transformers >= 4.56 writes `dtype`, older versions `torch_dtype`; state the truth in both.
         for key in ("dtype", "torch_dtype"):

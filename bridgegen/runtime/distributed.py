@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from bridgegen.runtime.convert import ModelBridge, ensure_model_parallel, parse_dtype
 from bridgegen.runtime.errors import WeightError
+from bridgegen.runtime.fp8 import block_size, scale_name
 from bridgegen.runtime.safetensors_io import (
     INDEX_NAME,
     SINGLE_NAME,
@@ -144,6 +145,7 @@ def load_hf(
     everyone: list[list[str] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, needed)
     wanted = {name for names in everyone for name in names or []}
+    wanted |= {scale_name(name) for name in wanted}  # FP8 scales travel with their weights
     unexpected = [n for n in checkpoint.names() if n not in wanted and not weight_map.ignored(n)]
     if unexpected:
         raise WeightError(
@@ -172,6 +174,7 @@ def load_hf(
             expert_tp_rank=parallel_state.get_expert_tensor_parallel_rank(),
             expert_tp_size=parallel_state.get_expert_tensor_parallel_world_size(),
             check_unused=False,
+            fp8_block=block_size(bridge.config.hf_passthrough),
             progress=bar.update if bar is not None else None,
         )
         total.tensors += stats.tensors
@@ -341,6 +344,7 @@ def _commit(
             )
         )
     hf_config = bridge.hf_config()
+    hf_config.pop("quantization_config", None)  # the export writes plain (unquantized) tensors
     dtype_name = str(dtype).removeprefix("torch.")
     for key in ("dtype", "torch_dtype"):
         if key in hf_config or key == "torch_dtype":

@@ -174,6 +174,16 @@ class Checkpoint:
             self._mmaps[info.file] = mapped
         return buffer[info.start : info.end].view(info.dtype).view(info.shape)
 
+    def source(self, name: str, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+        """Tensor ``name`` ready to convert: a zero-copy view, or for a block-quantized FP8
+        weight (one with a ``_scale_inv`` companion) its dequantized float32 value."""
+        from bridgegen.runtime.fp8 import FP8_DTYPES, dequantize, scale_name
+
+        view = self.view(name)
+        if view.dtype not in FP8_DTYPES or scale_name(name) not in self.tensors:
+            return view
+        return dequantize(view, self.view(scale_name(name)), block, name)
+
     def release(self, name: str) -> None:
         """Drop tensor ``name``'s pages from this process's mapping once it is copied, so the
         checkpoint does not sit in our RSS beside the model (the page cache keeps them)."""
@@ -193,7 +203,8 @@ class Checkpoint:
         """The dtype most of the checkpoint's floating-point bytes are stored in."""
         totals: dict[torch.dtype, int] = {}
         for info in self.tensors.values():
-            if info.dtype.is_floating_point:
+            # FP8 weights are dequantized on import; the model takes the other tensors' dtype.
+            if info.dtype.is_floating_point and info.dtype.itemsize > 1:
                 totals[info.dtype] = totals.get(info.dtype, 0) + info.nbytes
         return max(totals, key=lambda d: totals[d]) if totals else torch.float32
 

@@ -10,6 +10,7 @@ import torch
 
 from bridgegen.runtime.config import MegatronConfig
 from bridgegen.runtime.errors import WeightError
+from bridgegen.runtime.fp8 import scale_name
 from bridgegen.runtime.safetensors_io import Checkpoint
 from bridgegen.runtime.transforms import Layout, load_shard, split_full
 from bridgegen.runtime.weight_rules import WeightKind, WeightRule
@@ -129,6 +130,7 @@ def load_into(
     expert_tp_size: int = 1,
     check_unused: bool = True,
     progress: Callable[[int], object] | None = None,
+    fp8_block: tuple[int, int] = (128, 128),
 ) -> LoadStats:
     """Copy every parameter of ``model`` from ``checkpoint``; each rank reads only its slices."""
     layout = weight_map.layout(tp_rank, tp_size)
@@ -150,6 +152,7 @@ def load_into(
                 )
     if check_unused:
         wanted = {hf for _, _, matched in plan for hf in matched.hf_names()}
+        wanted |= {scale_name(hf) for hf in wanted}  # FP8 scales travel with their weights
         unexpected = [n for n in checkpoint.names() if n not in wanted and not weight_map.ignored(n)]
         if unexpected:
             shown = ", ".join(repr(n) for n in unexpected[:8])
@@ -162,7 +165,7 @@ def load_into(
     with torch.no_grad():
         for name, param, matched in plan:
             hf_names = matched.hf_names()
-            sources = [checkpoint.view(n) for n in hf_names]
+            sources = [checkpoint.source(n, fp8_block) for n in hf_names]
             try:
                 load_shard(
                     matched.rule.kind,
