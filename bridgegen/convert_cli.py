@@ -46,6 +46,8 @@ def import_on_rank(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     bridge = ModelBridge.from_hf_dir(args.hf)
+    if args.drop_mtp:
+        bridge = bridge.without_mtp()
     dtype = parse_dtype(args.dtype) or bridge.default_dtype()
     if Path(args.out).exists() and not args.overwrite:
         raise BridgeError(f"{args.out}: output folder exists; pass --overwrite to replace it")
@@ -192,6 +194,11 @@ def add_conversion_commands(sub: Any) -> None:
         "--dtype", help="parameter dtype: float32 | bfloat16 | float16 (default: the checkpoint's)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--drop-mtp",
+        action="store_true",
+        help="leave out multi-token prediction layers (their tensors are skipped)",
+    )
     _add_layout(p)
     p.set_defaults(func=_dispatch("import"))
 

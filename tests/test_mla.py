@@ -188,3 +188,33 @@ def test_multi_token_prediction_layers_are_refused_with_a_reason(tmp_path: Path)
     assert bridge.config.value("mtp_num_layers") == 1  # the config converts
     with pytest.raises(ConfigError, match="multi-token prediction"):
         bridge.build_model()
+
+
+def test_mtp_layers_can_be_left_out(tmp_path: Path) -> None:
+    """A checkpoint with an MTP layer after its decoder layers (model.layers.3.*) converts
+    without it; the decoder is unaffected."""
+    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.runtime.verify import compare, megatron_logits
+
+    folder, hf = build(tmp_path / "hf", "deepseek_v3")
+    tensors = load_file(folder / "model.safetensors")
+    for name in [n for n in tensors if n.startswith("model.layers.2.")]:
+        tensors[name.replace("model.layers.2.", "model.layers.3.")] = tensors[name].clone()
+    tensors["model.layers.3.eh_proj.weight"] = torch.zeros(64, 128)
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["num_nextn_predict_layers"] = 1
+    (folder / "config.json").write_text(json.dumps(config))
+
+    bridge = ModelBridge.from_hf_dir(folder).without_mtp()
+    model = bridge.build_model(torch.float32)
+    bridge.load_hf_weights(model)
+    tokens = dist_cases.tokens(VOCAB)
+    with torch.no_grad():
+        parity = compare(hf(tokens).logits.float(), megatron_logits(model, tokens, VOCAB))
+    assert parity.max_abs_diff <= LOGIT_ATOL and parity.argmax_agreement == 1.0
+    bridge.export_hf(model, tmp_path / "out")
+    assert not any(n.startswith("model.layers.3.") for n in tensors_of(tmp_path / "out"))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -87,6 +88,7 @@ class ModelBridge:
     bridge: type[Bridge]
     config: MegatronConfig
     hf_dir: Path | None = None
+    drop_mtp: bool = False
 
     @staticmethod
     def from_hf_config(hf_config: dict[str, Any], source: str = "config.json") -> ModelBridge:
@@ -105,7 +107,22 @@ class ModelBridge:
     # ----------------------------------------------------------------- building
 
     def weight_map(self) -> WeightMap:
-        return WeightMap(self.bridge.weight_rules, self.config, self.bridge.hf_ignore)
+        return WeightMap(
+            self.bridge.weight_rules,
+            self.config,
+            self.bridge.hf_ignore,
+            ignore_layers_from=int(self.config.value("num_layers")) if self.drop_mtp else None,
+        )
+
+    def without_mtp(self) -> ModelBridge:
+        """The same model without its multi-token prediction layers: they are not built, their
+        HF tensors (layers numbered from num_layers on) are skipped on import, and an export
+        says num_nextn_predict_layers 0, as it holds none."""
+        values = dict(self.config.values)
+        values["mtp_num_layers"] = None
+        return ModelBridge(
+            self.bridge, dataclasses.replace(self.config, values=values), self.hf_dir, drop_mtp=True
+        )
 
     def default_dtype(self) -> torch.dtype:
         if self.hf_dir is not None:
@@ -130,7 +147,8 @@ class ModelBridge:
         if self.config.values.get("mtp_num_layers"):
             raise ConfigError(
                 f"{self.config.family}: multi-token prediction layers (mtp_num_layers="
-                f"{self.config.values['mtp_num_layers']}) have no weight map yet; config conversion works"
+                f"{self.config.values['mtp_num_layers']}) have no weight map yet; config conversion works, "
+                "and ModelBridge.without_mtp() (--drop-mtp) converts the model without them"
             )
         if pending:
             raise ConfigError(

@@ -47,9 +47,16 @@ class WeightMap:
     """The rules of one bridge that apply to one config, with name matching."""
 
     def __init__(
-        self, rules: Iterable[WeightRule], config: MegatronConfig, hf_ignore: Iterable[str] = ()
+        self,
+        rules: Iterable[WeightRule],
+        config: MegatronConfig,
+        hf_ignore: Iterable[str] = (),
+        ignore_layers_from: int | None = None,
     ) -> None:
         self.config = config
+        # HF layers numbered from here on are skipped (a checkpoint's multi-token prediction
+        # layers follow its decoder layers, e.g. DeepSeek-V3's model.layers.61).
+        self.ignore_layers_from = ignore_layers_from
         self.rules = [rule for rule in rules if rule.applies(config)]
         self.inactive = [rule for rule in rules if not rule.applies(config)]
         self._patterns: list[tuple[re.Pattern[str], WeightRule]] = []
@@ -91,6 +98,10 @@ class WeightMap:
         )
 
     def ignored(self, hf_name: str) -> bool:
+        if self.ignore_layers_from is not None:
+            found = re.search(r"(?:^|\.)layers\.(\d+)\.", hf_name)
+            if found and int(found.group(1)) >= self.ignore_layers_from:
+                return True
         return any(pattern.match(hf_name) for pattern in self._ignore)
 
     def layout(self, tp_rank: int = 0, tp_size: int = 1) -> Layout:
