@@ -13,28 +13,13 @@ from typing import Any
 import dist_cases
 import pytest
 import torch
-from safetensors.torch import load_file
+from checkpoints import assert_bit_exact, tensors_of
 from torch.multiprocessing.spawn import ProcessRaisedException
 
 from bridgegen.runtime.launch import run_on_ranks
 
 VOCAB = 250
 LOGIT_ATOL = 1e-5
-
-
-def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(file))
-    return out
-
-
-def assert_bit_exact(source: Path, exported: Path) -> None:
-    a, b = tensors_of(source), tensors_of(exported)
-    assert sorted(a) == sorted(b)
-    for name in a:
-        assert a[name].dtype == b[name].dtype, name
-        assert torch.equal(a[name], b[name]), name
 
 
 def make_model(folder: Path, tied: bool) -> Path:

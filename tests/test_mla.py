@@ -11,6 +11,7 @@ from typing import Any
 import dist_cases
 import pytest
 import torch
+from checkpoints import tensors_of
 from safetensors.torch import load_file
 
 VOCAB = 250
@@ -104,13 +105,6 @@ def build(folder: Path, name: str, dtype: torch.dtype = torch.float32) -> tuple[
     model.to(dtype).save_pretrained(folder)
     model.train(False)
     return folder, model
-
-
-def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(file))
-    return out
 
 
 def convert(folder: Path, dtype: torch.dtype, out: Path) -> Any:

@@ -9,7 +9,7 @@ from typing import Any
 import dist_cases
 import pytest
 import torch
-from safetensors.torch import load_file
+from checkpoints import assert_bit_exact, tensors_of
 
 from bridgegen.runtime.launch import run_on_ranks
 
@@ -44,20 +44,6 @@ def make_qwen3_moe(folder: Path, dtype: torch.dtype = torch.float32) -> Path:
             layer.mlp.gate.weight.normal_(0.0, 0.5)
     model.to(dtype).save_pretrained(folder)
     return folder
-
-
-def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(file))
-    return out
-
-
-def assert_bit_exact(source: Path, exported: Path) -> None:
-    a, b = tensors_of(source), tensors_of(exported)
-    assert sorted(a) == sorted(b)
-    for name in a:
-        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
 
 
 @pytest.fixture(scope="module")

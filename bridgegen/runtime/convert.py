@@ -234,6 +234,16 @@ class ModelBridge:
     def hf_config(self) -> dict[str, Any]:
         return self.bridge.to_hf_config(self.config)
 
+    def export_config(self, dtype: torch.dtype) -> dict[str, Any]:
+        """The config.json of an export whose tensors are plain ``dtype``."""
+        hf_config = self.hf_config()
+        hf_config.pop("quantization_config", None)  # exports write unquantized tensors
+        # transformers >= 4.56 writes `dtype`, older versions `torch_dtype`; state the truth.
+        for key in ("dtype", "torch_dtype"):
+            if key in hf_config or key == "torch_dtype":
+                hf_config[key] = str(dtype).removeprefix("torch.")
+        return hf_config
+
     def export_hf(
         self,
         model: torch.nn.Module,
@@ -247,13 +257,7 @@ class ModelBridge:
         """Write ``model`` as an HF folder: config, side files from the source, sharded
         safetensors with an index. Atomic: the folder appears only when complete."""
         target = parse_dtype(dtype) or _model_dtype(model)
-        hf_config = self.hf_config()
-        hf_config.pop("quantization_config", None)  # the export writes plain (unquantized) tensors
-        dtype_name = str(target).removeprefix("torch.")
-        # transformers >= 4.56 writes `dtype`, older versions `torch_dtype`; state the truth in both.
-        for key in ("dtype", "torch_dtype"):
-            if key in hf_config or key == "torch_dtype":
-                hf_config[key] = dtype_name
+        hf_config = self.export_config(target)
         tensors = list(model_tensors(model))
         weight_map = self.weight_map()
         # Plan every HF tensor (name, dtype, shape) from meta copies, then stream the real ones.

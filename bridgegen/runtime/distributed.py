@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from bridgegen.runtime.safetensors_io import (
     PlannedFiles,
     PlannedTensor,
     plan_shards,
-    remove_partial_outputs,
+    shared_temp_dir,
 )
 from bridgegen.runtime.transforms import gather_tp_shards, shard_writes, split_full, tp_partition_dim
 from bridgegen.runtime.weights import LoadStats, MatchedTensor, load_into, model_tensors
@@ -267,18 +266,7 @@ def export_hf(
     target_dtype = parse_dtype(dtype) or chunks[0].model.config.params_dtype
     out = Path(out_dir)
     rank = dist.get_rank()
-    holder: list[Any] = [None, None]
-    if rank == 0:
-        if out.exists() and not overwrite:
-            holder[0] = f"{out}: output folder exists; pass overwrite=True (--overwrite) to replace it"
-        else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            remove_partial_outputs(out)  # left by an earlier run whose ranks were killed
-            holder[1] = tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    dist.broadcast_object_list(holder, src=0)
-    if holder[0] is not None:
-        raise WeightError(holder[0])
-    tmp = Path(holder[1])
+    tmp = shared_temp_dir(out, overwrite)
     try:
         tensors = _local_tensors(bridge, chunks)
         everyone: list[Any] = [None] * dist.get_world_size()
@@ -343,12 +331,7 @@ def _commit(
                 {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2
             )
         )
-    hf_config = bridge.hf_config()
-    hf_config.pop("quantization_config", None)  # the export writes plain (unquantized) tensors
-    dtype_name = str(dtype).removeprefix("torch.")
-    for key in ("dtype", "torch_dtype"):
-        if key in hf_config or key == "torch_dtype":
-            hf_config[key] = dtype_name
+    hf_config = bridge.export_config(dtype)
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     if bridge.hf_dir is not None:
         for name in HF_SIDE_FILES:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch.distributed as dist
 
 from bridgegen.runtime.config import MegatronConfig
 from bridgegen.runtime.errors import WeightError
-from bridgegen.runtime.safetensors_io import HF_SIDE_FILES, remove_partial_outputs
+from bridgegen.runtime.safetensors_io import HF_SIDE_FILES, shared_temp_dir
 
 BRIDGE_FILE = "bridgegen.json"
 SIDE_FILES_DIR = "hf_side_files"
@@ -58,18 +57,7 @@ def save_megatron(
     ensure_model_parallel()
     chunks = models if isinstance(models, list) else [models]
     target = Path(out_dir)
-    holder: list[Any] = [None, None]
-    if _rank() == 0:
-        if target.exists() and not overwrite:
-            holder[0] = f"{target}: output folder exists; pass overwrite=True (--overwrite) to replace it"
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            remove_partial_outputs(target)  # left by an earlier run whose ranks were killed
-            holder[1] = tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    dist.broadcast_object_list(holder, src=0)
-    if holder[0] is not None:
-        raise WeightError(holder[0])
-    tmp = Path(holder[1])
+    tmp = shared_temp_dir(target, overwrite)
     try:
         strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
         dist_checkpointing.save(_sharded_state_dict(chunks), str(tmp), sharded_strategy=strategy)

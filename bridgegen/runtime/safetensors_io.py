@@ -242,15 +242,8 @@ def plan_shards(planned: list[PlannedTensor], max_shard_bytes: int) -> list[list
     return shards
 
 
-def write_safetensors(
-    path: Path, entries: list[PlannedTensor], produce: Iterator[tuple[str, torch.Tensor]]
-) -> int:
-    """Write one safetensors file, streaming each tensor from ``produce`` as it comes.
-
-    The header is written first from the plan, then every tensor's bytes straight from its
-    memory: at most one tensor is materialised at a time, and nothing is copied into Python
-    bytes objects.
-    """
+def safetensors_header(entries: list[PlannedTensor]) -> bytes:
+    """A safetensors header (JSON, space-padded to 8 bytes) for tensors stored in this order."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for entry in entries:
@@ -261,7 +254,20 @@ def write_safetensors(
         }
         offset += entry.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
+    return encoded + b" " * (-len(encoded) % 8)
+
+
+def write_safetensors(
+    path: Path, entries: list[PlannedTensor], produce: Iterator[tuple[str, torch.Tensor]]
+) -> int:
+    """Write one safetensors file, streaming each tensor from ``produce`` as it comes.
+
+    The header is written first from the plan, then every tensor's bytes straight from its
+    memory: at most one tensor is materialised at a time, and nothing is copied into Python
+    bytes objects.
+    """
+    encoded = safetensors_header(entries)
+    offset = sum(entry.nbytes for entry in entries)
     with path.open("wb") as handle:
         handle.write(struct.pack("<Q", len(encoded)))
         handle.write(encoded)
@@ -285,17 +291,7 @@ class FilePlan:
     files: dict[str, list[PlannedTensor]]
 
     def header(self, file: str) -> bytes:
-        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for entry in self.files[file]:
-            header[entry.name] = {
-                "dtype": DTYPE_NAMES[entry.dtype],
-                "shape": list(entry.shape),
-                "data_offsets": [offset, offset + entry.nbytes],
-            }
-            offset += entry.nbytes
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        return encoded + b" " * (-len(encoded) % 8)
+        return safetensors_header(self.files[file])
 
     def create(self, folder: Path) -> None:
         """Write every file's header and size it (the data regions are filled in later)."""
@@ -385,6 +381,29 @@ def remove_partial_outputs(out_dir: str | os.PathLike[str]) -> list[str]:
             shutil.rmtree(stale, ignore_errors=True)
             removed.append(stale.name)
     return removed
+
+
+def shared_temp_dir(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:
+    """The temp folder every rank writes ``out_dir``'s content into, beside it: rank 0 checks
+    the target, clears leftovers of killed runs and creates it; all ranks get its path. Every
+    rank raises the same error if the target exists and ``overwrite`` is not set."""
+    import torch.distributed as dist
+
+    target = Path(out_dir)
+    holder: list[str | None] = [None, None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        if target.exists() and not overwrite:
+            holder[0] = f"{target}: output folder exists; pass overwrite=True (--overwrite) to replace it"
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            remove_partial_outputs(target)  # left by an earlier run whose ranks were killed
+            holder[1] = tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    if dist.is_initialized():
+        dist.broadcast_object_list(holder, src=0)
+    if holder[0] is not None:
+        raise WeightError(holder[0])
+    assert holder[1] is not None
+    return Path(holder[1])
 
 
 class HFDirWriter:
