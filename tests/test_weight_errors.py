@@ -195,6 +195,17 @@ def test_wrong_shape(bridge: Any, broken: Path, hf_name: str, shape: tuple[int, 
     load_error(bridge, broken, WeightError, rf"^{re.escape(str(broken))}: {match}")
 
 
+def test_wrong_shape_is_found_before_the_model_is_touched(bridge: Any, broken: Path) -> None:
+    rewrite(broken, lambda t: t.__setitem__("model.norm.weight", torch.zeros(63)))  # the last tensor loaded
+    model = bridge.build_model(dtype="fp32")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.fill_(0.5)
+    with pytest.raises(WeightError, match="model.norm.weight: shape"):
+        bridge.load_hf_weights(model, broken)
+    assert all(bool((p == 0.5).all()) for p in model.parameters())
+
+
 def test_integer_tensor(bridge: Any, broken: Path) -> None:
     rewrite(broken, lambda t: t.__setitem__("model.norm.weight", torch.ones(64, dtype=torch.int32)))
     load_error(

@@ -172,6 +172,22 @@ def load_into(
                 f"{checkpoint.folder}: unexpected tensor(s) {shown}{more}: the {weight_map.config.family} spec maps no "
                 "Megatron tensor to them"
             )
+    # Check every shape first, against meta stand-ins of the parameters: a bad tensor is
+    # reported before anything in the model is overwritten.
+    for name, param, matched in plan:
+        hf_names = matched.hf_names()
+        try:
+            load_shard(
+                matched.rule.kind,
+                torch.empty(param.shape, dtype=param.dtype, device="meta"),
+                [checkpoint.view(n) for n in hf_names],
+                hf_names,
+                layout if matched.expert is None else expert_layout,
+                lambda tensor: tensor,
+                matched.rule.norm_offset,
+            )
+        except WeightError as exc:
+            raise WeightError(f"{checkpoint.folder}: {exc} (loading Megatron {name!r})") from None
     before = checkpoint.bytes_requested
     with torch.no_grad():
         for name, param, matched in plan:
