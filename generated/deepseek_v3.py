@@ -101,7 +101,11 @@ class DeepseekV3Bridge(Bridge):
     )
     extra_fields = ()
     hf_aliases = {}
-    hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
+    hf_ignore = (
+        "model.layers.{layer}.embed_tokens.weight",
+        "model.layers.{layer}.self_attn.rotary_emb.inv_freq",
+        "model.layers.{layer}.shared_head.head.weight",
+    )
     weight_rules = (
         WeightRule(
             megatron_name="decoder.final_layernorm.weight",
@@ -221,6 +225,26 @@ class DeepseekV3Bridge(Bridge):
             megatron_name="embedding.word_embeddings.weight",
             hf_names=("model.embed_tokens.weight",),
             kind=WeightKind.vocab,
+        ),
+        WeightRule(
+            megatron_name="mtp.layers.{layer}.eh_proj.weight",
+            hf_names=("model.layers.{layer}.eh_proj.weight",),
+            kind=WeightKind.column,
+        ),
+        WeightRule(
+            megatron_name="mtp.layers.{layer}.enorm.weight",
+            hf_names=("model.layers.{layer}.enorm.weight",),
+            kind=WeightKind.replicated,
+        ),
+        WeightRule(
+            megatron_name="mtp.layers.{layer}.final_layernorm.weight",
+            hf_names=("model.layers.{layer}.shared_head.norm.weight",),
+            kind=WeightKind.replicated,
+        ),
+        WeightRule(
+            megatron_name="mtp.layers.{layer}.hnorm.weight",
+            hf_names=("model.layers.{layer}.hnorm.weight",),
+            kind=WeightKind.replicated,
         ),
         WeightRule(
             megatron_name="output_layer.weight",

@@ -170,18 +170,55 @@ def test_kimi_k2_model_type_is_served_by_the_deepseek_v3_bridge(tmp_path: Path) 
     assert parity.max_abs_diff <= LOGIT_ATOL and parity.argmax_agreement == 1.0
 
 
-def test_multi_token_prediction_layers_are_refused_with_a_reason(tmp_path: Path) -> None:
-    from bridgegen.runtime.convert import ModelBridge
-    from bridgegen.runtime.errors import ConfigError
+def with_mtp_layer(folder: Path) -> dict[str, torch.Tensor]:
+    """Give a tiny DeepSeek-V3 checkpoint one multi-token prediction layer (layer 3, after the
+    3 decoder layers), laid out as DeepSeek-V3 checkpoints do; returns the source tensors."""
+    from safetensors.torch import save_file
 
-    folder, _ = build(tmp_path / "hf", "deepseek_v3")
+    tensors = load_file(folder / "model.safetensors")
+    generator = torch.Generator().manual_seed(1)
+    for name in [n for n in tensors if n.startswith("model.layers.2.")]:
+        tensors[name.replace("model.layers.2.", "model.layers.3.")] = torch.randn(
+            tensors[name].shape, generator=generator
+        )
+    tensors["model.layers.3.enorm.weight"] = torch.randn(64, generator=generator)
+    tensors["model.layers.3.hnorm.weight"] = torch.randn(64, generator=generator)
+    tensors["model.layers.3.eh_proj.weight"] = torch.randn(64, 128, generator=generator)
+    tensors["model.layers.3.shared_head.norm.weight"] = torch.randn(64, generator=generator)
+    tensors["model.layers.3.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+    tensors["model.layers.3.shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((folder / "config.json").read_text())
     config["num_nextn_predict_layers"] = 1
     (folder / "config.json").write_text(json.dumps(config))
+    return tensors
+
+
+def test_multi_token_prediction_layer_round_trips(tmp_path: Path) -> None:
+    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.runtime.verify import compare, megatron_logits
+
+    folder, hf = build(tmp_path / "hf", "deepseek_v3")
+    source = with_mtp_layer(folder)
     bridge = ModelBridge.from_hf_dir(folder)
-    assert bridge.config.value("mtp_num_layers") == 1  # the config converts
-    with pytest.raises(ConfigError, match="multi-token prediction"):
-        bridge.build_model()
+    assert bridge.config.value("mtp_num_layers") == 1
+    model = bridge.build_model(torch.float32)
+    names = [name for name, _ in model.named_parameters()]
+    assert "mtp.layers.0.eh_proj.weight" in names
+    assert "mtp.layers.0.transformer_layer.self_attention.linear_q_down_proj.weight" in names
+    bridge.load_hf_weights(model)
+    tokens = dist_cases.tokens(VOCAB)
+    with torch.no_grad():  # the MTP layer does not change the main head's logits
+        parity = compare(hf(tokens).logits.float(), megatron_logits(model, tokens, VOCAB))
+    assert parity.max_abs_diff <= LOGIT_ATOL and parity.argmax_agreement == 1.0
+    bridge.export_hf(model, tmp_path / "out")
+    exported = tensors_of(tmp_path / "out")
+    # megatron-core shares the main embedding and head with MTP layers, so their HF copies
+    # are not written back.
+    copies = {"model.layers.3.embed_tokens.weight", "model.layers.3.shared_head.head.weight"}
+    assert sorted(exported) == sorted(set(source) - copies)
+    assert all(torch.equal(exported[k], source[k]) for k in exported)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 1
 
 
 def test_mtp_layers_can_be_left_out(tmp_path: Path) -> None:

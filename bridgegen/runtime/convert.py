@@ -144,12 +144,6 @@ class ModelBridge:
             and value is not None
             and name in _extra_fields(self.bridge)
         )
-        if self.config.values.get("mtp_num_layers"):
-            raise ConfigError(
-                f"{self.config.family}: multi-token prediction layers (mtp_num_layers="
-                f"{self.config.values['mtp_num_layers']}) have no weight map yet; config conversion works, "
-                "and ModelBridge.without_mtp() (--drop-mtp) converts the model without them"
-            )
         if pending:
             raise ConfigError(
                 f"{self.config.family}: the runtime cannot build a model with {', '.join(pending)} yet "
@@ -183,6 +177,12 @@ class ModelBridge:
             from bridgegen.runtime.modules import use_latent_core_attention
 
             use_latent_core_attention(spec)
+        mtp_spec = None
+        if self.config.values.get("mtp_num_layers"):
+            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+            # MTP layers reuse the last decoder layer's spec (the latent attention swap included).
+            mtp_spec = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False, vp_stage=vp_stage)
         model_kwargs = self.config.model_values()
         model: torch.nn.Module = GPTModel(
             config=config,
@@ -196,6 +196,7 @@ class ModelBridge:
                 model_kwargs.pop("share_embeddings_and_output_weights", False)
             ),
             vp_stage=vp_stage,
+            mtp_block_spec=mtp_spec,
             **{k: v for k, v in model_kwargs.items() if k != "vocab_size"},
         )
         return model

@@ -351,6 +351,7 @@ def forward_logits(chunks: list[ModelChunk], input_ids: torch.Tensor, vocab_size
     from megatron.core import parallel_state
 
     from bridgegen.runtime.cpu_support import enable_cpu_execution
+    from bridgegen.runtime.verify import main_head_only
 
     enable_cpu_execution()
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
@@ -368,7 +369,8 @@ def forward_logits(chunks: list[ModelChunk], input_ids: torch.Tensor, vocab_size
                 received = torch.empty(hidden_shape, dtype=config.params_dtype, device=input_ids.device)
                 dist.recv(received, src=parallel_state.get_pipeline_model_parallel_prev_rank())
                 chunk.model.set_input_tensor(received)
-            output = chunk.model(input_ids, positions, attention_mask=None)
+            with main_head_only(chunk.model):
+                output = chunk.model(input_ids, positions, attention_mask=None)
             if not last:
                 dist.send(output.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
     if pp_rank != pp_size - 1 or output is None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -24,6 +27,25 @@ class Parity:
         )
 
 
+@contextlib.contextmanager
+def main_head_only(model: torch.nn.Module) -> Iterator[None]:
+    """Run a model with multi-token prediction layers as a plain language model: megatron-core
+    only runs them to compute their training loss (it needs labels), and they do not change the
+    main head's logits."""
+    target: Any = model
+    config: Any = getattr(model, "config", None)
+    saved = (getattr(target, "mtp_process", False), getattr(config, "mtp_num_layers", None))
+    if not saved[0] and saved[1] is None:
+        yield
+        return
+    target.mtp_process = False
+    config.mtp_num_layers = None
+    try:
+        yield
+    finally:
+        target.mtp_process, config.mtp_num_layers = saved
+
+
 def megatron_logits(model: torch.nn.Module, input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Full-vocab logits of a single-process megatron-core GPTModel (padding trimmed)."""
     from bridgegen.runtime.cpu_support import enable_cpu_execution
@@ -31,7 +53,7 @@ def megatron_logits(model: torch.nn.Module, input_ids: torch.Tensor, vocab_size:
     enable_cpu_execution()
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), main_head_only(model):
         logits = model(input_ids, positions, attention_mask=None)
     trimmed: torch.Tensor = logits[..., :vocab_size].float()
     return trimmed

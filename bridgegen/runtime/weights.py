@@ -85,6 +85,17 @@ class WeightMap:
     def match(self, megatron_name: str, layer_offset: int = 0, expert_offset: int = 0) -> MatchedTensor:
         if self.is_tied_output(megatron_name):
             megatron_name = "embedding.word_embeddings.weight"
+        mtp = re.match(r"^mtp\.layers\.(\d+)\.(.*)$", megatron_name)
+        if mtp:
+            # Multi-token prediction layer m is numbered num_layers + m on the HF side; its
+            # transformer layer maps like a decoder layer of that number.
+            number = int(self.config.value("num_layers")) + int(mtp.group(1))
+            rest = mtp.group(2)
+            if rest.startswith("transformer_layer."):
+                megatron_name = f"decoder.layers.{number}.{rest.removeprefix('transformer_layer.')}"
+            else:
+                megatron_name = f"mtp.layers.{number}.{rest}"
+            layer_offset = 0
         for pattern, rule in self._patterns:
             found = pattern.match(megatron_name)
             if found:
