@@ -242,8 +242,10 @@ def _planned(bridge: ModelBridge, tensors: list[_LocalTensor], dtype: torch.dtyp
         kind = item.matched.rule.kind
         shard = torch.empty(item.tensor.shape, dtype=item.tensor.dtype, device="meta")
         whole = gather_tp_shards(kind, [shard] * item.group_size)
+        experts = int(bridge.config.values.get("num_moe_experts") or 0)
         for hf_name, piece in zip(item.matched.hf_names(), split_full(kind, whole, layout), strict=True):
-            out.append(PlannedTensor(hf_name, dtype, tuple(piece.shape)))
+            shape = (experts, *piece.shape) if item.matched.rule.hf_stacked_experts else tuple(piece.shape)
+            out.append(PlannedTensor(hf_name, dtype, shape))
     return out
 
 
@@ -298,7 +300,7 @@ def export_hf(
                 writes = shard_writes(
                     item.matched.rule.kind,
                     item.tensor.detach(),
-                    [output.target(name) for name in hf_names],
+                    [item.matched.select(output.target(name)) for name in hf_names],
                     hf_names,
                     layout(item.group_rank, item.group_size),
                     item.matched.rule.norm_offset,

@@ -38,6 +38,7 @@ class WeightRule:
     te_megatron_name: str | None = None
     norm_offset: float = 0.0
     when: Callable[[MegatronConfig], bool] | None = None
+    hf_stacked_experts: bool = False  # HF tensors hold all experts stacked on dim 0
 
     def applies(self, config: MegatronConfig) -> bool:
         return self.when is None or self.when(config)

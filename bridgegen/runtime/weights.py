@@ -42,6 +42,10 @@ class MatchedTensor:
             names = tuple(name.replace("{expert}", str(self.expert)) for name in names)
         return names
 
+    def select(self, hf_tensor: torch.Tensor) -> torch.Tensor:
+        """This tensor's part of an HF tensor: its expert of a stacked ``[E, ...]`` tensor."""
+        return hf_tensor[self.expert] if self.rule.hf_stacked_experts else hf_tensor
+
 
 class WeightMap:
     """The rules of one bridge that apply to one config, with name matching."""
@@ -191,7 +195,7 @@ def load_into(
             load_shard(
                 matched.rule.kind,
                 torch.empty(param.shape, dtype=param.dtype, device="meta"),
-                [checkpoint.view(n) for n in hf_names],
+                [matched.select(checkpoint.view(n)) for n in hf_names],
                 hf_names,
                 layout if matched.expert is None else expert_layout,
                 lambda tensor: tensor,
@@ -203,7 +207,7 @@ def load_into(
     with torch.no_grad():
         for name, param, matched in plan:
             hf_names = matched.hf_names()
-            sources = [checkpoint.source(n, fp8_block) for n in hf_names]
+            sources = [matched.select(checkpoint.source(n, fp8_block)) for n in hf_names]
             try:
                 load_shard(
                     matched.rule.kind,
@@ -235,10 +239,24 @@ def iter_hf_from_full(
     expert_offset: int = 0,
     dtype: torch.dtype | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(hf_name, tensor) for whole Megatron tensors (already gathered over TP)."""
+    """(hf_name, tensor) for whole Megatron tensors (already gathered over TP). A stacked HF
+    expert tensor is yielded once all its experts have come by."""
     layout = weight_map.layout()
+    experts = int(weight_map.config.values.get("num_moe_experts") or 0)
+    stacks: dict[str, list[torch.Tensor | None]] = {}
     for name, full in named_full_tensors:
         matched = weight_map.match(name, layer_offset, expert_offset)
         pieces = split_full(matched.rule.kind, full.detach(), layout, matched.rule.norm_offset)
         for hf_name, piece in zip(matched.hf_names(), pieces, strict=True):
-            yield hf_name, piece if dtype is None else piece.to(dtype)
+            piece = piece if dtype is None else piece.to(dtype)
+            if not matched.rule.hf_stacked_experts:
+                yield hf_name, piece
+                continue
+            stack = stacks.setdefault(hf_name, [None] * experts)
+            assert matched.expert is not None
+            stack[matched.expert] = piece
+            if all(part is not None for part in stack):
+                yield hf_name, torch.stack([part for part in stacks.pop(hf_name) if part is not None])
+    if stacks:
+        missing = ", ".join(sorted(stacks))
+        raise WeightError(f"stacked expert tensor(s) {missing}: not every expert is held by this process")

@@ -77,6 +77,11 @@ class WeightSpec(Strict):
         default=None,
         description="expression over Megatron config fields; the tensor exists only where it is true",
     )
+    hf_stacked_experts: StrictBool = Field(
+        default=False,
+        description="the HF tensor(s) hold every expert stacked on dim 0 ([E, ...]); the Megatron tensor is "
+        "expert {expert} of it",
+    )
     norm_offset: StrictFloat | StrictInt = Field(
         default=0.0, description="Megatron value = HF value + norm_offset (for 1 + w norms)"
     )

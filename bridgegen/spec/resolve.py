@@ -53,6 +53,7 @@ class ResolvedWeight:
     kind: WeightKind
     when_python: str | None
     norm_offset: float
+    hf_stacked_experts: bool
 
 
 @dataclass(frozen=True)
@@ -445,8 +446,11 @@ def _resolve_one(
         templates = [(name, "hf") for name in hf_names]
         if weight.te_megatron:
             templates.append((weight.te_megatron, "te_megatron"))
+        if weight.hf_stacked_experts and "expert" not in placeholders:
+            errors.append(origin.error(f"hf_stacked_experts needs {{expert}} in {megatron_name!r}", ("hf_stacked_experts",)))
         for template, key in templates:
-            if set(PLACEHOLDER.findall(template)) != placeholders:
+            wanted = placeholders - {"expert"} if weight.hf_stacked_experts and key == "hf" else placeholders
+            if set(PLACEHOLDER.findall(template)) != wanted:
                 errors.append(
                     origin.error(f"{template!r} must use the same placeholders as {megatron_name!r}", (key,))
                 )
@@ -461,7 +465,13 @@ def _resolve_one(
                 errors.append(origin.error(str(exc), ("when",)))
         weights.append(
             ResolvedWeight(
-                megatron_name, weight.te_megatron, hf_names, weight.kind, when_python, weight.norm_offset
+                megatron_name,
+                weight.te_megatron,
+                hf_names,
+                weight.kind,
+                when_python,
+                weight.norm_offset,
+                weight.hf_stacked_experts,
             )
         )
     seen_hf: dict[str, str] = {}
