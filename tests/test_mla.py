@@ -249,3 +249,19 @@ def test_mtp_layers_can_be_left_out(tmp_path: Path) -> None:
     bridge.export_hf(model, tmp_path / "out")
     assert not any(n.startswith("model.layers.3.") for n in tensors_of(tmp_path / "out"))
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 0
+
+
+def test_deepseek_v3_at_expert_parallel_2(tmp_path: Path) -> None:
+    """Routed experts split over two EP ranks, shared experts and the expert bias replicated."""
+    from checkpoints import assert_bit_exact
+
+    from bridgegen.runtime.launch import run_on_ranks
+
+    folder, hf = build(tmp_path / "hf", "deepseek_v3")
+    with torch.no_grad():
+        reference = hf(dist_cases.tokens(VOCAB)).logits.float()
+    results = run_on_ranks(dist_cases.convert, 2, str(folder), str(tmp_path / "out"), {"ep": 2})
+    for found in (r["logits"] for r in results if r["logits"] is not None):
+        assert (found - reference).abs().max().item() <= LOGIT_ATOL
+        assert torch.equal(found.argmax(-1), reference.argmax(-1))
+    assert_bit_exact(folder, tmp_path / "out")
