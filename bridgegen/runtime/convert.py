@@ -30,7 +30,7 @@ DTYPE_NAMES: dict[str, torch.dtype] = {
 }
 # Megatron-side fields the runtime implements; any other extra field with a value is refused
 # at model build, so no quirk is silently dropped.
-IMPLEMENTED_EXTRA_FIELDS: frozenset[str] = frozenset()
+IMPLEMENTED_EXTRA_FIELDS: frozenset[str] = frozenset({"embedding_scale"})
 
 
 def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
@@ -177,6 +177,10 @@ class ModelBridge:
             from bridgegen.runtime.modules import use_latent_core_attention
 
             use_latent_core_attention(spec)
+        if config.layernorm_zero_centered_gamma:
+            from bridgegen.runtime.modules import use_zero_centered_norms
+
+            use_zero_centered_norms(spec)
         mtp_spec = None
         if self.config.values.get("mtp_num_layers"):
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
@@ -199,6 +203,10 @@ class ModelBridge:
             mtp_block_spec=mtp_spec,
             **{k: v for k, v in model_kwargs.items() if k != "vocab_size"},
         )
+        if self.config.values.get("embedding_scale") is not None:
+            from bridgegen.runtime.modules import scale_embeddings
+
+            scale_embeddings(model, float(self.config.values["embedding_scale"]))
         return model
 
     # ----------------------------------------------------------------- weights

@@ -78,3 +78,50 @@ def use_latent_core_attention(block_spec: Any) -> None:
         submodules = getattr(attention, "submodules", None)
         if submodules is not None and hasattr(submodules, "linear_kv_down_proj"):
             submodules.core_attention = LatentCoreAttention
+
+
+class ZeroCenteredRMSNorm(torch.nn.Module):
+    """RMSNorm whose weight ``w`` scales by ``1 + w`` (megatron-core's zero-centred gamma),
+    computed in fp32 like Gemma's, for the plain spec (whose torch norm refuses the option).
+    Holding ``w`` as HF stores it keeps checkpoints bit-exact in every dtype."""
+
+    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-6, **unused: Any) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.empty(hidden_size, dtype=config.params_dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + self.weight.float())).type_as(x)
+
+
+def use_zero_centered_norms(block_spec: Any) -> None:
+    """Every RMSNorm of the block (layer norms, q/k norms, final norm) as ZeroCenteredRMSNorm."""
+    norm_slots = ("input_layernorm", "pre_mlp_layernorm")
+    for layer_spec in block_spec.layer_specs:
+        for slot in norm_slots:
+            if _is_norm(getattr(layer_spec.submodules, slot, None)):
+                setattr(layer_spec.submodules, slot, ZeroCenteredRMSNorm)
+        attention = getattr(getattr(layer_spec.submodules, "self_attention", None), "submodules", None)
+        for slot in ("q_layernorm", "k_layernorm"):
+            if attention is not None and _is_norm(getattr(attention, slot, None)):
+                setattr(attention, slot, ZeroCenteredRMSNorm)
+    block_spec.layer_norm = ZeroCenteredRMSNorm
+
+
+def _is_norm(module: Any) -> bool:
+    name = getattr(module, "__name__", "") or getattr(getattr(module, "module", None), "__name__", "")
+    return "Norm" in name
+
+
+def scale_embeddings(model: torch.nn.Module, scale: float) -> None:
+    """Multiply the embedding output by ``scale`` (Gemma's sqrt(hidden_size)), in the
+    activations' dtype as HF does."""
+    embedding = getattr(model, "embedding", None)
+    if embedding is None:
+        return
+
+    def hook(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        return output * torch.tensor(scale, dtype=output.dtype)
+
+    embedding.register_forward_hook(hook)

@@ -447,7 +447,11 @@ def _resolve_one(
         if weight.te_megatron:
             templates.append((weight.te_megatron, "te_megatron"))
         if weight.hf_stacked_experts and "expert" not in placeholders:
-            errors.append(origin.error(f"hf_stacked_experts needs {{expert}} in {megatron_name!r}", ("hf_stacked_experts",)))
+            errors.append(
+                origin.error(
+                    f"hf_stacked_experts needs {{expert}} in {megatron_name!r}", ("hf_stacked_experts",)
+                )
+            )
         for template, key in templates:
             wanted = placeholders - {"expert"} if weight.hf_stacked_experts and key == "hf" else placeholders
             if set(PLACEHOLDER.findall(template)) != wanted:
