@@ -57,7 +57,12 @@ class Gemma2Bridge(Bridge):
         "tie_word_embeddings",
         "vocab_size",
     )
-    extra_fields = ("attn_logit_softcapping", "embedding_scale", "final_logit_softcapping")
+    extra_fields = (
+        "attn_logit_softcapping",
+        "embedding_scale",
+        "final_logit_softcapping",
+        "post_layer_norms",
+    )
     hf_aliases = {}
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
     weight_rules = (
@@ -81,6 +86,22 @@ class Gemma2Bridge(Bridge):
             megatron_name="decoder.layers.{layer}.mlp.linear_fc2.weight",
             hf_names=("model.layers.{layer}.mlp.down_proj.weight",),
             kind=WeightKind.row,
+        ),
+        WeightRule(
+            megatron_name="decoder.layers.{layer}.post_mlp_layernorm.weight",
+            hf_names=("model.layers.{layer}.post_feedforward_layernorm.weight",),
+            kind=WeightKind.replicated,
+        ),
+        WeightRule(
+            megatron_name="decoder.layers.{layer}.post_self_attn_layernorm.weight",
+            hf_names=("model.layers.{layer}.post_attention_layernorm.weight",),
+            kind=WeightKind.replicated,
+        ),
+        WeightRule(
+            megatron_name="decoder.layers.{layer}.pre_mlp_layernorm.weight",
+            hf_names=("model.layers.{layer}.pre_feedforward_layernorm.weight",),
+            kind=WeightKind.replicated,
+            te_megatron_name="decoder.layers.{layer}.mlp.linear_fc1.layer_norm_weight",
         ),
         WeightRule(
             megatron_name="decoder.layers.{layer}.self_attention.linear_proj.weight",
@@ -149,6 +170,7 @@ class Gemma2Bridge(Bridge):
             if hf_num_key_value_heads is None
             else hf_num_key_value_heads,
             "position_embedding_type": "rope",
+            "post_layer_norms": True,
             "rotary_base": hf_rope_theta,
             "share_embeddings_and_output_weights": hf_tie_word_embeddings,
             "softmax_scale": None if hf_query_pre_attn_scalar is None else hf_query_pre_attn_scalar ** (-0.5),

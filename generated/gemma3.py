@@ -63,6 +63,7 @@ class Gemma3Bridge(Bridge):
         "attn_logit_softcapping",
         "embedding_scale",
         "final_logit_softcapping",
+        "post_layer_norms",
         "rotary_base_local",
     )
     hf_aliases = {}
@@ -90,6 +91,27 @@ class Gemma3Bridge(Bridge):
             kind=WeightKind.row,
         ),
         WeightRule(
+            megatron_name="decoder.layers.{layer}.post_mlp_layernorm.weight",
+            hf_names=("model.layers.{layer}.post_feedforward_layernorm.weight",),
+            kind=WeightKind.replicated,
+        ),
+        WeightRule(
+            megatron_name="decoder.layers.{layer}.post_self_attn_layernorm.weight",
+            hf_names=("model.layers.{layer}.post_attention_layernorm.weight",),
+            kind=WeightKind.replicated,
+        ),
+        WeightRule(
+            megatron_name="decoder.layers.{layer}.pre_mlp_layernorm.weight",
+            hf_names=("model.layers.{layer}.pre_feedforward_layernorm.weight",),
+            kind=WeightKind.replicated,
+            te_megatron_name="decoder.layers.{layer}.mlp.linear_fc1.layer_norm_weight",
+        ),
+        WeightRule(
+            megatron_name="decoder.layers.{layer}.self_attention.k_layernorm.weight",
+            hf_names=("model.layers.{layer}.self_attn.k_norm.weight",),
+            kind=WeightKind.replicated,
+        ),
+        WeightRule(
             megatron_name="decoder.layers.{layer}.self_attention.linear_proj.weight",
             hf_names=("model.layers.{layer}.self_attn.o_proj.weight",),
             kind=WeightKind.row,
@@ -102,6 +124,11 @@ class Gemma3Bridge(Bridge):
                 "model.layers.{layer}.self_attn.v_proj.weight",
             ),
             kind=WeightKind.qkv,
+        ),
+        WeightRule(
+            megatron_name="decoder.layers.{layer}.self_attention.q_layernorm.weight",
+            hf_names=("model.layers.{layer}.self_attn.q_norm.weight",),
+            kind=WeightKind.replicated,
         ),
         WeightRule(
             megatron_name="embedding.word_embeddings.weight",
@@ -158,6 +185,7 @@ class Gemma3Bridge(Bridge):
             if hf_num_key_value_heads is None
             else hf_num_key_value_heads,
             "position_embedding_type": "rope",
+            "post_layer_norms": True,
             "qk_layernorm": True,
             "rotary_base": hf_rope_theta,
             "rotary_base_local": hf_rope_local_base_freq,

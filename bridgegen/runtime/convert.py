@@ -30,7 +30,15 @@ DTYPE_NAMES: dict[str, torch.dtype] = {
 }
 # Megatron-side fields the runtime implements; any other extra field with a value is refused
 # at model build, so no quirk is silently dropped.
-IMPLEMENTED_EXTRA_FIELDS: frozenset[str] = frozenset({"embedding_scale"})
+IMPLEMENTED_EXTRA_FIELDS: frozenset[str] = frozenset(
+    {
+        "embedding_scale",
+        "attn_logit_softcapping",
+        "final_logit_softcapping",
+        "post_layer_norms",
+        "rotary_base_local",
+    }
+)
 
 
 def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
@@ -144,6 +152,11 @@ class ModelBridge:
             and value is not None
             and name in _extra_fields(self.bridge)
         )
+        if self.config.hf_architecture in self.bridge.nested_configs:
+            raise ConfigError(
+                f"{self.config.family}: weights of {self.config.hf_architecture} checkpoints (a language model "
+                "inside a multimodal one) are not mapped yet; config conversion works"
+            )
         if pending:
             raise ConfigError(
                 f"{self.config.family}: the runtime cannot build a model with {', '.join(pending)} yet "
@@ -177,10 +190,13 @@ class ModelBridge:
             from bridgegen.runtime.modules import use_latent_core_attention
 
             use_latent_core_attention(spec)
-        if config.layernorm_zero_centered_gamma:
-            from bridgegen.runtime.modules import use_zero_centered_norms
+        from bridgegen.runtime import modules
 
-            use_zero_centered_norms(spec)
+        values = self.config.values
+        if config.layernorm_zero_centered_gamma:
+            modules.use_zero_centered_norms(spec)
+        if values.get("attn_logit_softcapping") is not None:
+            modules.use_softcapped_attention(spec, float(values["attn_logit_softcapping"]))
         mtp_spec = None
         if self.config.values.get("mtp_num_layers"):
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
@@ -203,10 +219,14 @@ class ModelBridge:
             mtp_block_spec=mtp_spec,
             **{k: v for k, v in model_kwargs.items() if k != "vocab_size"},
         )
-        if self.config.values.get("embedding_scale") is not None:
-            from bridgegen.runtime.modules import scale_embeddings
-
-            scale_embeddings(model, float(self.config.values["embedding_scale"]))
+        if values.get("embedding_scale") is not None:
+            modules.scale_embeddings(model, float(values["embedding_scale"]))
+        if values.get("final_logit_softcapping") is not None:
+            modules.softcap_final_logits(model, float(values["final_logit_softcapping"]))
+        if values.get("post_layer_norms"):
+            modules.add_post_layer_norms(model)
+        if values.get("rotary_base_local") is not None:
+            modules.use_local_rope_base(model, float(values["rotary_base_local"]))
         return model
 
     # ----------------------------------------------------------------- weights

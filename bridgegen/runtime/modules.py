@@ -125,3 +125,106 @@ def scale_embeddings(model: torch.nn.Module, scale: float) -> None:
         return output * torch.tensor(scale, dtype=output.dtype)
 
     embedding.register_forward_hook(hook)
+
+
+class _Softcapped(torch.nn.Module):
+    """Wraps megatron-core's masked softmax: cap the scores first."""
+
+    def __init__(self, softmax: torch.nn.Module, cap: float) -> None:
+        super().__init__()
+        self.softmax = softmax
+        self.cap = cap
+
+    def forward(self, scores: torch.Tensor, *rest: Any) -> torch.Tensor:
+        capped: torch.Tensor = self.softmax(torch.tanh(scores / self.cap) * self.cap, *rest)
+        return capped
+
+
+def softcapped_attention(cap: float) -> type[torch.nn.Module]:
+    """megatron-core's plain DotProductAttention with attention-logit softcapping (Gemma 2):
+    scores become ``cap * tanh(scores / cap)`` after scaling, before the mask and softmax."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class SoftcappedDotProductAttention(DotProductAttention):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.scale_mask_softmax = _Softcapped(self.scale_mask_softmax, cap)  # type: ignore[has-type]
+
+    return SoftcappedDotProductAttention
+
+
+def use_softcapped_attention(block_spec: Any, cap: float) -> None:
+    attention_class = softcapped_attention(cap)
+    for layer_spec in block_spec.layer_specs:
+        submodules = getattr(getattr(layer_spec.submodules, "self_attention", None), "submodules", None)
+        if submodules is not None and hasattr(submodules, "core_attention"):
+            submodules.core_attention = attention_class
+
+
+def _capped_output(cap: float) -> Any:
+    def hook(module: torch.nn.Module, inputs: Any, output: Any) -> Any:
+        logits, bias = output
+        return torch.tanh(logits / cap) * cap, bias
+
+    return hook
+
+
+def softcap_final_logits(model: torch.nn.Module, cap: float) -> None:
+    """Gemma 2's final-logit softcapping on the output layer."""
+    output_layer = getattr(model, "output_layer", None)
+    if output_layer is not None:
+        output_layer.register_forward_hook(_capped_output(cap))
+
+
+def _normed_output(norm: torch.nn.Module) -> Any:
+    def hook(module: torch.nn.Module, inputs: Any, output: Any) -> Any:
+        hidden, bias = output
+        if bias is not None:
+            hidden = hidden + bias
+        return norm(hidden), None
+
+    return hook
+
+
+def add_post_layer_norms(model: torch.nn.Module) -> None:
+    """Gemma 2 / 3 norm the attention and MLP outputs before the residual add: each layer gets
+    ``post_self_attn_layernorm`` and ``post_mlp_layernorm`` (zero-centred RMSNorms)."""
+    decoder = getattr(model, "decoder", None)
+    for layer in getattr(decoder, "layers", []):
+        config = layer.config
+        layer.post_self_attn_layernorm = ZeroCenteredRMSNorm(
+            config, config.hidden_size, config.layernorm_epsilon
+        )
+        layer.post_mlp_layernorm = ZeroCenteredRMSNorm(config, config.hidden_size, config.layernorm_epsilon)
+        layer.self_attention.register_forward_hook(_normed_output(layer.post_self_attn_layernorm))
+        layer.mlp.register_forward_hook(_normed_output(layer.post_mlp_layernorm))
+
+
+def use_local_rope_base(model: torch.nn.Module, local_base: float) -> None:
+    """Gemma 3: layers with a sliding window rotate with their own RoPE base (no scaling);
+    global layers keep the model's rotary embedding."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.transformer.utils import is_layer_window_attention
+
+    decoder = getattr(model, "decoder", None)
+    layers = list(getattr(decoder, "layers", []))
+    if not layers:
+        return
+    config = layers[0].config
+    local = RotaryEmbedding(
+        kv_channels=config.kv_channels,
+        rotary_percent=1.0,
+        rotary_base=local_base,
+        use_cpu_initialization=config.use_cpu_initialization,
+    )
+    model.local_rotary_pos_emb = local
+
+    def hook(module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> Any:
+        rope = kwargs.get("rotary_pos_emb")
+        if rope is not None:
+            kwargs["rotary_pos_emb"] = local(rope.shape[0]).to(rope.device)
+        return args, kwargs
+
+    for layer in layers:
+        if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer.layer_number):
+            layer.register_forward_pre_hook(hook, with_kwargs=True)
