@@ -217,10 +217,14 @@ def test_rope_scaling_missing_parameters() -> None:
 
 
 def test_rope_type_without_megatron_equivalent(megatron_transformer_config: Callable[..., Any]) -> None:
-    config = llama_3_1_8b() | {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}
-    megatron = LlamaBridge.to_megatron_config(config)  # the HF side is valid
-    with raises_exactly(ConfigError, "llama: RoPE type 'dynamic' has no megatron-core equivalent yet"):
-        megatron_transformer_config(megatron)
+    import dataclasses
+
+    from bridgegen.runtime.rope import RopeScaling
+
+    megatron = LlamaBridge.to_megatron_config(llama_3_1_8b())
+    longrope = RopeScaling("longrope", {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0]})
+    with raises_exactly(ConfigError, "llama: RoPE type 'longrope' has no megatron-core equivalent yet"):
+        megatron_transformer_config(dataclasses.replace(megatron, rope=longrope))
 
 
 def test_rope_errors_name_the_source_file() -> None:

@@ -813,11 +813,17 @@ def test_transformers5_shape_converts_like_classic(name: str) -> None:
 def test_llama3_rope_with_other_parameters_is_not_silently_converted(
     megatron_transformer_config: Callable[..., Any],
 ) -> None:
+    """megatron-core fixes llama3's other parameters; other values go to the runtime's rotary
+    frequencies instead of megatron-core's rope_scaling (parity in tests/test_rope.py)."""
     source = reference_config("Llama-3.1-8B")
     source["rope_scaling"] = dict(source["rope_scaling"], low_freq_factor=2.0)
-    with pytest.raises(ConfigError):
-        _, m = convert(source)
-        megatron_transformer_config(m)
+    _, m = convert(source)
+    assert m.rope.needs_runtime_rope()
+    assert "rope_scaling" not in m.model_values()
+    megatron_transformer_config(m)
+    _, classic = convert(reference_config("Llama-3.1-8B"))
+    assert not classic.rope.needs_runtime_rope()
+    assert classic.model_values()["rope_scaling"] is True
 
 
 def test_deepseek_v2_group_limited_greedy_is_not_silently_converted(

@@ -225,6 +225,13 @@ class ModelBridge:
             modules.softcap_final_logits(model, float(values["final_logit_softcapping"]))
         if values.get("post_layer_norms"):
             modules.add_post_layer_norms(model)
+        if self.config.rope.needs_runtime_rope():
+            modules.use_hf_rope(
+                model,
+                self.config.rope,
+                float(values.get("rotary_base", 10000.0)),
+                int(values["max_sequence_length"]),
+            )
         if values.get("rotary_base_local") is not None:
             modules.use_local_rope_base(model, float(values["rotary_base_local"]))
         return model

@@ -228,3 +228,33 @@ def use_local_rope_base(model: torch.nn.Module, local_base: float) -> None:
     for layer in layers:
         if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer.layer_number):
             layer.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def use_hf_rope(model: torch.nn.Module, rope: Any, base: float, max_positions: int) -> None:
+    """RoPE scalings megatron-core's rotary embedding cannot express, computed as HF does:
+    llama3 with any parameters (fixed frequencies), and dynamic NTK (the base grows with the
+    sequence once it passes ``max_positions``)."""
+    rotary = getattr(model, "rotary_pos_emb", None)
+    if rotary is None:
+        return
+    unscaled = rotary.inv_freq.clone()
+    dim = 2 * unscaled.numel()
+    if rope.rope_type == "llama3":
+        rotary.inv_freq = rotary._apply_scaling(
+            unscaled,
+            factor=float(rope.param("factor")),
+            low_freq_factor=float(rope.param("low_freq_factor")),
+            high_freq_factor=float(rope.param("high_freq_factor")),
+            original_max_position_embeddings=int(rope.param("original_max_position_embeddings")),
+        )
+    elif rope.rope_type == "dynamic":
+        factor = float(rope.param("factor"))
+        original = int(rope.param("original_max_position_embeddings", max_positions))
+
+        def hook(module: torch.nn.Module, args: Any) -> None:
+            seq_len = max(int(args[0]), original)
+            grown = base * ((factor * seq_len / original) - (factor - 1)) ** (dim / (dim - 2))
+            exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+            module.inv_freq = (1.0 / grown**exponents).to(unscaled.device)
+
+        rotary.register_forward_pre_hook(hook)

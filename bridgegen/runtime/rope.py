@@ -48,17 +48,11 @@ class RopeScaling:
         if self.rope_type == "linear":
             return {"seq_len_interpolation_factor": float(self.param("factor"))}
         if self.rope_type == "llama3":
-            if any(float(self.param(k)) != v for k, v in MEGATRON_LLAMA3_CONSTANTS.items()):
-                # megatron-core fixes these three; other values need the runtime's own rotary embedding.
-                return {
-                    "unsupported_rope_type": "llama3 with "
-                    + ", ".join(
-                        f"{k}={self.param(k)}"
-                        for k, v in MEGATRON_LLAMA3_CONSTANTS.items()
-                        if float(self.param(k)) != v
-                    )
-                }
+            if self.needs_runtime_rope():
+                return {}  # the model builder sets the scaled frequencies itself
             return {"rope_scaling": True, "rope_scaling_factor": float(self.param("factor"))}
+        if self.rope_type == "dynamic":
+            return {}  # dynamic NTK scaling is applied by the runtime's rotary hook
         if self.rope_type == "yarn":
             return {
                 "position_embedding_type": "yarn",
@@ -71,6 +65,15 @@ class RopeScaling:
                 "yarn_correction_range_round_to_int": True,
             }
         return {"unsupported_rope_type": self.rope_type}
+
+    def needs_runtime_rope(self) -> bool:
+        """Scalings megatron-core's rotary embedding cannot express: dynamic NTK, and llama3
+        with parameters other than megatron-core's fixed ones."""
+        if self.rope_type == "dynamic":
+            return True
+        return self.rope_type == "llama3" and any(
+            float(self.param(k)) != v for k, v in MEGATRON_LLAMA3_CONSTANTS.items()
+        )
 
     def megatron_mla_settings(self) -> dict[str, Any]:
         """MLATransformerConfig fields for this scaling (multi-latent attention models)."""
