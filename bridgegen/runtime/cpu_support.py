@@ -8,9 +8,6 @@ running them does.
 
 from __future__ import annotations
 
-import functools
-from typing import Any
-
 import torch
 
 _STATE = {"installed": False}
@@ -51,14 +48,3 @@ def enable_cpu_execution() -> None:
     # The default RNG tracker forks CUDA generators; the inference tracker does not.
     tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     _STATE["installed"] = True
-
-
-def cpu_friendly(function: Any) -> Any:
-    """Decorator: call ``enable_cpu_execution`` before ``function``."""
-
-    @functools.wraps(function)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        enable_cpu_execution()
-        return function(*args, **kwargs)
-
-    return wrapper

@@ -323,7 +323,7 @@ def _commit(
 ) -> None:
     import json
 
-    from bridgegen.runtime.safetensors_io import HF_SIDE_FILES
+    from bridgegen.runtime.safetensors_io import copy_side_files
 
     if len(plan.files) > 1:
         weight_map = {entry.name: file for file, entries in plan.files.items() for entry in entries}
@@ -335,10 +335,7 @@ def _commit(
         )
     hf_config = bridge.export_config(dtype)
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    if bridge.hf_dir is not None:
-        for name in HF_SIDE_FILES:
-            if (bridge.hf_dir / name).is_file():
-                shutil.copy2(bridge.hf_dir / name, tmp / name)
+    copy_side_files(bridge.hf_dir, tmp)
     if out.exists() and overwrite:
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from bridgegen.runtime.config import MegatronConfig
 from bridgegen.runtime.errors import WeightError
-from bridgegen.runtime.safetensors_io import HF_SIDE_FILES, shared_temp_dir
+from bridgegen.runtime.safetensors_io import copy_side_files, shared_temp_dir
 
 BRIDGE_FILE = "bridgegen.json"
 SIDE_FILES_DIR = "hf_side_files"
@@ -69,9 +69,7 @@ def save_megatron(
             (tmp / BRIDGE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
             if hf_source is not None:
                 (tmp / SIDE_FILES_DIR).mkdir()
-                for name in HF_SIDE_FILES:
-                    if (Path(hf_source) / name).is_file():
-                        shutil.copy2(Path(hf_source) / name, tmp / SIDE_FILES_DIR / name)
+                copy_side_files(hf_source, tmp / SIDE_FILES_DIR)
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)

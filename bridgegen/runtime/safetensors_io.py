@@ -383,6 +383,20 @@ def remove_partial_outputs(out_dir: str | os.PathLike[str]) -> list[str]:
     return removed
 
 
+def copy_side_files(source: str | os.PathLike[str] | None, target: Path) -> list[str]:
+    """Copy the tokenizer / generation config files an HF folder has into ``target``."""
+    if source is None:
+        return []
+    copied = []
+    for name in HF_SIDE_FILES:
+        path = Path(source) / name
+        if path.is_file():
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target / name)
+            copied.append(name)
+    return copied
+
+
 def shared_temp_dir(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:
     """The temp folder every rank writes ``out_dir``'s content into, beside it: rank 0 checks
     the target, clears leftovers of killed runs and creates it; all ranks get its path. Every
@@ -451,16 +465,7 @@ class HFDirWriter:
         (self.tmp / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     def copy_side_files(self, source: str | os.PathLike[str] | None) -> list[str]:
-        """Copy tokenizer / generation config files from an HF source folder."""
-        if source is None:
-            return []
-        copied = []
-        for name in HF_SIDE_FILES:
-            path = Path(source) / name
-            if path.is_file():
-                shutil.copy2(path, self.tmp / name)
-                copied.append(name)
-        return copied
+        return copy_side_files(source, self.tmp)
 
     def commit(self) -> None:
         count = len(self._shards)
@@ -485,10 +490,3 @@ class HFDirWriter:
                 shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(self.tmp, self.out_dir)
-
-
-def iter_checkpoint(folder: str | os.PathLike[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, view) for every tensor of an HF checkpoint folder, sorted by name."""
-    checkpoint = Checkpoint.open(folder)
-    for name in checkpoint.names():
-        yield name, checkpoint.view(name)
