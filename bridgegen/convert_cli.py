@@ -59,7 +59,7 @@ def import_on_rank(args: argparse.Namespace) -> None:
     _say(f"rank 0 read {stats.bytes_requested / 2**20:.1f} MiB for {stats.tensors} tensors")
     save_megatron(
         [c.model for c in chunks],
-        bridge.config,
+        bridge,
         args.out,
         dtype=dtype,
         hf_source=args.hf,
@@ -69,18 +69,11 @@ def import_on_rank(args: argparse.Namespace) -> None:
 
 
 def export_on_rank(args: argparse.Namespace) -> None:
-    from bridgegen.generated import BRIDGES
-    from bridgegen.runtime.convert import ModelBridge
     from bridgegen.runtime.distributed import build_chunks, export_hf
-    from bridgegen.runtime.megatron_checkpoint import SIDE_FILES_DIR, load_megatron, read_record
+    from bridgegen.runtime.megatron_checkpoint import bridge_for_checkpoint, load_megatron
 
     start = time.perf_counter()
-    config, saved_dtype = read_record(args.megatron)
-    bridge_cls = next((b for b in BRIDGES if b.family == config.family), None)
-    if bridge_cls is None:
-        raise BridgeError(f"{args.megatron}: family {config.family!r} has no bridge in this version")
-    side = Path(args.megatron) / SIDE_FILES_DIR
-    bridge = ModelBridge(bridge_cls, config, side if side.is_dir() else None)
+    bridge, saved_dtype = bridge_for_checkpoint(args.megatron)
     chunks = build_chunks(bridge, _layout(args), saved_dtype)
     load_megatron([c.model for c in chunks], args.megatron)
     export_hf(

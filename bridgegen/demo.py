@@ -56,7 +56,7 @@ def main() -> int:
     bridge = ModelBridge.from_hf_dir(hf_dir)
     model = bridge.build_model(torch.float32)
     stats = bridge.load_hf_weights(model)
-    save_megatron(model, bridge.config, megatron_dir, dtype=torch.float32, hf_source=hf_dir)
+    save_megatron(model, bridge, megatron_dir, dtype=torch.float32, hf_source=hf_dir)
     steps.append(("import HF -> Megatron", f"{stats.tensors} tensors, {time.perf_counter() - start:.1f} s"))
 
     parity = hf_vs_megatron(str(hf_dir), model, bridge.config.vocab_size, seq_len=64)

@@ -48,7 +48,7 @@ class DeepseekV2Bridge(Bridge):
     source_spec = "specs/deepseek_v2.yaml"
     architectures = ("DeepseekV2ForCausalLM",)
     model_types = ("deepseek_v2",)
-    nested_configs = {}
+    wrappers = {}
     megatron_model = "mla"
     activation_field = "hidden_act"
     activation_default = None

@@ -48,7 +48,7 @@ class DeepseekV3Bridge(Bridge):
     source_spec = "specs/deepseek_v3.yaml"
     architectures = ("DeepseekV3ForCausalLM",)
     model_types = ("deepseek_v3", "kimi_k2")
-    nested_configs = {}
+    wrappers = {}
     megatron_model = "mla"
     activation_field = "hidden_act"
     activation_default = None

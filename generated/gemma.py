@@ -20,7 +20,7 @@ class GemmaBridge(Bridge):
     source_spec = "specs/gemma.yaml"
     architectures = ("GemmaForCausalLM",)
     model_types = ("gemma",)
-    nested_configs = {}
+    wrappers = {}
     megatron_model = "gpt"
     activation_field = "hidden_activation"
     activation_default = "gelu_pytorch_tanh"

@@ -20,7 +20,7 @@ class Gemma2Bridge(Bridge):
     source_spec = "specs/gemma2.yaml"
     architectures = ("Gemma2ForCausalLM",)
     model_types = ("gemma2",)
-    nested_configs = {}
+    wrappers = {}
     megatron_model = "gpt"
     activation_field = "hidden_activation"
     activation_default = "gelu_pytorch_tanh"

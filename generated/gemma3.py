@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from bridgegen.runtime import helpers  # noqa: F401
-from bridgegen.runtime.bridge import Bridge
+from bridgegen.runtime.bridge import Bridge, Wrapper
 from bridgegen.runtime.config import HFConfigReader, MegatronConfig
 from bridgegen.runtime.weight_rules import WeightKind, WeightRule
 
@@ -20,7 +20,13 @@ class Gemma3Bridge(Bridge):
     source_spec = "specs/gemma3.yaml"
     architectures = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
     model_types = ("gemma3_text", "gemma3")
-    nested_configs = {"Gemma3ForConditionalGeneration": "text_config"}
+    wrappers = {
+        "Gemma3ForConditionalGeneration": Wrapper(
+            config="text_config",
+            weight_prefix="language_model.",
+            carried_weights=("vision_tower.", "multi_modal_projector."),
+        ),
+    }
     megatron_model = "gpt"
     activation_field = "hidden_activation"
     activation_default = "gelu_pytorch_tanh"

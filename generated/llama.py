@@ -24,7 +24,7 @@ class LlamaBridge(Bridge):
     source_spec = "specs/llama.yaml"
     architectures = ("LlamaForCausalLM",)
     model_types = ("llama",)
-    nested_configs = {}
+    wrappers = {}
     megatron_model = "gpt"
     activation_field = "hidden_act"
     activation_default = None

@@ -20,7 +20,7 @@ class MistralBridge(Bridge):
     source_spec = "specs/mistral.yaml"
     architectures = ("MistralForCausalLM",)
     model_types = ("mistral",)
-    nested_configs = {}
+    wrappers = {}
     megatron_model = "gpt"
     activation_field = "hidden_act"
     activation_default = None

@@ -20,7 +20,7 @@ class Phi3Bridge(Bridge):
     source_spec = "specs/phi3.yaml"
     architectures = ("Phi3ForCausalLM",)
     model_types = ("phi3",)
-    nested_configs = {}
+    wrappers = {}
     megatron_model = "gpt"
     activation_field = "hidden_act"
     activation_default = None

@@ -20,7 +20,7 @@ class Qwen2Bridge(Bridge):
     source_spec = "specs/qwen2.yaml"
     architectures = ("Qwen2ForCausalLM",)
     model_types = ("qwen2",)
-    nested_configs = {}
+    wrappers = {}
     megatron_model = "gpt"
     activation_field = "hidden_act"
     activation_default = None

@@ -24,7 +24,7 @@ class Qwen3Bridge(Bridge):
     source_spec = "specs/qwen3.yaml"
     architectures = ("Qwen3ForCausalLM",)
     model_types = ("qwen3",)
-    nested_configs = {}
+    wrappers = {}
     megatron_model = "gpt"
     activation_field = "hidden_act"
     activation_default = None

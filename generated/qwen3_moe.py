@@ -24,7 +24,7 @@ class Qwen3MoeBridge(Bridge):
     source_spec = "specs/qwen3_moe.yaml"
     architectures = ("Qwen3MoeForCausalLM",)
     model_types = ("qwen3_moe",)
-    nested_configs = {}
+    wrappers = {}
     megatron_model = "gpt"
     activation_field = "hidden_act"
     activation_default = None

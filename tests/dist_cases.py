@@ -32,21 +32,21 @@ def convert(
     export_hf(bridge, chunks, out_dir, max_shard_bytes=200_000)
     if checkpoint_dir is not None:
         save_megatron(
-            [c.model for c in chunks], bridge.config, checkpoint_dir, dtype=torch.float32, hf_source=hf_dir
+            [c.model for c in chunks],
+            bridge,
+            checkpoint_dir,
+            dtype=torch.float32,
+            hf_source=hf_dir,
         )
     return {"logits": logits, "bytes_requested": stats.bytes_requested}
 
 
 def export_checkpoint(checkpoint_dir: str, out_dir: str, layout: dict[str, Any]) -> None:
     """Load a dist checkpoint at ``layout`` and export it to an HF folder."""
-    from bridgegen.generated import BRIDGES
-
-    from bridgegen.runtime.convert import ModelBridge
     from bridgegen.runtime.distributed import ParallelLayout, build_chunks, export_hf
-    from bridgegen.runtime.megatron_checkpoint import load_megatron, read_record
+    from bridgegen.runtime.megatron_checkpoint import bridge_for_checkpoint, load_megatron
 
-    config, dtype = read_record(checkpoint_dir)
-    bridge = ModelBridge(next(b for b in BRIDGES if b.family == config.family), config)
+    bridge, dtype = bridge_for_checkpoint(checkpoint_dir)
     chunks = build_chunks(bridge, ParallelLayout(**layout), dtype)
     load_megatron([c.model for c in chunks], checkpoint_dir)
     export_hf(bridge, chunks, out_dir)
@@ -96,7 +96,7 @@ def fail_on_rank_1(hf_dir: str, out_dir: str, layout: dict[str, Any], when: str)
     if when == "save":
         if dist.get_rank() == 1:
             raise InjectedFailure("rank 1 fails while saving")
-        save_megatron([c.model for c in chunks], bridge.config, out_dir, dtype=torch.float32)
+        save_megatron([c.model for c in chunks], bridge, out_dir, dtype=torch.float32)
     else:
         export_hf(bridge, chunks, out_dir)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from bridgegen.runtime.config import (
@@ -20,6 +21,15 @@ from bridgegen.runtime.rope import rope_from_hf
 from bridgegen.runtime.weight_rules import WeightRule
 
 
+@dataclass(frozen=True)
+class Wrapper:
+    """Where a family's language model sits inside a larger HF architecture."""
+
+    config: str  # HF field holding the language model's config
+    weight_prefix: str = ""  # prepended to every HF tensor name of the language model
+    carried_weights: tuple[str, ...] = ()  # HF tensor name prefixes kept through unchanged
+
+
 class Bridge:
     """Config and weight conversion for one architecture family (subclasses are generated)."""
 
@@ -27,7 +37,7 @@ class Bridge:
     source_spec: ClassVar[str]
     architectures: ClassVar[tuple[str, ...]]
     model_types: ClassVar[tuple[str, ...]]
-    nested_configs: ClassVar[Mapping[str, str]]
+    wrappers: ClassVar[Mapping[str, Wrapper]]
     megatron_model: ClassVar[str]
     activation_field: ClassVar[str]
     activation_default: ClassVar[str | None]
@@ -46,6 +56,12 @@ class Bridge:
     @staticmethod
     def hf_values(config: MegatronConfig) -> dict[str, Any]:
         raise NotImplementedError
+
+    @classmethod
+    def config_root(cls, architecture: str | None) -> str | None:
+        """The HF field holding the language model's config for ``architecture`` (None: the top)."""
+        wrapper = cls.wrappers.get(architecture or "")
+        return wrapper.config if wrapper else None
 
     # ------------------------------------------------------------------ config conversion
 
@@ -66,7 +82,7 @@ class Bridge:
                 f"{source}: model_type {model_type!r} is not served by the {cls.family} bridge "
                 f"(it serves {', '.join(cls.model_types)})"
             )
-        root = cls.nested_configs.get(architecture)
+        root = cls.config_root(architecture)
         fields = data if root is None else get_path(data, root, None)
         if not isinstance(fields, dict):
             raise ConfigError(
@@ -113,7 +129,7 @@ class Bridge:
         out: dict[str, Any] = copy.deepcopy(dict(config.hf_passthrough))
         out["architectures"] = [config.hf_architecture or cls.architectures[0]]
         out["model_type"] = config.hf_model_type or cls.model_types[0]
-        root = cls.nested_configs.get(out["architectures"][0])
+        root = cls.config_root(out["architectures"][0])
         fields: dict[str, Any] = out if root is None else out.setdefault(root, {})
         for name, value in cls.hf_values(config).items():
             set_path(fields, name, value)

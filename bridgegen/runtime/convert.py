@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import tempfile
@@ -13,11 +14,11 @@ from typing import Any
 
 import torch
 
-from bridgegen.runtime.bridge import Bridge
+from bridgegen.runtime.bridge import Bridge, Wrapper
 from bridgegen.runtime.config import MegatronConfig
 from bridgegen.runtime.errors import ConfigError, WeightError
 from bridgegen.runtime.fp8 import block_size
-from bridgegen.runtime.safetensors_io import Checkpoint, HFDirWriter, PlannedTensor
+from bridgegen.runtime.safetensors_io import Checkpoint, HFDirWriter, PlannedTensor, stream_tensors
 from bridgegen.runtime.weights import LoadStats, WeightMap, iter_hf_from_full, load_into, model_tensors
 
 DTYPE_NAMES: dict[str, torch.dtype] = {
@@ -114,13 +115,60 @@ class ModelBridge:
 
     # ----------------------------------------------------------------- building
 
+    def wrapper(self) -> Wrapper | None:
+        """Where the language model sits when the HF architecture is a larger model."""
+        return self.bridge.wrappers.get(self.config.hf_architecture or "")
+
     def weight_map(self) -> WeightMap:
+        wrapper = self.wrapper()
         return WeightMap(
             self.bridge.weight_rules,
             self.config,
             self.bridge.hf_ignore,
             ignore_layers_from=int(self.config.value("num_layers")) if self.drop_mtp else None,
+            hf_prefix=wrapper.weight_prefix if wrapper else "",
+            carried=wrapper.carried_weights if wrapper else (),
         )
+
+    def carried_tensors(
+        self, hf_dir: str | os.PathLike[str] | None = None, dtype: torch.dtype | None = None
+    ) -> tuple[Checkpoint | None, list[PlannedTensor]]:
+        """The HF tensors outside the language model (e.g. a vision tower) that an export
+        writes back unchanged, read from ``hf_dir`` (default: the source folder). Floating
+        point ones are planned in ``dtype`` when given. Empty when the architecture has none."""
+        wrapper = self.wrapper()
+        if wrapper is None or not wrapper.carried_weights:
+            return None, []
+        folder = Path(hf_dir) if hf_dir is not None else self.hf_dir
+        what = ", ".join(f"{prefix}*" for prefix in wrapper.carried_weights)
+        if folder is None:
+            raise WeightError(
+                f"{self.config.hf_architecture} holds {what} tensors besides the language model; "
+                "writing it needs the source HF folder they come from"
+            )
+        try:
+            checkpoint = Checkpoint.open(folder)
+        except WeightError as exc:
+            raise WeightError(
+                f"{exc} (looking for the {what} tensors of {self.config.hf_architecture})"
+            ) from None
+        weight_map = self.weight_map()
+        planned = [
+            PlannedTensor(
+                name,
+                dtype
+                if dtype is not None and info.dtype.is_floating_point and info.dtype.itemsize > 1
+                else info.dtype,
+                info.shape,
+            )
+            for name, info in sorted(checkpoint.tensors.items())
+            if weight_map.carried(name)
+        ]
+        if not planned:
+            raise WeightError(
+                f"{folder}: holds no {what} tensors, which a {self.config.hf_architecture} checkpoint needs"
+            )
+        return checkpoint, planned
 
     def without_mtp(self) -> ModelBridge:
         """The same model without its multi-token prediction layers: they are not built, their
@@ -152,11 +200,6 @@ class ModelBridge:
             and value is not None
             and name in _extra_fields(self.bridge)
         )
-        if self.config.hf_architecture in self.bridge.nested_configs:
-            raise ConfigError(
-                f"{self.config.family}: weights of {self.config.hf_architecture} checkpoints (a language model "
-                "inside a multimodal one) are not mapped yet; config conversion works"
-            )
         if pending:
             raise ConfigError(
                 f"{self.config.family}: the runtime cannot build a model with {', '.join(pending)} yet "
@@ -302,16 +345,19 @@ class ModelBridge:
             PlannedTensor(n, t.dtype, tuple(t.shape))
             for n, t in iter_hf_from_full(weight_map, meta, dtype=target)
         ]
-        bar = _progress(progress, len(planned), "export")
+        source, carried = self.carried_tensors(dtype=target)
+        bar = _progress(progress, len(planned) + len(carried), "export")
 
         def produce() -> Iterator[tuple[str, torch.Tensor]]:
-            for item in iter_hf_from_full(weight_map, tensors, dtype=target):
+            converted = iter_hf_from_full(weight_map, tensors, dtype=target)
+            passed = stream_tensors(source, carried) if source is not None else iter(())
+            for item in itertools.chain(converted, passed):
                 yield item
                 if bar:
                     bar.update(1)
 
         with HFDirWriter(out_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes) as writer:
-            writer.write_tensors(planned, produce())
+            writer.write_tensors(planned + carried, produce())
             writer.write_json("config.json", hf_config)
             writer.copy_side_files(self.hf_dir)
         if bar:

@@ -9,6 +9,7 @@ place. Works under torchrun (gloo on CPU, NCCL on GPU) or ``launch.run_on_ranks`
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from bridgegen.runtime.safetensors_io import (
     PlannedTensor,
     plan_shards,
     shared_temp_dir,
+    stream_tensors,
 )
 from bridgegen.runtime.transforms import gather_tp_shards, shard_writes, split_full, tp_partition_dim
 from bridgegen.runtime.weights import LoadStats, MatchedTensor, load_into, model_tensors
@@ -270,13 +272,15 @@ def export_hf(
     rank = dist.get_rank()
     tmp = shared_temp_dir(out, overwrite)
     try:
+        # Every rank reads the same headers, so a missing source fails everywhere alike.
+        source, carried = bridge.carried_tensors(dtype=target_dtype)
         tensors = _local_tensors(bridge, chunks)
         everyone: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, _planned(bridge, tensors, target_dtype))
         plan_holder: list[Any] = [None]
         if rank == 0:
             unique: dict[str, PlannedTensor] = {}
-            for entry in (entry for per_rank in everyone for entry in per_rank):
+            for entry in itertools.chain((entry for per_rank in everyone for entry in per_rank), carried):
                 if unique.setdefault(entry.name, entry) != entry:
                     raise WeightError(
                         f"ranks disagree on HF tensor {entry.name!r}: {unique[entry.name]} vs {entry}"
@@ -307,6 +311,9 @@ def export_hf(
                 )
                 for index, view, data in writes:
                     output.write(hf_names[index], view, data)
+            if rank == 0 and source is not None:
+                for name, tensor in stream_tensors(source, carried):
+                    output.write(name, output.target(name), tensor)
         output.close()
         dist.barrier()
         if rank == 0:

@@ -11,14 +11,22 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from bridgegen.runtime.config import MegatronConfig
 from bridgegen.runtime.errors import WeightError
-from bridgegen.runtime.safetensors_io import copy_side_files, shared_temp_dir
+from bridgegen.runtime.safetensors_io import (
+    SINGLE_NAME,
+    copy_side_files,
+    copy_tensors,
+    shared_temp_dir,
+)
+
+if TYPE_CHECKING:
+    from bridgegen.runtime.convert import ModelBridge
 
 BRIDGE_FILE = "bridgegen.json"
 SIDE_FILES_DIR = "hf_side_files"
@@ -38,7 +46,7 @@ def _rank() -> int:
 
 def save_megatron(
     models: torch.nn.Module | list[Any],
-    config: MegatronConfig,
+    bridge: ModelBridge,
     out_dir: str | os.PathLike[str],
     *,
     dtype: torch.dtype,
@@ -46,13 +54,16 @@ def save_megatron(
     overwrite: bool = False,
 ) -> Path:
     """Save the model (all ranks call this) as a dist checkpoint in ``out_dir``; atomic: the
-    folder appears only when every rank has written its part."""
+    folder appears only when every rank has written its part. The tokenizer files of
+    ``hf_source``, and the tensors it holds besides the language model (e.g. a vision tower,
+    see ``ModelBridge.carried_tensors``), are kept in ``hf_side_files/`` for the export."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
     from bridgegen.runtime.convert import ensure_model_parallel
     from bridgegen.runtime.cpu_support import enable_cpu_execution
 
+    source, carried = bridge.carried_tensors(hf_source) if hf_source is not None else (None, [])
     enable_cpu_execution()
     ensure_model_parallel()
     chunks = models if isinstance(models, list) else [models]
@@ -63,13 +74,15 @@ def save_megatron(
         dist_checkpointing.save(_sharded_state_dict(chunks), str(tmp), sharded_strategy=strategy)
         if _rank() == 0:
             record = {
-                "megatron_config": json.loads(config.to_json()),
+                "megatron_config": json.loads(bridge.config.to_json()),
                 "dtype": str(dtype).removeprefix("torch."),
             }
             (tmp / BRIDGE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
             if hf_source is not None:
                 (tmp / SIDE_FILES_DIR).mkdir()
                 copy_side_files(hf_source, tmp / SIDE_FILES_DIR)
+                if source is not None:
+                    copy_tensors(source, carried, tmp / SIDE_FILES_DIR / SINGLE_NAME)
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)
@@ -86,6 +99,20 @@ def read_record(checkpoint_dir: str | os.PathLike[str]) -> tuple[MegatronConfig,
         raise WeightError(f"{path}: missing; this folder was not written by bridgegen import")
     record = json.loads(path.read_text())
     return MegatronConfig.from_json(json.dumps(record["megatron_config"])), getattr(torch, record["dtype"])
+
+
+def bridge_for_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> tuple[ModelBridge, torch.dtype]:
+    """The bridge a checkpoint written by ``save_megatron`` was saved with, and its dtype; its
+    ``hf_dir`` is the kept side-file folder, so an export writes those files back."""
+    from bridgegen.generated import BRIDGES
+    from bridgegen.runtime.convert import ModelBridge
+
+    config, dtype = read_record(checkpoint_dir)
+    bridge = next((b for b in BRIDGES if b.family == config.family), None)
+    if bridge is None:
+        raise WeightError(f"{checkpoint_dir}: family {config.family!r} has no bridge in this version")
+    side = Path(checkpoint_dir) / SIDE_FILES_DIR
+    return ModelBridge(bridge, config, side if side.is_dir() else None), dtype
 
 
 def load_megatron(models: torch.nn.Module | list[Any], checkpoint_dir: str | os.PathLike[str]) -> None:

@@ -284,6 +284,18 @@ def write_safetensors(
     return offset
 
 
+def stream_tensors(source: Checkpoint, planned: list[PlannedTensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The ``planned`` tensors of ``source``, in order, cast to their planned dtype."""
+    for entry in planned:
+        yield entry.name, source.view(entry.name).to(entry.dtype)
+        source.release(entry.name)
+
+
+def copy_tensors(source: Checkpoint, planned: list[PlannedTensor], path: Path) -> int:
+    """Write ``planned`` tensors of ``source`` as one safetensors file."""
+    return write_safetensors(path, planned, stream_tensors(source, planned))
+
+
 @dataclass(frozen=True)
 class FilePlan:
     """Where every tensor of a multi-file export goes: file, byte offset, dtype and shape."""

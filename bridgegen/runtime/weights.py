@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +57,16 @@ class WeightMap:
         config: MegatronConfig,
         hf_ignore: Iterable[str] = (),
         ignore_layers_from: int | None = None,
+        *,
+        hf_prefix: str = "",
+        carried: Sequence[str] = (),
     ) -> None:
+        """``hf_prefix`` is prepended to every HF name (a language model inside a larger HF
+        model); HF tensors under a ``carried`` prefix belong to the rest of that model."""
+        if hf_prefix:
+            rules = [dataclasses.replace(r, hf_names=tuple(hf_prefix + n for n in r.hf_names)) for r in rules]
+            hf_ignore = [hf_prefix + name for name in hf_ignore]
+        self.carried_prefixes = tuple(carried)
         self.config = config
         # HF layers numbered from here on are skipped (a checkpoint's multi-token prediction
         # layers follow its decoder layers, e.g. DeepSeek-V3's model.layers.61).
@@ -112,7 +122,14 @@ class WeightMap:
             "(add it to the spec's weights, or this architecture variant is not supported yet)"
         )
 
+    def carried(self, hf_name: str) -> bool:
+        """An HF tensor outside the language model, passed through unconverted."""
+        return hf_name.startswith(self.carried_prefixes)
+
     def ignored(self, hf_name: str) -> bool:
+        """An HF tensor that no Megatron tensor is made of (not an error on import)."""
+        if self.carried(hf_name):
+            return True
         if self.ignore_layers_from is not None:
             found = re.search(r"(?:^|\.)layers\.(\d+)\.", hf_name)
             if found and int(found.group(1)) >= self.ignore_layers_from:

@@ -87,6 +87,26 @@ class WeightSpec(Strict):
     )
 
 
+WeightPrefix = Annotated[str, StringConstraints(pattern=r"^([A-Za-z0-9_]+\.)*$")]
+CarriedPrefix = Annotated[str, StringConstraints(min_length=1, pattern=r"^[A-Za-z0-9_.]+$")]
+
+
+class WrapperSpec(Strict):
+    """An HF architecture holding this family's language model inside a larger model (e.g. the
+    text part of a vision-language checkpoint)."""
+
+    config: Name = Field(description="HF field holding the language model's config (e.g. text_config)")
+    weight_prefix: WeightPrefix = Field(
+        default="",
+        description="prepended to every HF tensor name of the language model (e.g. 'language_model.')",
+    )
+    carried_weights: list[CarriedPrefix] = Field(
+        default_factory=list,
+        description="HF tensor name prefixes outside the language model (e.g. 'vision_tower.'): not "
+        "converted, kept beside a Megatron checkpoint and written back on export",
+    )
+
+
 class RopeSection(Strict):
     supported: list[RopeType] = Field(description="RoPE scaling types this family accepts")
 
@@ -149,9 +169,10 @@ class SpecFile(Strict):
     model_types: list[str] = Field(
         default_factory=list, description="HF `model_type` values this bridge serves"
     )
-    nested_configs: dict[str, Name] = Field(
+    wrappers: dict[str, WrapperSpec] = Field(
         default_factory=dict,
-        description="architecture: HF field holding the language model's config (e.g. text_config)",
+        description="architecture: where the language model sits in a larger HF model (its config "
+        "field, tensor name prefix, and the tensors carried through unchanged)",
     )
     megatron_model: MegatronModel | None = None
     activation_field: Name | None = Field(default=None, description="HF field holding the activation name")

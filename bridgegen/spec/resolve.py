@@ -57,6 +57,14 @@ class ResolvedWeight:
 
 
 @dataclass(frozen=True)
+class ResolvedWrapper:
+    architecture: str
+    config: str
+    weight_prefix: str
+    carried_weights: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ResolvedSpec:
     family: str
     source: str
@@ -64,7 +72,7 @@ class ResolvedSpec:
     description: str
     architectures: tuple[str, ...]
     model_types: tuple[str, ...]
-    nested_configs: tuple[tuple[str, str], ...]
+    wrappers: tuple[ResolvedWrapper, ...]
     megatron_model: str
     activation_field: str
     activation_default: str | None
@@ -261,10 +269,10 @@ def _resolve_one(
     loaded: LoadedSpec, spec: SpecFile, merged: _Merged
 ) -> tuple[ResolvedSpec | None, list[SpecError]]:
     errors: list[SpecError] = []
-    for architecture in spec.nested_configs:
+    for architecture in spec.wrappers:
         if architecture not in spec.architectures:
             errors.append(
-                loaded.error(("nested_configs", architecture), f"{architecture!r} is not in architectures")
+                loaded.error(("wrappers", architecture), f"{architecture!r} is not in architectures")
             )
     for required_key in ("architectures", "model_types"):
         if not getattr(spec, required_key):
@@ -487,6 +495,17 @@ def _resolve_one(
                     origin.error(f"HF tensor {hf_name!r} is also mapped by {seen_hf[hf_name]!r}", ("hf",))
                 )
             seen_hf.setdefault(hf_name, weight.megatron_name)
+    for architecture, wrapper in spec.wrappers.items():
+        for index, carried in enumerate(wrapper.carried_weights):
+            clash = next((n for n in seen_hf if (wrapper.weight_prefix + n).startswith(carried)), None)
+            if clash is not None:
+                errors.append(
+                    loaded.error(
+                        ("wrappers", architecture, "carried_weights", index),
+                        f"{carried!r} would carry language-model tensor {wrapper.weight_prefix + clash!r} "
+                        "past the conversion",
+                    )
+                )
 
     if errors:
         return None, errors
@@ -498,7 +517,10 @@ def _resolve_one(
             description=merged.description,
             architectures=tuple(spec.architectures),
             model_types=tuple(spec.model_types),
-            nested_configs=tuple(sorted(spec.nested_configs.items())),
+            wrappers=tuple(
+                ResolvedWrapper(arch, w.config, w.weight_prefix, tuple(w.carried_weights))
+                for arch, w in sorted(spec.wrappers.items())
+            ),
             megatron_model=model,
             activation_field=merged.activation_field or "",
             activation_default=merged.activation_default,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from bridgegen.runtime import helpers  # noqa: F401
-from bridgegen.runtime.bridge import Bridge
+from bridgegen.runtime.bridge import Bridge, Wrapper
 from bridgegen.runtime.config import HFConfigReader, MegatronConfig
 from bridgegen.runtime.weight_rules import WeightKind, WeightRule
 
@@ -20,7 +20,13 @@ class TinyBridge(Bridge):
     source_spec = "specs/tiny.yaml"
     architectures = ("TinyForCausalLM", "TinyForConditionalGeneration")
     model_types = ("tiny",)
-    nested_configs = {"TinyForConditionalGeneration": "text_config"}
+    wrappers = {
+        "TinyForConditionalGeneration": Wrapper(
+            config="text_config",
+            weight_prefix="language_model.",
+            carried_weights=("vision_tower.",),
+        ),
+    }
     megatron_model = "gpt"
     activation_field = "hidden_act"
     activation_default = "gelu_pytorch_tanh"
