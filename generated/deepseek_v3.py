@@ -100,6 +100,7 @@ class DeepseekV3Bridge(Bridge):
         "vocab_size",
     )
     extra_fields = ()
+    runtime_modules = ()
     hf_aliases = {}
     hf_ignore = (
         "model.layers.{layer}.embed_tokens.weight",

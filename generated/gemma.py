@@ -54,6 +54,7 @@ class GemmaBridge(Bridge):
         "vocab_size",
     )
     extra_fields = ("embedding_scale",)
+    runtime_modules = ("embedding_scale",)
     hf_aliases = {}
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
     weight_rules = (

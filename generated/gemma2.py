@@ -63,6 +63,12 @@ class Gemma2Bridge(Bridge):
         "final_logit_softcapping",
         "post_layer_norms",
     )
+    runtime_modules = (
+        "embedding_scale",
+        "final_logit_softcapping",
+        "post_layer_norms",
+        "softcapped_attention",
+    )
     hf_aliases = {}
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
     weight_rules = (

@@ -72,6 +72,13 @@ class Gemma3Bridge(Bridge):
         "post_layer_norms",
         "rotary_base_local",
     )
+    runtime_modules = (
+        "embedding_scale",
+        "final_logit_softcapping",
+        "local_rope_base",
+        "post_layer_norms",
+        "softcapped_attention",
+    )
     hf_aliases = {}
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
     weight_rules = (

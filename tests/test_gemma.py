@@ -167,7 +167,12 @@ def make_multimodal(folder: Path, *, tied: bool, dtype: torch.dtype = torch.floa
         tie_word_embeddings=tied,
     )
     vision = dict(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
     )
     config = Gemma3Config(
         text_config=text,
@@ -308,4 +313,6 @@ def test_multimodal_through_a_dist_checkpoint_at_tp2_pp2(tmp_path: Path) -> None
     assert main(["import", "--hf", str(folder), "--out", str(checkpoint), "--tp", "2"]) == 0
     assert main(["export", "--megatron", str(checkpoint), "--out", str(out), "--pp", "2"]) == 0
     assert_bit_exact(folder, out)
-    assert main(["verify", "--hf", str(out), "--megatron", str(checkpoint), "--tp", "2", "--seq-len", "24"]) == 0
+    assert (
+        main(["verify", "--hf", str(out), "--megatron", str(checkpoint), "--tp", "2", "--seq-len", "24"]) == 0
+    )

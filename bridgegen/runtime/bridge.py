@@ -45,6 +45,7 @@ class Bridge:
     rope_types: ClassVar[tuple[str, ...]]
     hf_fields: ClassVar[tuple[str, ...]]
     extra_fields: ClassVar[tuple[str, ...]]
+    runtime_modules: ClassVar[tuple[str, ...]]  # bridgegen.runtime.quirks.RuntimeModule names
     hf_aliases: ClassVar[Mapping[str, tuple[str, ...]]]
     weight_rules: ClassVar[tuple[WeightRule, ...]]
     hf_ignore: ClassVar[tuple[str, ...]]

@@ -18,6 +18,7 @@ from bridgegen.runtime.bridge import Bridge, Wrapper
 from bridgegen.runtime.config import MegatronConfig
 from bridgegen.runtime.errors import ConfigError, WeightError
 from bridgegen.runtime.fp8 import block_size
+from bridgegen.runtime.quirks import MODULE_FIELD, RuntimeModule
 from bridgegen.runtime.safetensors_io import Checkpoint, HFDirWriter, PlannedTensor, stream_tensors
 from bridgegen.runtime.weights import LoadStats, WeightMap, iter_hf_from_full, load_into, model_tensors
 
@@ -29,17 +30,6 @@ DTYPE_NAMES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-# Megatron-side fields the runtime implements; any other extra field with a value is refused
-# at model build, so no quirk is silently dropped.
-IMPLEMENTED_EXTRA_FIELDS: frozenset[str] = frozenset(
-    {
-        "embedding_scale",
-        "attn_logit_softcapping",
-        "final_logit_softcapping",
-        "post_layer_norms",
-        "rotary_base_local",
-    }
-)
 
 
 def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
@@ -192,13 +182,20 @@ class ModelBridge:
             self.config, params_dtype=parse_dtype(dtype) or self.default_dtype(), **parallel
         )
 
+    def runtime_modules(self) -> list[tuple[RuntimeModule, Any]]:
+        """The spec's runtime modules that apply to this config, with the value each reads."""
+        selected = [RuntimeModule(name) for name in self.bridge.runtime_modules]
+        values = [(module, self.config.values.get(MODULE_FIELD[module])) for module in selected]
+        return [(module, value) for module, value in values if value is not None and value is not False]
+
     def _refuse_unimplemented(self) -> None:
+        """An extra Megatron field with a value that no runtime module reads is a quirk the
+        model would silently lack: refuse to build it."""
+        read = {MODULE_FIELD[RuntimeModule(name)] for name in self.bridge.runtime_modules}
         pending = sorted(
             name
             for name, value in self.config.values.items()
-            if name not in IMPLEMENTED_EXTRA_FIELDS
-            and value is not None
-            and name in _extra_fields(self.bridge)
+            if name not in read and value is not None and name in _extra_fields(self.bridge)
         )
         if pending:
             raise ConfigError(
@@ -236,10 +233,12 @@ class ModelBridge:
         from bridgegen.runtime import modules
 
         values = self.config.values
+        selected = self.runtime_modules()
         if config.layernorm_zero_centered_gamma:
             modules.use_zero_centered_norms(spec)
-        if values.get("attn_logit_softcapping") is not None:
-            modules.use_softcapped_attention(spec, float(values["attn_logit_softcapping"]))
+        for module, value in selected:
+            if module in modules.BLOCK_SPEC_MODULES:
+                modules.BLOCK_SPEC_MODULES[module](spec, value)
         mtp_spec = None
         if self.config.values.get("mtp_num_layers"):
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
@@ -262,12 +261,9 @@ class ModelBridge:
             mtp_block_spec=mtp_spec,
             **{k: v for k, v in model_kwargs.items() if k != "vocab_size"},
         )
-        if values.get("embedding_scale") is not None:
-            modules.scale_embeddings(model, float(values["embedding_scale"]))
-        if values.get("final_logit_softcapping") is not None:
-            modules.softcap_final_logits(model, float(values["final_logit_softcapping"]))
-        if values.get("post_layer_norms"):
-            modules.add_post_layer_norms(model)
+        for module, value in selected:
+            if module in modules.MODEL_MODULES:
+                modules.MODEL_MODULES[module](model, value)
         if self.config.rope.needs_runtime_rope():
             modules.use_hf_rope(
                 model,
@@ -275,8 +271,6 @@ class ModelBridge:
                 float(values.get("rotary_base", 10000.0)),
                 int(values["max_sequence_length"]),
             )
-        if values.get("rotary_base_local") is not None:
-            modules.use_local_rope_base(model, float(values["rotary_base_local"]))
         return model
 
     # ----------------------------------------------------------------- weights

@@ -8,9 +8,12 @@ model builder for MLA models when Transformer Engine is not used.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from bridgegen.runtime.quirks import RuntimeModule
 
 
 class LatentCoreAttention(torch.nn.Module):
@@ -258,3 +261,16 @@ def use_hf_rope(model: torch.nn.Module, rope: Any, base: float, max_positions: i
             module.inv_freq = (1.0 / grown**exponents).to(unscaled.device)
 
         rotary.register_forward_pre_hook(hook)
+
+
+# What each module a spec selects does: on the layer spec before the model is built, or on the
+# built model. Each gets the value of the Megatron field it reads (quirks.MODULE_FIELD).
+BLOCK_SPEC_MODULES: dict[RuntimeModule, Callable[[Any, Any], None]] = {
+    RuntimeModule.softcapped_attention: lambda spec, cap: use_softcapped_attention(spec, float(cap)),
+}
+MODEL_MODULES: dict[RuntimeModule, Callable[[torch.nn.Module, Any], None]] = {
+    RuntimeModule.embedding_scale: lambda model, scale: scale_embeddings(model, float(scale)),
+    RuntimeModule.final_logit_softcapping: lambda model, cap: softcap_final_logits(model, float(cap)),
+    RuntimeModule.post_layer_norms: lambda model, _: add_post_layer_norms(model),
+    RuntimeModule.local_rope_base: lambda model, base: use_local_rope_base(model, float(base)),
+}

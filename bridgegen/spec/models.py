@@ -20,6 +20,7 @@ from pydantic import (
     StringConstraints,
 )
 
+from bridgegen.runtime.quirks import RuntimeModule
 from bridgegen.runtime.weight_rules import WeightKind
 
 Name = Annotated[
@@ -142,8 +143,8 @@ class ConfigSection(Strict):
     )
     extra_fields: list[Name] = Field(
         default_factory=list,
-        description="Megatron-side fields that are neither TransformerConfig fields nor model settings "
-        "(read by the runtime's quirk modules)",
+        description="other Megatron-side fields, neither TransformerConfig fields, model settings nor "
+        "read by a runtime module (a model with a value in one is refused until a module reads it)",
     )
     hf_checks: list[HFCheck] = Field(
         default_factory=list,
@@ -183,6 +184,11 @@ class SpecFile(Strict):
         default_factory=dict, description="HF activation name: Megatron activation"
     )
     rope: RopeSection | None = None
+    runtime_modules: list[RuntimeModule] = Field(
+        default_factory=list,
+        description="runtime modules for quirks megatron-core's layer spec cannot express; each reads "
+        "one Megatron-side field (set it in config) and applies when that field has a value",
+    )
     config: ConfigSection = Field(default_factory=ConfigSection)
     weights: dict[TensorTemplate, WeightSpec | None] = Field(
         default_factory=dict,

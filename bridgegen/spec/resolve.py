@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from bridgegen.runtime.config import MODEL_FIELDS
+from bridgegen.runtime.quirks import MODULE_FIELD, RuntimeModule
 from bridgegen.runtime.weight_rules import HF_ARITY, WeightKind
 from bridgegen.spec.errors import SpecError, SpecErrors
 from bridgegen.spec.expr import ExpressionError, check_names, emit_python, parse_expression, variable_name
@@ -86,6 +87,7 @@ class ResolvedSpec:
     weights: tuple[ResolvedWeight, ...]
     hf_ignore: tuple[str, ...]
     extra_fields: tuple[str, ...]
+    runtime_modules: tuple[str, ...]
     hf_aliases: tuple[tuple[str, tuple[str, ...]], ...]
 
 
@@ -179,6 +181,7 @@ class _Merged:
     hf_ignore: dict[str, _Origin]
     hf_aliases: dict[str, tuple[list[str], _Origin]]
     extra_fields: dict[str, _Origin]
+    runtime_modules: dict[str, _Origin]
     hf_checks: list[tuple[str, str, _Origin]]
     activation_default: str | None
     megatron_model: str | None
@@ -198,7 +201,7 @@ def _merge_section(
 
 
 def _merge_chain(chain: list[tuple[LoadedSpec, SpecFile]]) -> _Merged:
-    merged = _Merged({}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, [], None, None, None, None, "")
+    merged = _Merged({}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, [], None, None, None, None, "")
     for loaded, spec in chain:
         cfg = spec.config
         _merge_section(merged.renames, cfg.renames, loaded, ("config", "renames"))
@@ -236,6 +239,8 @@ def _merge_chain(chain: list[tuple[LoadedSpec, SpecFile]]) -> _Merged:
         _merge_section(merged.hf_aliases, dict(cfg.hf_aliases), loaded, ("config", "hf_aliases"))
         for index, name in enumerate(cfg.extra_fields):
             merged.extra_fields[name] = _Origin(loaded, ("config", "extra_fields", index))
+        for index, module in enumerate(spec.runtime_modules):
+            merged.runtime_modules[module.value] = _Origin(loaded, ("runtime_modules", index))
         for index, check in enumerate(cfg.hf_checks):
             merged.hf_checks.append(
                 (check.expect, check.message, _Origin(loaded, ("config", "hf_checks", index, "expect")))
@@ -286,10 +291,19 @@ def _resolve_one(
     if not merged.activations:
         errors.append(loaded.error((), "no 'activations' given here or in any spec it extends"))
     model = merged.megatron_model or "gpt"
-    megatron_known = config_fields()[model] | MODEL_FIELDS | frozenset(merged.extra_fields)
+    module_fields = {MODULE_FIELD[RuntimeModule(m)]: m for m in merged.runtime_modules}
+    megatron_known = (
+        config_fields()[model] | MODEL_FIELDS | frozenset(merged.extra_fields) | frozenset(module_fields)
+    )
     for name, origin in sorted(merged.extra_fields.items()):
         if name in config_fields()[model] | MODEL_FIELDS:
             errors.append(origin.error(f"{name!r} is a megatron-core field; it needs no extra_fields entry"))
+        elif name in module_fields:
+            errors.append(
+                origin.error(
+                    f"{name!r} is read by runtime module {module_fields[name]!r}; it needs no extra_fields entry"
+                )
+            )
     by_megatron: dict[str, str] = {}
     for hf_act, (megatron_act, origin) in sorted(merged.activations.items()):
         if megatron_act in by_megatron:
@@ -335,6 +349,14 @@ def _resolve_one(
         claim_megatron(megatron_name, origin)
     for megatron_name, (_, origin) in sorted(merged.megatron_defaults.items()):
         claim_megatron(megatron_name, origin)
+    for field_name, module in sorted(module_fields.items()):
+        if field_name not in megatron_source:
+            errors.append(
+                merged.runtime_modules[module].error(
+                    f"runtime module {module!r} reads Megatron field {field_name!r}, which no rename, "
+                    "to_megatron or megatron_defaults entry sets"
+                )
+            )
 
     # HF side: every written field has exactly one source.
     hf_source: dict[str, _Origin] = {}
@@ -533,7 +555,8 @@ def _resolve_one(
             hf_values=tuple(hf_values),
             weights=tuple(weights),
             hf_ignore=tuple(sorted(merged.hf_ignore)),
-            extra_fields=tuple(sorted(merged.extra_fields)),
+            extra_fields=tuple(sorted(set(merged.extra_fields) | set(module_fields))),
+            runtime_modules=tuple(sorted(merged.runtime_modules)),
             hf_aliases=tuple(sorted((k, tuple(v)) for k, (v, _) in merged.hf_aliases.items())),
         ),
         [],

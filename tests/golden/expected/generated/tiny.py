@@ -56,7 +56,8 @@ class TinyBridge(Bridge):
         "use_cache",
         "vocab_size",
     )
-    extra_fields = ("tiny_clip_qkv", "tiny_window")
+    extra_fields = ("embedding_scale", "tiny_clip_qkv", "tiny_window")
+    runtime_modules = ("embedding_scale",)
     hf_aliases = {}
     hf_ignore = ("lm_head.bias", "model.layers.{layer}.self_attn.rotary_emb.inv_freq")
     weight_rules = (
@@ -133,6 +134,7 @@ class TinyBridge(Bridge):
         )
         return {
             "add_bias_linear": False,
+            "embedding_scale": hf_hidden_size**0.5,
             "ffn_hidden_size": hf_intermediate_size,
             "gated_linear_unit": True,
             "hidden_size": hf_hidden_size,

@@ -1,0 +1,239 @@
+"""The runtime modules, each on its own (small stand-in models or a reference formula), and
+their selection by a spec's ``runtime_modules``."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from bridgegen.runtime import modules
+from bridgegen.runtime.quirks import MODULE_FIELD, RuntimeModule
+
+
+def test_every_runtime_module_has_one_implementation() -> None:
+    block, model = set(modules.BLOCK_SPEC_MODULES), set(modules.MODEL_MODULES)
+    assert not block & model
+    assert block | model == set(RuntimeModule) == set(MODULE_FIELD)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_zero_centered_norm_is_gemmas_bit_for_bit(dtype: torch.dtype) -> None:
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    torch.manual_seed(0)
+    reference = GemmaRMSNorm(32, eps=1e-6).to(dtype)
+    ours = modules.ZeroCenteredRMSNorm(SimpleNamespace(params_dtype=dtype), 32, eps=1e-6)
+    with torch.no_grad():
+        reference.weight.normal_(0.0, 0.5)
+        ours.weight.copy_(reference.weight)
+    x = torch.randn(3, 5, 32).to(dtype)
+    assert torch.equal(ours(x), reference(x))
+
+
+class _Embedder(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = torch.nn.Embedding(10, 8)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.embedding(ids)
+        return out
+
+
+def test_embedding_scale_multiplies_in_the_activation_dtype() -> None:
+    torch.manual_seed(0)
+    model = _Embedder().to(torch.bfloat16)
+    ids = torch.arange(10)
+    plain = model(ids)
+    modules.scale_embeddings(model, 2048**0.5)
+    scaled = model(ids)
+    # As Gemma does: the scale is rounded to the activations' dtype first (45.25 in bf16).
+    assert torch.equal(scaled, plain * torch.tensor(2048**0.5, dtype=torch.bfloat16))
+    assert not torch.equal(scaled, (plain.float() * 2048**0.5).to(torch.bfloat16))
+
+
+def test_softcapped_scores_are_bounded_by_the_cap() -> None:
+    softmax_input: list[torch.Tensor] = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, scores: torch.Tensor, mask: Any) -> torch.Tensor:
+            softmax_input.append(scores)
+            return scores
+
+    capped = modules._Softcapped(Recorder(), cap=50.0)
+    scores = torch.tensor([-1000.0, -10.0, 0.0, 10.0, 1000.0])
+    capped(scores, None)
+    assert torch.allclose(softmax_input[0], 50.0 * torch.tanh(scores / 50.0))
+    assert softmax_input[0].abs().max() <= 50.0
+    assert softmax_input[0][2] == 0.0
+
+
+class _Head(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.output_layer = torch.nn.Linear(4, 6, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.output_layer(x), None
+
+
+def test_final_logit_softcapping_caps_the_output_layer() -> None:
+    class Layer(torch.nn.Linear):
+        def forward(self, x: torch.Tensor) -> Any:  # megatron-core layers return (out, bias)
+            return super().forward(x), None
+
+    head = torch.nn.Module()
+    head.output_layer = Layer(4, 6, bias=False)
+    x = torch.randn(2, 4) * 100
+    plain, _ = head.output_layer(x)
+    modules.softcap_final_logits(head, 30.0)
+    capped, bias = head.output_layer(x)
+    assert bias is None
+    assert torch.allclose(capped, 30.0 * torch.tanh(plain / 30.0))
+
+
+class _Returns(torch.nn.Module):
+    """A megatron-core sublayer stand-in returning (output, bias)."""
+
+    def __init__(self, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return 2 * x, self.bias
+
+
+def test_post_layer_norms_norm_each_sublayer_output_with_its_bias_added() -> None:
+    layer = torch.nn.Module()
+    layer.config = SimpleNamespace(hidden_size=8, layernorm_epsilon=1e-6, params_dtype=torch.float32)
+    layer.self_attention = _Returns(torch.full((8,), 0.5))
+    layer.mlp = _Returns(None)
+    model = torch.nn.Module()
+    model.decoder = torch.nn.Module()
+    model.decoder.layers = torch.nn.ModuleList([layer])
+    modules.add_post_layer_norms(model)
+    with torch.no_grad():
+        layer.post_self_attn_layernorm.weight.fill_(1.0)  # scale 1 + 1 = 2
+        layer.post_mlp_layernorm.weight.zero_()
+
+    def rms(t: torch.Tensor) -> torch.Tensor:
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    x = torch.randn(3, 8)
+    attention_out, attention_bias = layer.self_attention(x)
+    assert attention_bias is None  # folded in before the norm
+    assert torch.allclose(attention_out, 2.0 * rms(2 * x + 0.5))
+    mlp_out, _ = layer.mlp(x)
+    assert torch.allclose(mlp_out, rms(2 * x))
+
+
+class _Recording(torch.nn.Module):
+    def __init__(self, layer_number: int, config: Any) -> None:
+        super().__init__()
+        self.layer_number = layer_number
+        self.config = config
+        self.seen: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor, rotary_pos_emb: torch.Tensor | None = None) -> torch.Tensor:
+        self.seen = rotary_pos_emb
+        return hidden
+
+
+def test_local_rope_base_reaches_only_the_windowed_layers() -> None:
+    from bridgegen.runtime.cpu_support import enable_cpu_execution
+
+    enable_cpu_execution()  # as the model builder does: megatron-core's rotary embedding is CUDA-first
+    dim, seq, local_base = 16, 12, 10000.0
+    config = SimpleNamespace(
+        window_size=(4, 0), window_attn_skip_freq=3, kv_channels=dim, use_cpu_initialization=True
+    )
+    model = torch.nn.Module()
+    model.decoder = torch.nn.Module()
+    model.decoder.layers = torch.nn.ModuleList([_Recording(n, config) for n in range(1, 7)])
+    modules.use_local_rope_base(model, local_base)
+    global_rope = torch.full((seq, 1, 1, dim), 7.0)
+    for layer in model.decoder.layers:
+        layer(torch.zeros(1), rotary_pos_emb=global_rope)
+    inv_freq = 1.0 / local_base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    freqs = torch.outer(torch.arange(seq, dtype=torch.float32), inv_freq)
+    local = torch.cat([freqs, freqs], dim=-1).view(seq, 1, 1, dim)
+    for layer in model.decoder.layers:
+        if layer.layer_number % 3 == 0:  # one global layer in three
+            assert layer.seen is global_rope, layer.layer_number
+        else:
+            assert layer.seen is not None and torch.allclose(layer.seen, local), layer.layer_number
+
+
+def test_latent_core_attention_matches_plain_softmax_attention() -> None:
+    sq, b, heads, k_dim, v_dim = 6, 2, 3, 8, 5
+    torch.manual_seed(0)
+    q, k = torch.randn(sq, b, heads, k_dim), torch.randn(sq, b, heads, k_dim)
+    v = torch.randn(sq, b, heads, v_dim)
+    attention = modules.LatentCoreAttention(
+        None, 1, None, softmax_scale=0.3, k_channels=k_dim, v_channels=v_dim
+    )
+    scores = torch.einsum("sbhd,tbhd->bhst", q, k) * 0.3
+    causal = torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+    weights = scores.masked_fill(causal, float("-inf")).softmax(-1)
+    expected = torch.einsum("bhst,tbhd->sbhd", weights, v).reshape(sq, b, heads * v_dim)
+    assert torch.allclose(attention(q, k, v, None), expected, atol=1e-6)
+    # An explicit megatron-core mask (True = masked) gives the same.
+    assert torch.allclose(attention(q, k, v, causal.view(1, 1, sq, sq)), expected, atol=1e-6)
+
+
+def _gemma2_config(**changes: Any) -> dict[str, Any]:
+    return {
+        "architectures": ["Gemma2ForCausalLM"],
+        "model_type": "gemma2",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "vocab_size": 64,
+        "max_position_embeddings": 64,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+        "sliding_window": 8,
+    } | changes
+
+
+def test_the_bridge_selects_the_modules_its_spec_names() -> None:
+    from bridgegen.runtime.convert import ModelBridge
+
+    bridge = ModelBridge.from_hf_config(_gemma2_config())
+    assert dict(bridge.runtime_modules()) == {
+        RuntimeModule.embedding_scale: 32**0.5,
+        RuntimeModule.softcapped_attention: 50.0,
+        RuntimeModule.final_logit_softcapping: 30.0,
+        RuntimeModule.post_layer_norms: True,
+    }
+    model = bridge.build_model(torch.float32)
+    layer = model.decoder.layers[0]
+    assert isinstance(layer.self_attention.core_attention.scale_mask_softmax, modules._Softcapped)
+    assert isinstance(layer.post_mlp_layernorm, modules.ZeroCenteredRMSNorm)
+    # A module whose field has no value is not applied.
+    uncapped = ModelBridge.from_hf_config(_gemma2_config(attn_logit_softcapping=None))
+    assert RuntimeModule.softcapped_attention not in dict(uncapped.runtime_modules())
+    plain = uncapped.build_model(torch.float32).decoder.layers[0].self_attention.core_attention
+    assert not isinstance(plain.scale_mask_softmax, modules._Softcapped)
+
+
+def test_an_extra_field_no_module_reads_is_refused_at_build() -> None:
+    from bridgegen.generated.gemma2 import Gemma2Bridge
+
+    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.runtime.errors import ConfigError
+
+    class WithoutSoftcapping(Gemma2Bridge):
+        runtime_modules = ("embedding_scale", "post_layer_norms", "final_logit_softcapping")
+
+    config = WithoutSoftcapping.to_megatron_config(_gemma2_config())
+    with pytest.raises(
+        ConfigError, match=r"gemma2: the runtime cannot build a model with attn_logit_softcapping"
+    ):
+        ModelBridge(WithoutSoftcapping, config).build_model(torch.float32)
