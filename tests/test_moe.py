@@ -144,6 +144,7 @@ def stacked_bridge(root: Path) -> Any:
     files = render_project(root)
     path = root / "qwen3_moe_stacked.py"
     path.write_text(files["generated/qwen3_moe_stacked.py"])
+    root.joinpath("bridge_file").write_text(str(path))
     spec = importlib.util.spec_from_file_location("bridgegen_test_stacked", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -201,3 +202,27 @@ def test_stacked_expert_tensors_map_by_spec_alone(moe: dict[str, Any], tmp_path:
     assert all(torch.equal(exported[k], stacked[k]) for k in stacked)
     streamed = dict(bridge.iter_hf_weights(model))
     assert streamed["model.layers.1.mlp.experts.gate_up_proj"].shape == (4, 64, 64)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [{"tp": 2}, {"etp": 2}, {"ep": 2}],
+    ids=lambda layout: "-".join(f"{k}{v}" for k, v in layout.items()),
+)
+def test_stacked_expert_tensors_at_parallel_layouts(
+    layout: dict[str, int], moe: dict[str, Any], tmp_path: Path
+) -> None:
+    """Each rank reads only its experts' slices of the stacked tensors and writes its slices
+    of the stacked tensors back, at tensor, expert-tensor and expert parallelism."""
+    stacked_bridge(tmp_path / "project")
+    bridge_file = (tmp_path / "project" / "bridge_file").read_text()
+    stacked = stack_experts(moe["fp32"], tmp_path / "stacked")
+    results = run_on_ranks(
+        dist_cases.convert, 2, str(tmp_path / "stacked"), str(tmp_path / "out"), layout, None, bridge_file
+    )
+    for found in (r["logits"] for r in results if r["logits"] is not None):
+        assert (found - moe["reference"]).abs().max().item() <= LOGIT_ATOL
+        assert torch.equal(found.argmax(-1), moe["reference"].argmax(-1))
+    exported = tensors_of(tmp_path / "out")
+    assert sorted(exported) == sorted(stacked)
+    assert all(torch.equal(exported[k], stacked[k]) for k in stacked)
