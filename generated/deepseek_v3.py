@@ -102,11 +102,7 @@ class DeepseekV3Bridge(Bridge):
     extra_fields = ()
     runtime_modules = ()
     hf_aliases = {}
-    hf_ignore = (
-        "model.layers.{layer}.embed_tokens.weight",
-        "model.layers.{layer}.self_attn.rotary_emb.inv_freq",
-        "model.layers.{layer}.shared_head.head.weight",
-    )
+    hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
     weight_rules = (
         WeightRule(
             megatron_name="decoder.final_layernorm.weight",
@@ -226,6 +222,7 @@ class DeepseekV3Bridge(Bridge):
             megatron_name="embedding.word_embeddings.weight",
             hf_names=("model.embed_tokens.weight",),
             kind=WeightKind.vocab,
+            hf_copies=("model.layers.{mtp_layer}.embed_tokens.weight",),
         ),
         WeightRule(
             megatron_name="mtp.layers.{layer}.eh_proj.weight",
@@ -251,6 +248,7 @@ class DeepseekV3Bridge(Bridge):
             megatron_name="output_layer.weight",
             hf_names=("lm_head.weight",),
             kind=WeightKind.vocab,
+            hf_copies=("model.layers.{mtp_layer}.shared_head.head.weight",),
             when=_when_output_layer_weight,
         ),
     )

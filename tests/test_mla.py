@@ -213,12 +213,32 @@ def test_multi_token_prediction_layer_round_trips(tmp_path: Path) -> None:
     assert parity.max_abs_diff <= LOGIT_ATOL and parity.argmax_agreement == 1.0
     bridge.export_hf(model, tmp_path / "out")
     exported = tensors_of(tmp_path / "out")
-    # megatron-core shares the main embedding and head with MTP layers, so their HF copies
-    # are not written back.
-    copies = {"model.layers.3.embed_tokens.weight", "model.layers.3.shared_head.head.weight"}
-    assert sorted(exported) == sorted(set(source) - copies)
+    # megatron-core shares the main embedding and head with MTP layers; the HF copies in the
+    # MTP layer are written back from them (NextN / MTP loaders of inference engines read them).
+    assert sorted(exported) == sorted(source)
     assert all(torch.equal(exported[k], source[k]) for k in exported)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+
+
+def test_mtp_copies_are_written_at_tp2_pp2(tmp_path: Path) -> None:
+    """The distributed export writes the MTP layer's copies of the embedding (first stage) and
+    head (last stage) from the ranks that hold them, each TP rank its vocab slice."""
+    from checkpoints import assert_bit_exact
+
+    from bridgegen.runtime.launch import run_on_ranks
+
+    folder, _ = build(tmp_path / "hf", "deepseek_v3")
+    with_mtp_layer(folder)
+    run_on_ranks(dist_cases.convert, 2, str(folder), str(tmp_path / "out-tp2"), {"tp": 2})
+    assert_bit_exact(folder, tmp_path / "out-tp2")
+    run_on_ranks(
+        dist_cases.convert,
+        2,
+        str(folder),
+        str(tmp_path / "out-pp2"),
+        {"pp": 2, "first_stage_layers": 2, "last_stage_layers": 1},
+    )
+    assert_bit_exact(folder, tmp_path / "out-pp2")
 
 
 def test_mtp_layers_can_be_left_out(tmp_path: Path) -> None:

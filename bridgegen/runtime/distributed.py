@@ -248,6 +248,7 @@ def _planned(bridge: ModelBridge, tensors: list[_LocalTensor], dtype: torch.dtyp
         for hf_name, piece in zip(item.matched.hf_names(), split_full(kind, whole, layout), strict=True):
             shape = (experts, *piece.shape) if item.matched.rule.hf_stacked_experts else tuple(piece.shape)
             out.append(PlannedTensor(hf_name, dtype, shape))
+        out += [PlannedTensor(copy, dtype, out[-1].shape) for copy in item.matched.hf_copies()]
     return out
 
 
@@ -300,17 +301,18 @@ def export_hf(
             for item in tensors:
                 if not item.writes():
                     continue
-                hf_names = item.matched.hf_names()
-                writes = shard_writes(
-                    item.matched.rule.kind,
-                    item.tensor.detach(),
-                    [item.matched.select(output.target(name)) for name in hf_names],
-                    hf_names,
-                    layout(item.group_rank, item.group_size),
-                    item.matched.rule.norm_offset,
-                )
-                for index, view, data in writes:
-                    output.write(hf_names[index], view, data)
+                # The HF tensor(s), then any copies of the (single) HF tensor.
+                for hf_names in (item.matched.hf_names(), *((c,) for c in item.matched.hf_copies())):
+                    writes = shard_writes(
+                        item.matched.rule.kind,
+                        item.tensor.detach(),
+                        [item.matched.select(output.target(name)) for name in hf_names],
+                        hf_names,
+                        layout(item.group_rank, item.group_size),
+                        item.matched.rule.norm_offset,
+                    )
+                    for index, view, data in writes:
+                        output.write(hf_names[index], view, data)
             if rank == 0 and source is not None:
                 for name, tensor in stream_tensors(source, carried):
                     output.write(name, output.target(name), tensor)

@@ -117,6 +117,12 @@ def load_shard(
     else:  # pragma: no cover - the enum is closed
         raise AssertionError(kind)
     if norm_offset:
+        if dest.dtype != torch.float32:
+            # 1 + w in bf16 keeps ~8 bits of w: the export could not give w back.
+            raise WeightError(
+                f"{hf_names[0]}: norm_offset into a {dest.dtype} parameter loses bits of the weight; "
+                "such a norm must be kept in float32 (or use layernorm_zero_centered_gamma)"
+            )
         dest.copy_(part.to(torch.float32) + norm_offset)
     else:
         dest.copy_(part)

@@ -39,6 +39,9 @@ class WeightRule:
     norm_offset: float = 0.0
     when: Callable[[MegatronConfig], bool] | None = None
     hf_stacked_experts: bool = False  # HF tensors hold all experts stacked on dim 0
+    # HF tensors repeating the (single) HF tensor; {mtp_layer}: each multi-token prediction
+    # layer's HF number (num_layers + m).
+    hf_copies: tuple[str, ...] = ()
 
     def applies(self, config: MegatronConfig) -> bool:
         return self.when is None or self.when(config)

@@ -36,7 +36,13 @@ class MatchedTensor:
     expert: int | None = None  # global expert number (local number + this rank's expert offset)
 
     def hf_names(self) -> tuple[str, ...]:
-        names = self.rule.hf_names
+        return self._fill(self.rule.hf_names)
+
+    def hf_copies(self) -> tuple[str, ...]:
+        """HF tensors that repeat this tensor's (single) HF tensor."""
+        return self._fill(self.rule.hf_copies)
+
+    def _fill(self, names: tuple[str, ...]) -> tuple[str, ...]:
         if self.layer is not None:
             names = tuple(name.replace("{layer}", str(self.layer)) for name in names)
         if self.expert is not None:
@@ -63,9 +69,20 @@ class WeightMap:
     ) -> None:
         """``hf_prefix`` is prepended to every HF name (a language model inside a larger HF
         model); HF tensors under a ``carried`` prefix belong to the rest of that model."""
-        if hf_prefix:
-            rules = [dataclasses.replace(r, hf_names=tuple(hf_prefix + n for n in r.hf_names)) for r in rules]
-            hf_ignore = [hf_prefix + name for name in hf_ignore]
+        mtp_layers = _mtp_layer_numbers(config)
+        rules = [
+            dataclasses.replace(
+                rule,
+                hf_names=tuple(hf_prefix + n for n in rule.hf_names),
+                hf_copies=tuple(
+                    hf_prefix + copy.replace("{mtp_layer}", str(number))
+                    for copy in rule.hf_copies
+                    for number in (mtp_layers if "{mtp_layer}" in copy else [None])
+                ),
+            )
+            for rule in rules
+        ]
+        hf_ignore = [hf_prefix + name for name in hf_ignore]
         self.carried_prefixes = tuple(carried)
         self.config = config
         # HF layers numbered from here on are skipped (a checkpoint's multi-token prediction
@@ -79,6 +96,8 @@ class WeightMap:
             if rule.te_megatron_name:
                 self._patterns.append((_template_regex(rule.te_megatron_name), rule))
         self._ignore = [_template_regex(t) for t in hf_ignore]
+        # Copies are written on export, never read: the tensor they repeat is.
+        self._ignore += [_template_regex(name) for rule in rules for name in rule.hf_copies]
         # An untied output layer's HF tensor may still be present in a tied checkpoint.
         self._ignore += [
             _template_regex(name)
@@ -142,6 +161,13 @@ class WeightMap:
         groups = cfg.values.get("num_query_groups") or heads
         head_dim = cfg.values.get("kv_channels") or int(cfg.value("hidden_size")) // heads
         return Layout(heads, int(groups), int(head_dim), cfg.vocab_size, tp_rank, tp_size)
+
+
+def _mtp_layer_numbers(config: MegatronConfig) -> list[int]:
+    """HF layer numbers of the multi-token prediction layers (they follow the decoder layers)."""
+    count = int(config.values.get("mtp_num_layers") or 0)
+    first = int(config.values.get("num_layers") or 0)
+    return list(range(first, first + count))
 
 
 def model_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -268,6 +294,8 @@ def iter_hf_from_full(
             piece = piece if dtype is None else piece.to(dtype)
             if not matched.rule.hf_stacked_experts:
                 yield hf_name, piece
+                for copy in matched.hf_copies():
+                    yield copy, piece
                 continue
             stack = stacks.setdefault(hf_name, [None] * experts)
             assert matched.expert is not None

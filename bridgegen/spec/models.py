@@ -86,6 +86,11 @@ class WeightSpec(Strict):
     norm_offset: StrictFloat | StrictInt = Field(
         default=0.0, description="Megatron value = HF value + norm_offset (for 1 + w norms)"
     )
+    hf_copies: list[TensorTemplate] = Field(
+        default_factory=list,
+        description="HF tensors that repeat this one's HF tensor (e.g. a multi-token prediction layer's "
+        "copy of the embedding; {mtp_layer} is each such layer's HF number): written on export, not read",
+    )
 
 
 WeightPrefix = Annotated[str, StringConstraints(pattern=r"^([A-Za-z0-9_]+\.)*$")]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -55,6 +55,7 @@ class ResolvedWeight:
     when_python: str | None
     norm_offset: float
     hf_stacked_experts: bool
+    hf_copies: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,12 @@ class _Merged:
     activation_field: str | None
     rope_types: tuple[str, ...] | None
     description: str
+    depth: dict[str, int] = field(default_factory=dict)  # spec file -> place in the extends chain
+
+    def in_chain_order(self, entries: Iterable[tuple[str, _Origin]]) -> list[tuple[str, _Origin]]:
+        """Entries base spec first (keeping their order within a spec), so a conflict is
+        reported at the entry of the spec that extends, naming the inherited one."""
+        return sorted(entries, key=lambda e: self.depth.get(e[1].loaded.path, 0))
 
 
 def _merge_section(
@@ -202,7 +209,8 @@ def _merge_section(
 
 def _merge_chain(chain: list[tuple[LoadedSpec, SpecFile]]) -> _Merged:
     merged = _Merged({}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, [], None, None, None, None, "")
-    for loaded, spec in chain:
+    for depth, (loaded, spec) in enumerate(chain):
+        merged.depth[loaded.path] = depth
         cfg = spec.config
         _merge_section(merged.renames, cfg.renames, loaded, ("config", "renames"))
         _merge_section(
@@ -305,7 +313,9 @@ def _resolve_one(
                 )
             )
     by_megatron: dict[str, str] = {}
-    for hf_act, (megatron_act, origin) in sorted(merged.activations.items()):
+    activations = {hf: megatron for hf, (megatron, _) in merged.activations.items()}
+    for hf_act, origin in merged.in_chain_order((k, o) for k, (_, o) in sorted(merged.activations.items())):
+        megatron_act = activations[hf_act]
         if megatron_act in by_megatron:
             errors.append(
                 origin.error(
@@ -343,11 +353,12 @@ def _resolve_one(
         else:
             megatron_source[name] = origin
 
-    for _hf_name, (megatron_name, origin) in sorted(merged.renames.items()):
-        claim_megatron(megatron_name, origin)
-    for megatron_name, (_, origin) in sorted(merged.to_megatron.items()):
-        claim_megatron(megatron_name, origin)
-    for megatron_name, (_, origin) in sorted(merged.megatron_defaults.items()):
+    megatron_claims = [
+        (megatron_name, origin) for _, (megatron_name, origin) in sorted(merged.renames.items())
+    ]
+    megatron_claims += [(name, origin) for name, (_, origin) in sorted(merged.to_megatron.items())]
+    megatron_claims += [(name, origin) for name, (_, origin) in sorted(merged.megatron_defaults.items())]
+    for megatron_name, origin in merged.in_chain_order(megatron_claims):
         claim_megatron(megatron_name, origin)
     for field_name, module in sorted(module_fields.items()):
         if field_name not in megatron_source:
@@ -372,11 +383,12 @@ def _resolve_one(
         else:
             hf_source[name] = origin
 
-    for hf_name, (_, origin) in sorted(merged.renames.items()):
-        claim_hf(hf_name, origin)
-    for hf_name, (_, origin) in sorted(merged.to_hf.items()):
-        claim_hf(hf_name, origin)
-    for hf_name, (_, origin) in sorted(merged.hf_defaults.items()):
+    hf_claims = [
+        (name, origin)
+        for section in (merged.renames, merged.to_hf, merged.hf_defaults)
+        for name, (_, origin) in sorted(section.items())
+    ]
+    for hf_name, origin in merged.in_chain_order(hf_claims):
         claim_hf(hf_name, origin)
     if merged.activation_field is not None and merged.activation_field in hf_source:
         origin = hf_source[merged.activation_field]
@@ -488,6 +500,21 @@ def _resolve_one(
                 errors.append(
                     origin.error(f"{template!r} must use the same placeholders as {megatron_name!r}", (key,))
                 )
+        for index, copy in enumerate(weight.hf_copies):
+            if len(hf_names) != 1 or weight.hf_stacked_experts:
+                errors.append(
+                    origin.error(
+                        "hf_copies repeat one HF tensor: not for fused kinds or stacked experts",
+                        ("hf_copies", index),
+                    )
+                )
+            elif set(PLACEHOLDER.findall(copy)) - {"mtp_layer"} != placeholders:
+                errors.append(
+                    origin.error(
+                        f"{copy!r} must use the placeholders of {megatron_name!r}, and may add {{mtp_layer}}",
+                        ("hf_copies", index),
+                    )
+                )
         when_python = None
         if weight.when is not None:
             try:
@@ -506,11 +533,12 @@ def _resolve_one(
                 when_python,
                 weight.norm_offset,
                 weight.hf_stacked_experts,
+                tuple(weight.hf_copies),
             )
         )
     seen_hf: dict[str, str] = {}
     for weight in weights:
-        for hf_name in weight.hf_names:
+        for hf_name in (*weight.hf_names, *weight.hf_copies):
             if hf_name in seen_hf and weight.when_python is None:
                 _, origin = merged.weights[weight.megatron_name]
                 errors.append(

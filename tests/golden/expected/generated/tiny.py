@@ -106,6 +106,7 @@ class TinyBridge(Bridge):
             megatron_name="output_layer.weight",
             hf_names=("lm_head.weight",),
             kind=WeightKind.vocab,
+            hf_copies=("model.layers.{mtp_layer}.shared_head.head.weight",),
             when=_when_output_layer_weight,
         ),
     )
