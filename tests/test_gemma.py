@@ -28,8 +28,13 @@ def make_gemma(folder: Path, dtype: torch.dtype = torch.float32) -> tuple[Path, 
         max_position_embeddings=256,
     )
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # HF initialises the (1 + w) norms at w = 0; make them matter
+    return saved(AutoModelForCausalLM.from_config(config), folder, dtype)
+
+
+def saved(model: torch.nn.Module, folder: Path, dtype: torch.dtype = torch.float32) -> tuple[Path, object]:
+    """Save a freshly initialised model with random norm weights (HF initialises the (1 + w)
+    norms at w = 0, where a wrong offset would not show) and return it ready to run."""
+    with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.normal_(0.0, 0.2)
@@ -77,31 +82,26 @@ VARIANTS = {
 }
 
 
+# The text model of the Gemma 2 / 3 tests: a window shorter than the test sequences.
+TINY_TEXT: dict[str, object] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=VOCAB,
+    max_position_embeddings=256,
+    sliding_window=5,
+)
+
+
 def make_variant(folder: Path, name: str) -> tuple[Path, object]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(
-        name.removesuffix("_linear"),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=VOCAB,
-        max_position_embeddings=256,
-        sliding_window=5,
-        **VARIANTS[name],
-    )
+    config = AutoConfig.for_model(name.removesuffix("_linear"), **TINY_TEXT, **VARIANTS[name])
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for param_name, param in model.named_parameters():
-            if "norm" in param_name:
-                param.normal_(0.0, 0.2)
-    model.save_pretrained(folder)
-    model.train(False)
-    return folder, model
+    return saved(AutoModelForCausalLM.from_config(config), folder)
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
@@ -152,20 +152,7 @@ def make_multimodal(folder: Path, *, tied: bool, dtype: torch.dtype = torch.floa
     beside a SigLIP vision tower and the multimodal projector."""
     from transformers import AutoModelForImageTextToText, Gemma3Config
 
-    text = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=VOCAB,
-        max_position_embeddings=256,
-        sliding_window=5,
-        sliding_window_pattern=2,
-        query_pre_attn_scalar=24,
-        tie_word_embeddings=tied,
-    )
+    text = TINY_TEXT | dict(sliding_window_pattern=2, query_pre_attn_scalar=24, tie_word_embeddings=tied)
     vision = dict(
         hidden_size=32,
         intermediate_size=48,
@@ -184,14 +171,7 @@ def make_multimodal(folder: Path, *, tied: bool, dtype: torch.dtype = torch.floa
         tie_word_embeddings=tied,
     )
     torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_config(config)
-    with torch.no_grad():
-        for param_name, param in model.named_parameters():
-            if "norm" in param_name:
-                param.normal_(0.0, 0.2)
-    model.to(dtype).save_pretrained(folder)
-    model.train(False)
-    return folder, model
+    return saved(AutoModelForImageTextToText.from_config(config), folder, dtype)
 
 
 @pytest.mark.parametrize(
