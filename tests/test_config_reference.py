@@ -57,7 +57,7 @@ EXPECTED_FAMILY = {
     "gemma-3-1b-it": "gemma3",
     "gemma-7b": "gemma",
 }
-# Reference configs that say `"rope_scaling": null` explicitly (see the null-RoPE bug below).
+# Reference configs that say `"rope_scaling": null` explicitly (their own round-trip test below).
 NULL_ROPE_REFERENCES = (
     "Llama-2-7b-hf",
     "Qwen3-0.6B",
@@ -98,7 +98,7 @@ def round_trip(hf_config: dict[str, Any]) -> tuple[type[Bridge], MegatronConfig,
 
 
 def null_rope_keys(hf_config: dict[str, Any]) -> tuple[str, ...]:
-    """``rope_scaling`` when the source says null explicitly (checked by the xfail test instead)."""
+    """``rope_scaling`` when the source says null explicitly (checked by its own tests instead)."""
     return ("rope_scaling",) if "rope_scaling" in hf_config and hf_config["rope_scaling"] is None else ()
 
 
