@@ -54,6 +54,13 @@ def import_on_rank(args: argparse.Namespace) -> None:
     _say(
         f"{args.hf}: {bridge.config.hf_architecture} -> {bridge.bridge.__name__}, {dtype}, layout {_layout(args)}"
     )
+    _, carried = bridge.carried_tensors(args.hf)  # fails here, before any work, if they are missing
+    if carried:
+        prefixes = ", ".join(sorted({entry.name.split(".")[0] + ".*" for entry in carried}))
+        size = sum(entry.nbytes for entry in carried) / 2**20
+        _say(
+            f"{len(carried)} tensors outside the language model ({prefixes}, {size:.1f} MiB) kept for export"
+        )
     chunks = build_chunks(bridge, _layout(args), dtype)
     stats = load_hf(bridge, chunks, args.hf, progress=True)
     _say(f"rank 0 read {stats.bytes_requested / 2**20:.1f} MiB for {stats.tensors} tensors")
