@@ -55,8 +55,9 @@ def import_on_rank(args: argparse.Namespace) -> None:
         f"{args.hf}: {bridge.config.hf_architecture} -> {bridge.bridge.__name__}, {dtype}, layout {_layout(args)}"
     )
     _, carried = bridge.carried_tensors(args.hf)  # fails here, before any work, if they are missing
-    if carried:
-        prefixes = ", ".join(sorted({entry.name.split(".")[0] + ".*" for entry in carried}))
+    wrapper = bridge.wrapper()
+    if carried and wrapper is not None:
+        prefixes = ", ".join(f"{prefix}*" for prefix in wrapper.carried_weights)
         size = sum(entry.nbytes for entry in carried) / 2**20
         _say(
             f"{len(carried)} tensors outside the language model ({prefixes}, {size:.1f} MiB) kept for export"

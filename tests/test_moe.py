@@ -132,9 +132,7 @@ weights:
 
 def stacked_bridge(root: Path) -> Any:
     """The bridge generated from STACKED_SPEC (a spec file alone, beside the repo's specs)."""
-    import importlib.util
     import shutil
-    import sys
 
     from bridgegen.spec.generate import render_project
 
@@ -145,12 +143,7 @@ def stacked_bridge(root: Path) -> Any:
     path = root / "qwen3_moe_stacked.py"
     path.write_text(files["generated/qwen3_moe_stacked.py"])
     root.joinpath("bridge_file").write_text(str(path))
-    spec = importlib.util.spec_from_file_location("bridgegen_test_stacked", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bridgegen_test_stacked"] = module
-    spec.loader.exec_module(module)
-    return module.Qwen3MoeStackedBridge
+    return dist_cases.bridge_class(path)
 
 
 def stack_experts(source: Path, target: Path, experts: int = 4) -> dict[str, torch.Tensor]:

@@ -142,7 +142,6 @@ class ModelBridge:
             raise WeightError(
                 f"{exc} (looking for the {what} tensors of {self.config.hf_architecture})"
             ) from None
-        weight_map = self.weight_map()
         planned = [
             PlannedTensor(
                 name,
@@ -152,7 +151,7 @@ class ModelBridge:
                 info.shape,
             )
             for name, info in sorted(checkpoint.tensors.items())
-            if weight_map.carried(name)
+            if name.startswith(wrapper.carried_weights)
         ]
         if not planned:
             raise WeightError(
