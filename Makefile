@@ -4,7 +4,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv generate check test demo bench golden lint typecheck clean
+# The newest-versions environment: Python 3.12 with megatron-core 0.19.2 (pinned by
+# constraints-latest.txt); for 3.12 pip takes torch's CUDA build, which runs on the CPU.
+PYTHON_LATEST ?= $(shell for p in python3.12 /root/.pyenv/versions/3.12*/bin/python3.12; do \
+	$$p -c '' 2>/dev/null && echo $$p && break; done)
+VENV_LATEST := .venv-latest
+PY_LATEST := $(VENV_LATEST)/bin/python
+STAMP_LATEST := $(VENV_LATEST)/.installed
+
+.PHONY: venv venv-latest generate check test test-latest demo bench golden lint typecheck clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +23,16 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+$(STAMP_LATEST): pyproject.toml constraints-latest.txt
+	test -n "$(PYTHON_LATEST)" || { echo "no Python 3.12 found; set PYTHON_LATEST" >&2; exit 1; }
+	test -x $(PY_LATEST) || $(PYTHON_LATEST) -m venv $(VENV_LATEST)
+	$(PY_LATEST) -m pip install -q --upgrade pip
+	$(PY_LATEST) -m pip install -q -c constraints-latest.txt "torch==2.13.0"
+	$(PY_LATEST) -m pip install -q -c constraints-latest.txt -e ".[dev]"
+	touch $(STAMP_LATEST)
+
+venv-latest: $(STAMP_LATEST)
 
 generate: $(STAMP)
 	$(PY) -m bridgegen generate
@@ -27,6 +45,12 @@ check: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The suite under megatron-core 0.19.2, then checkpoints written under one version read under the other.
+test-latest: $(STAMP) $(STAMP_LATEST)
+	$(PY_LATEST) -m pytest -q
+	BRIDGEGEN_PYTHON_OLD=$(CURDIR)/$(PY) BRIDGEGEN_PYTHON_NEW=$(CURDIR)/$(PY_LATEST) \
+		$(PY_LATEST) -m pytest -q tests_cross
+
 demo: $(STAMP)
 	$(PY) -m bridgegen.demo
 
@@ -37,4 +61,4 @@ golden: $(STAMP)
 	$(PY) tests/golden/refresh.py
 
 clean:
-	rm -rf $(VENV) demo_out bench/out .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(VENV_LATEST) demo_out bench/out .mypy_cache .ruff_cache .pytest_cache

@@ -7,6 +7,7 @@ torchrun, a layout of several ranks is run on that many local processes (gloo).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -45,9 +46,14 @@ def import_on_rank(args: argparse.Namespace) -> None:
     from bridgegen.runtime.megatron_checkpoint import save_megatron
 
     start = time.perf_counter()
+    from bridgegen.runtime.formats.key_names import KeyNames
+
     bridge = ModelBridge.from_hf_dir(args.hf)
     if args.drop_mtp:
         bridge = bridge.without_mtp()
+    bridge = dataclasses.replace(
+        bridge.with_vocab_multiple(args.vocab_multiple), key_names=KeyNames(args.key_names)
+    )
     dtype = parse_dtype(args.dtype) or bridge.default_dtype()
     if Path(args.out).exists() and not args.overwrite:
         raise BridgeError(f"{args.out}: output folder exists; pass --overwrite to replace it")
@@ -73,7 +79,13 @@ def import_on_rank(args: argparse.Namespace) -> None:
         hf_source=args.hf,
         overwrite=args.overwrite,
     )
-    _say(f"wrote Megatron dist checkpoint {args.out} in {time.perf_counter() - start:.1f} s")
+    _say(f"wrote Megatron checkpoint {args.out} in {time.perf_counter() - start:.1f} s")
+    if _rank() == 0:
+        from bridgegen.runtime.megatron_checkpoint import ARGS_FILE
+
+        text = (Path(args.out) / ARGS_FILE).read_text()
+        print(f"Megatron-LM model arguments for this checkpoint (also in {Path(args.out) / ARGS_FILE}):")
+        print(text, end="", flush=True)
 
 
 def export_on_rank(args: argparse.Namespace) -> None:
@@ -81,9 +93,11 @@ def export_on_rank(args: argparse.Namespace) -> None:
     from bridgegen.runtime.megatron_checkpoint import bridge_for_checkpoint, load_megatron
 
     start = time.perf_counter()
-    bridge, saved_dtype = bridge_for_checkpoint(args.megatron)
+    bridge, saved_dtype = bridge_for_checkpoint(
+        args.megatron, iteration=args.iteration, family=args.family, hf_config=args.hf_config
+    )
     chunks = build_chunks(bridge, _layout(args), saved_dtype)
-    load_megatron([c.model for c in chunks], args.megatron)
+    load_megatron([c.model for c in chunks], args.megatron, iteration=args.iteration)
     export_hf(
         bridge,
         chunks,
@@ -101,10 +115,12 @@ def verify_on_rank(args: argparse.Namespace) -> bool:
 
     from bridgegen.runtime.convert import ModelBridge
     from bridgegen.runtime.distributed import build_chunks, forward_logits, load_hf
-    from bridgegen.runtime.megatron_checkpoint import load_megatron
+    from bridgegen.runtime.megatron_checkpoint import bridge_for_checkpoint, load_megatron
     from bridgegen.runtime.verify import compare
 
     bridge = ModelBridge.from_hf_dir(args.hf)
+    if args.megatron:
+        bridge, _ = bridge_for_checkpoint(args.megatron, hf_config=args.hf)
     chunks = build_chunks(bridge, _layout(args), torch.float32, parallel_output=False)
     if args.megatron:
         load_megatron([c.model for c in chunks], args.megatron)
@@ -184,10 +200,15 @@ def _add_layout(p: argparse.ArgumentParser) -> None:
 def add_conversion_commands(sub: Any) -> None:
     p = sub.add_parser(
         "import",
-        help="convert an HF checkpoint folder into a Megatron-Core distributed checkpoint",
+        help="convert an HF checkpoint folder into a Megatron checkpoint that Megatron-LM and "
+        "Megatron-Bridge load as it is",
         description="Read an HF folder (config.json + safetensors), build the Megatron-Core model its bridge "
-        "describes at the given layout, let each rank read only its own slices, and save a dist checkpoint "
-        "with the bridge config beside it (bridgegen.json). Atomic.",
+        "describes at the given layout, let each rank read only its own slices, and save a torch_dist "
+        "checkpoint laid out as Megatron-LM saves one: OUT/latest_checkpointed_iteration.txt ('release') and "
+        "OUT/release/ with the common state (args, checkpoint_version, iteration, content_metadata). Beside "
+        "it: bridgegen.json (the bridge config), hf_side_files/ (tokenizer) and megatron_lm_args.txt, the "
+        "Megatron-LM flags that build this exact model (also printed). Train with "
+        "`--load OUT` (Megatron-LM) or checkpoint.pretrained_checkpoint=OUT (Megatron-Bridge). Atomic.",
     )
     p.add_argument("--hf", required=True, help="HF model folder")
     p.add_argument("--out", required=True, help="Megatron checkpoint folder to create")
@@ -200,17 +221,44 @@ def add_conversion_commands(sub: Any) -> None:
         action="store_true",
         help="leave out multi-token prediction layers (their tensors are skipped)",
     )
+    p.add_argument(
+        "--key-names",
+        choices=["te", "local"],
+        default="te",
+        help="checkpoint key names: 'te' as the Transformer Engine layer spec names them (Megatron-LM's "
+        "and Megatron-Bridge's default), 'local' for --transformer-impl local (default: te)",
+    )
+    p.add_argument(
+        "--vocab-multiple",
+        type=int,
+        default=1,
+        help="pad the embedding / output rows to a multiple of this. Default 1: the HF vocab exactly, as "
+        "Megatron-Bridge builds it (should_pad_vocab false); Megatron-LM is told the count with "
+        "--padded-vocab-size. 128 x TP reproduces Megatron-LM's own padding",
+    )
     _add_layout(p)
     p.set_defaults(func=_dispatch("import"))
 
     p = sub.add_parser(
         "export",
-        help="convert a Megatron checkpoint written by `bridgegen import` back to an HF folder",
-        description="Load a dist checkpoint (saved at any layout; its bridge config is read from "
-        "bridgegen.json) at the given layout and write an HF folder: config.json, tokenizer files, "
-        "sharded safetensors with an index. Each pipeline stage writes its own shards. Atomic.",
+        help="convert a Megatron checkpoint (ours, Megatron-LM's or Megatron-Bridge's) to an HF folder",
+        description="Load a torch_dist checkpoint saved at any layout, with Transformer Engine or local key "
+        "names, stacked or per-layer keys, by megatron-core 0.16 to 0.19 (common.pt or the common state "
+        "inside the DCP files), and write an HF folder: config.json, tokenizer files, sharded safetensors "
+        "with an index. --megatron is a folder with latest_checkpointed_iteration.txt (the latest "
+        "iteration is taken, or --iteration), an iter_*/release folder, or a flat checkpoint. The config "
+        "comes from bridgegen.json (written by `bridgegen import`), else --hf-config, else the "
+        "checkpoint's Megatron-LM args or Megatron-Bridge run_config.yaml with --family. Optimizer and "
+        "RNG state are never read. Atomic.",
     )
     p.add_argument("--megatron", required=True, help="Megatron checkpoint folder")
+    p.add_argument("--iteration", help="iteration to export: a number or 'release' (default: the tracker's)")
+    p.add_argument(
+        "--family", help="bridge family (see `bridgegen list`) for a checkpoint without bridgegen.json"
+    )
+    p.add_argument(
+        "--hf-config", help="HF folder whose config.json describes the model (and tokenizer files)"
+    )
     p.add_argument("--out", required=True, help="HF folder to create")
     p.add_argument("--dtype", help="dtype of the written tensors (default: the checkpoint's)")
     p.add_argument(

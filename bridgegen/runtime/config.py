@@ -26,6 +26,7 @@ MODEL_FIELDS = frozenset(
         "share_embeddings_and_output_weights",
         "seq_len_interpolation_factor",
         "make_vocab_size_divisible_by",
+        "padded_vocab_size",
     }
 )
 # HF fields that describe the file rather than the model; never carried through.
@@ -170,9 +171,19 @@ class MegatronConfig:
     def vocab_size(self) -> int:
         return int(self.value("vocab_size"))
 
-    def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
-        """Vocab rounded up to ``make_vocab_size_divisible_by * tp`` as Megatron-LM pads it."""
-        multiple = int(self.values.get("make_vocab_size_divisible_by", 128)) * tensor_parallel_size
+    @property
+    def vocab_multiple(self) -> int:
+        """The multiple the Megatron embedding's rows are padded to; 1 (the HF vocab exactly,
+        as Megatron-Bridge builds it) unless an import chose otherwise."""
+        return int(self.values.get("make_vocab_size_divisible_by") or 1)
+
+    def padded_vocab_size(self) -> int:
+        """Rows of the Megatron embedding and output layer: a checkpoint's own count when read
+        from one, else the vocab rounded up to ``vocab_multiple``. A consumer must build the
+        same count (Megatron-LM: ``--padded-vocab-size``)."""
+        if self.values.get("padded_vocab_size"):
+            return int(self.values["padded_vocab_size"])
+        multiple = self.vocab_multiple
         return -(-self.vocab_size // multiple) * multiple
 
     def transformer_values(self, config_field_names: frozenset[str]) -> dict[str, Any]:
@@ -185,7 +196,9 @@ class MegatronConfig:
     def model_values(self) -> dict[str, Any]:
         """GPTModel keyword arguments (RoPE settings included)."""
         out = {
-            k: v for k, v in self.values.items() if k in MODEL_FIELDS and k != "make_vocab_size_divisible_by"
+            k: v
+            for k, v in self.values.items()
+            if k in MODEL_FIELDS and k not in ("make_vocab_size_divisible_by", "padded_vocab_size")
         }
         if self.megatron_model == "gpt":
             out.update(

@@ -17,6 +17,7 @@ import torch
 from bridgegen.runtime.bridge import Bridge, Wrapper
 from bridgegen.runtime.config import MegatronConfig
 from bridgegen.runtime.errors import ConfigError, WeightError
+from bridgegen.runtime.formats.key_names import KeyNames
 from bridgegen.runtime.fp8 import block_size
 from bridgegen.runtime.quirks import MODULE_FIELD, RuntimeModule
 from bridgegen.runtime.safetensors_io import Checkpoint, HFDirWriter, PlannedTensor, stream_tensors
@@ -88,6 +89,10 @@ class ModelBridge:
     config: MegatronConfig
     hf_dir: Path | None = None
     drop_mtp: bool = False
+    # How checkpoint keys are named (see formats/key_names.py) and whether every layer has keys
+    # of its own (a checkpoint saved so) rather than stacked ones.
+    key_names: KeyNames = KeyNames.te
+    per_layer_keys: bool = False
 
     @staticmethod
     def from_hf_config(hf_config: dict[str, Any], source: str = "config.json") -> ModelBridge:
@@ -159,14 +164,36 @@ class ModelBridge:
             )
         return checkpoint, planned
 
+    def with_vocab_multiple(self, multiple: int) -> ModelBridge:
+        """The same model with its embedding rows padded to a multiple of ``multiple``."""
+        if multiple < 1:
+            raise ConfigError(f"vocab multiple must be at least 1, got {multiple}")
+        values = dict(self.config.values, make_vocab_size_divisible_by=multiple)
+        values.pop("padded_vocab_size", None)
+        return dataclasses.replace(self, config=dataclasses.replace(self.config, values=values))
+
+    def megatron_lm_arguments(self, dtype: torch.dtype, tokenizer_model: str | None = None) -> Any:
+        """Megatron-LM's arguments for this model (``formats.megatron_lm.LmArguments``)."""
+        from bridgegen.runtime.formats.megatron_lm import lm_arguments
+
+        return lm_arguments(
+            self.config,
+            padded_vocab_size=self.config.padded_vocab_size(),
+            vocab_multiple=self.config.vocab_multiple,
+            key_names=self.key_names,
+            dtype=dtype,
+            tokenizer_model=tokenizer_model,
+            runtime_modules=[module.value for module, _ in self.runtime_modules()],
+        )
+
     def without_mtp(self) -> ModelBridge:
         """The same model without its multi-token prediction layers: they are not built, their
         HF tensors (layers numbered from num_layers on) are skipped on import, and an export
         says num_nextn_predict_layers 0, as it holds none."""
         values = dict(self.config.values)
         values["mtp_num_layers"] = None
-        return ModelBridge(
-            self.bridge, dataclasses.replace(self.config, values=values), self.hf_dir, drop_mtp=True
+        return dataclasses.replace(
+            self, config=dataclasses.replace(self.config, values=values), drop_mtp=True
         )
 
     def default_dtype(self) -> torch.dtype:
@@ -229,6 +256,9 @@ class ModelBridge:
             from bridgegen.runtime.modules import use_latent_core_attention
 
             use_latent_core_attention(spec)
+        from bridgegen.runtime.formats.key_names import use_key_names
+
+        use_key_names(spec, self.key_names)
         from bridgegen.runtime import modules
 
         values = self.config.values
@@ -245,10 +275,16 @@ class ModelBridge:
             # MTP layers reuse the last decoder layer's spec (the latent attention swap included).
             mtp_spec = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False, vp_stage=vp_stage)
         model_kwargs = self.config.model_values()
+        rows = self.config.padded_vocab_size()
+        if rows % config.tensor_model_parallel_size:
+            raise ConfigError(
+                f"{self.config.family}: {rows} vocab rows do not split over tensor parallel size "
+                f"{config.tensor_model_parallel_size}; pad them (import --vocab-multiple)"
+            )
         model: torch.nn.Module = GPTModel(
             config=config,
             transformer_layer_spec=spec,
-            vocab_size=self.config.padded_vocab_size(config.tensor_model_parallel_size),
+            vocab_size=rows,
             max_sequence_length=int(model_kwargs.pop("max_sequence_length")),
             pre_process=pre_process,
             post_process=post_process,

@@ -322,7 +322,10 @@ def export_hf(
             _commit(bridge, tmp, out, plan, target_dtype, overwrite)
         dist.barrier()
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # Rank 0 owns the shared temp folder: a failing rank removing it under the others would
+        # turn its own error into theirs. The launcher removes what a killed rank 0 leaves.
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 

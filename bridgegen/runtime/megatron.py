@@ -89,6 +89,11 @@ def transformer_config(
     )
     if config.values.get("num_moe_experts"):
         kwargs.setdefault("moe_token_dispatcher_type", "allgather")
+        freq = kwargs.get("moe_layer_freq")
+        if isinstance(freq, list) and freq and all(item == 1 for item in freq):
+            # Every layer MoE: megatron-core stacks the layers' keys only for an int frequency,
+            # as Megatron-LM (--moe-layer-freq 1) and Megatron-Bridge save them.
+            kwargs["moe_layer_freq"] = 1
     kwargs.update(overrides)
     try:
         built = cls(**kwargs)

@@ -1,14 +1,25 @@
-"""Megatron-Core distributed checkpoints (``megatron.core.dist_checkpointing``) with the
-bridge's config recorded beside them, so export needs no extra flags.
+"""Megatron-Core distributed checkpoints laid out as Megatron-LM and Megatron-Bridge load them,
+and read back from whatever those tools (or we) wrote.
 
-The checkpoint is saved from whatever layout the model has (every rank takes part) and can be
-loaded at any other layout: dist_checkpointing stores tensors by global key and offsets.
+An import writes::
+
+    OUT/latest_checkpointed_iteration.txt   "release"
+    OUT/release/                            the dist checkpoint: tensors + common state
+                                            (args, checkpoint_version, iteration, content_metadata)
+    OUT/bridgegen.json                      the bridge's config, key style and dtype
+    OUT/megatron_lm_args.txt                the Megatron-LM flags that build this model
+    OUT/hf_side_files/                      tokenizer / generation files (and carried tensors)
+
+The checkpoint is saved from whatever layout the model has (every rank takes part) and loads at
+any other: dist_checkpointing stores tensors by global key and offsets.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,8 +28,11 @@ import torch
 import torch.distributed as dist
 
 from bridgegen.runtime.config import MegatronConfig
-from bridgegen.runtime.errors import WeightError
+from bridgegen.runtime.errors import ConfigError, WeightError
+from bridgegen.runtime.formats import dist_checkpoint, foreign_config, megatron_lm
+from bridgegen.runtime.formats.key_names import detect_key_names
 from bridgegen.runtime.safetensors_io import (
+    HF_SIDE_FILES,
     SINGLE_NAME,
     copy_side_files,
     copy_tensors,
@@ -30,18 +44,26 @@ if TYPE_CHECKING:
 
 BRIDGE_FILE = "bridgegen.json"
 SIDE_FILES_DIR = "hf_side_files"
+ARGS_FILE = "megatron_lm_args.txt"
+TOKENIZER_DIR = "tokenizer"  # Megatron-LM and Megatron-Bridge keep the tokenizer in iter_*/tokenizer
+PER_LAYER_KEY = re.compile(r"^(decoder|mtp)\.layers\.\d+\.")
 
 
-def _sharded_state_dict(models: list[Any]) -> dict[str, Any]:
-    """One dict for all of this rank's model chunks. The keys inside each ShardedTensor are
-    global; the chunk prefix only keeps this rank's dict keys apart."""
+def sharded_state_dict(models: list[Any], per_layer_keys: bool = False) -> dict[str, Any]:
+    """The model part of the state Megatron-LM saves: ``model``, or ``model0``, ``model1``, ...
+    for virtual pipeline stages, requested with the content metadata it saves."""
+    metadata = dict(megatron_lm.CONTENT_METADATA, non_homogeneous_layers=per_layer_keys)
     if len(models) == 1:
-        return dict(models[0].sharded_state_dict())
-    return {f"chunk{i}": model.sharded_state_dict() for i, model in enumerate(models)}
+        return {"model": models[0].sharded_state_dict(metadata=dict(metadata))}
+    return {f"model{i}": model.sharded_state_dict(metadata=dict(metadata)) for i, model in enumerate(models)}
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _tokenizer_files(folder: Path | None) -> bool:
+    return folder is not None and any((folder / name).is_file() for name in HF_SIDE_FILES[1:])
 
 
 def save_megatron(
@@ -53,9 +75,9 @@ def save_megatron(
     hf_source: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Save the model (all ranks call this) as a dist checkpoint in ``out_dir``; atomic: the
-    folder appears only when every rank has written its part. The tokenizer files of
-    ``hf_source``, and the tensors it holds besides the language model (e.g. a vision tower,
+    """Save the model (all ranks call this) as a Megatron-LM style checkpoint in ``out_dir``;
+    atomic: the folder appears only when every rank has written its part. The tokenizer files
+    of ``hf_source``, and the tensors it holds besides the language model (e.g. a vision tower,
     see ``ModelBridge.carried_tensors``), are kept in ``hf_side_files/`` for the export."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
@@ -69,15 +91,40 @@ def save_megatron(
     chunks = models if isinstance(models, list) else [models]
     target = Path(out_dir)
     tmp = shared_temp_dir(target, overwrite)
+    lm_args = bridge.megatron_lm_arguments(
+        dtype,
+        tokenizer_model=str(target.resolve() / SIDE_FILES_DIR)
+        if _tokenizer_files(Path(hf_source) if hf_source is not None else None)
+        else None,
+    )
     try:
+        folder = tmp / megatron_lm.RELEASE
+        state = sharded_state_dict(chunks)
+        state.update(
+            args=lm_args.namespace(),
+            checkpoint_version=megatron_lm.CHECKPOINT_VERSION,
+            iteration=0,
+        )
         strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
-        dist_checkpointing.save(_sharded_state_dict(chunks), str(tmp), sharded_strategy=strategy)
         if _rank() == 0:
+            folder.mkdir()
+        if dist.is_initialized():
+            dist.barrier()
+        dist_checkpointing.save(
+            state,
+            str(folder),
+            sharded_strategy=strategy,
+            content_metadata=dict(megatron_lm.CONTENT_METADATA),
+        )
+        if _rank() == 0:
+            megatron_lm.write_tracker(tmp)
             record = {
                 "megatron_config": json.loads(bridge.config.to_json()),
                 "dtype": str(dtype).removeprefix("torch."),
+                "key_names": bridge.key_names.value,
             }
             (tmp / BRIDGE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+            (tmp / ARGS_FILE).write_text(lm_args.command_text(str(target.resolve())))
             if hf_source is not None:
                 (tmp / SIDE_FILES_DIR).mkdir()
                 copy_side_files(hf_source, tmp / SIDE_FILES_DIR)
@@ -86,47 +133,169 @@ def save_megatron(
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)
-        dist.barrier()
+        if dist.is_initialized():
+            dist.barrier()
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if _rank() == 0:  # the temp folder is shared; see distributed.export_hf
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
 
 
-def read_record(checkpoint_dir: str | os.PathLike[str]) -> tuple[MegatronConfig, torch.dtype]:
-    path = Path(checkpoint_dir) / BRIDGE_FILE
-    if not path.is_file():
-        raise WeightError(f"{path}: missing; this folder was not written by bridgegen import")
-    record = json.loads(path.read_text())
-    return MegatronConfig.from_json(json.dumps(record["megatron_config"])), getattr(torch, record["dtype"])
+# ------------------------------------------------------------------------ reading
 
 
-def bridge_for_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> tuple[ModelBridge, torch.dtype]:
-    """The bridge a checkpoint written by ``save_megatron`` was saved with, and its dtype; its
-    ``hf_dir`` is the kept side-file folder, so an export writes those files back."""
+def _find_record(found: megatron_lm.CheckpointFolder) -> Path | None:
+    for place in (found.path, found.root):
+        if (place / BRIDGE_FILE).is_file():
+            return place / BRIDGE_FILE
+    return None
+
+
+def _side_folder(found: megatron_lm.CheckpointFolder, hf_config: Path | None) -> Path | None:
+    for place in (
+        found.root / SIDE_FILES_DIR,
+        found.path / SIDE_FILES_DIR,
+        hf_config,
+        found.path / TOKENIZER_DIR,
+    ):
+        if place is not None and place.is_dir():
+            return place
+    return None
+
+
+def bridge_for_checkpoint(
+    checkpoint_dir: str | os.PathLike[str],
+    *,
+    iteration: str | None = None,
+    family: str | None = None,
+    hf_config: str | os.PathLike[str] | None = None,
+) -> tuple[ModelBridge, torch.dtype]:
+    """The bridge that reads a Megatron checkpoint, and the dtype of its weights.
+
+    ``checkpoint_dir`` is a tracker root (its latest iteration, or ``iteration``), an
+    ``iter_*`` / ``release`` folder, or a flat dist checkpoint. The config comes from, in this
+    order: ``bridgegen.json`` (our import), ``hf_config`` (an HF folder with config.json), or the
+    checkpoint's own Megatron-LM ``args`` / Megatron-Bridge ``run_config.yaml`` together with
+    ``family``. Key style (Transformer Engine or local names), stacked or per-layer keys and the
+    vocab rows are read from the checkpoint's keys.
+    """
     from bridgegen.generated import BRIDGES
-    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.runtime.convert import ModelBridge, read_hf_config
 
-    config, dtype = read_record(checkpoint_dir)
-    bridge = next((b for b in BRIDGES if b.family == config.family), None)
-    if bridge is None:
-        raise WeightError(f"{checkpoint_dir}: family {config.family!r} has no bridge in this version")
-    side = Path(checkpoint_dir) / SIDE_FILES_DIR
-    return ModelBridge(bridge, config, side if side.is_dir() else None), dtype
+    found = megatron_lm.find_checkpoint(checkpoint_dir, iteration)
+    keys = dist_checkpoint.model_keys(found.path)
+    if "embedding.word_embeddings.weight" not in keys and "output_layer.weight" not in keys:
+        raise WeightError(f"{found.path}: holds no embedding or output layer; not a GPT model checkpoint")
+    hf_dir = Path(hf_config) if hf_config is not None else None
+    record_path = _find_record(found)
+    if record_path is not None and hf_dir is None:
+        record = json.loads(record_path.read_text())
+        config = MegatronConfig.from_json(json.dumps(record["megatron_config"]))
+        chosen = next((b for b in BRIDGES if b.family == config.family), None)
+        if chosen is None:
+            raise WeightError(f"{record_path}: family {config.family!r} has no bridge in this version")
+        bridge = ModelBridge(chosen, config)
+    elif hf_dir is not None:
+        bridge = ModelBridge.from_hf_config(read_hf_config(hf_dir), source=str(hf_dir / "config.json"))
+    else:
+        bridge = ModelBridge.from_hf_config(_foreign_hf_config(found, family))
+    embedding = keys.get("embedding.word_embeddings.weight") or keys["output_layer.weight"]
+    rows, saved_dtype = embedding[0][0], embedding[1]
+    if rows < bridge.config.vocab_size:
+        raise WeightError(
+            f"{found.path}: the embedding has {rows} rows, fewer than the config's vocab_size "
+            f"{bridge.config.vocab_size}"
+        )
+    values = dict(bridge.config.values, padded_vocab_size=rows)
+    bridge = dataclasses.replace(
+        bridge,
+        config=dataclasses.replace(bridge.config, values=values),
+        hf_dir=_side_folder(found, hf_dir),
+        key_names=detect_key_names(set(keys)),
+        per_layer_keys=any(PER_LAYER_KEY.match(key) for key in keys),
+    )
+    return bridge, saved_dtype
 
 
-def load_megatron(models: torch.nn.Module | list[Any], checkpoint_dir: str | os.PathLike[str]) -> None:
-    """Fill the model (all ranks call this) from a dist checkpoint saved at any layout."""
-    from megatron.core import dist_checkpointing
+def _foreign_hf_config(found: megatron_lm.CheckpointFolder, family: str | None) -> dict[str, Any]:
+    run_config = foreign_config.read_run_config(found.path)
+    where = str(found.path / foreign_config.RUN_CONFIG)
+    if run_config is not None:
+        values, activation, rope = foreign_config.values_from_run_config(run_config)
+    else:
+        common = dist_checkpoint.read_common_state(found.path)
+        args = common.get("args")
+        if args is None:
+            raise ConfigError(
+                f"{found.path}: no {BRIDGE_FILE}, no {foreign_config.RUN_CONFIG} and no 'args' in the "
+                "common state: pass --hf-config with the HF config folder of this model"
+            )
+        values, activation, rope = foreign_config.values_from_args(args)
+        where = f"{found.path}: args"
+    if family is None:
+        raise ConfigError(
+            f"{where}: this checkpoint does not say which HF architecture it is; pass --family "
+            "(see `bridgegen list`) or --hf-config with the HF config folder"
+        )
+    return foreign_config.hf_config_for(family, values, activation, rope, where)
 
+
+def load_megatron(
+    models: torch.nn.Module | list[Any],
+    checkpoint_dir: str | os.PathLike[str],
+    *,
+    iteration: str | None = None,
+) -> None:
+    """Fill the model (all ranks call this) from a dist checkpoint saved at any layout. Every
+    key the model asks for must be there, and every model tensor of the checkpoint must be
+    asked for (optimizer and RNG state are never read)."""
     from bridgegen.runtime.cpu_support import enable_cpu_execution
 
     enable_cpu_execution()
+    found = megatron_lm.find_checkpoint(checkpoint_dir, iteration)
     chunks = models if isinstance(models, list) else [models]
-    state = dist_checkpointing.load(_sharded_state_dict(chunks), str(checkpoint_dir))
+    per_layer_keys = any(PER_LAYER_KEY.match(key) for key in dist_checkpoint.model_keys(found.path))
+    request = sharded_state_dict(chunks, per_layer_keys)
+    _check_keys(request, found.path)
+    state = dist_checkpoint.load_tensors(request, found.path)
     for index, model in enumerate(chunks):
-        part = state if len(chunks) == 1 else state[f"chunk{index}"]
+        part = state["model" if len(chunks) == 1 else f"model{index}"]
         result = model.load_state_dict(part, strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         if missing:
-            raise WeightError(f"{checkpoint_dir}: checkpoint lacks {', '.join(missing[:5])}")
+            raise WeightError(f"{found.path}: checkpoint lacks {', '.join(missing[:5])}")
+
+
+def requested_keys(request: dict[str, Any]) -> set[str]:
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    keys: set[str] = set()
+    for item in nested_values(request):
+        if isinstance(item, ShardedTensor | ShardedTensorFactory):
+            keys.add(item.key)
+    return keys
+
+
+def _check_keys(request: dict[str, Any], folder: Path) -> None:
+    """Every model tensor of the checkpoint is one this model reads (all ranks together): a
+    tensor no rank asks for would be dropped from the export without a word."""
+    asked = requested_keys(request)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, sorted(asked))
+        asked = {key for part in gathered for key in part}
+    present = set(dist_checkpoint.model_keys(folder))
+    unread = sorted(present - asked)
+    if unread:
+        raise WeightError(
+            f"{folder}: holds {len(unread)} model tensor(s) this model does not read: "
+            f"{', '.join(unread[:5])}{' ...' if len(unread) > 5 else ''} (wrong --family or config?)"
+        )
+    absent = sorted(asked - present)
+    if absent:
+        raise WeightError(
+            f"{folder}: lacks {len(absent)} tensor(s) this model needs: {', '.join(absent[:5])}"
+            f"{' ...' if len(absent) > 5 else ''}"
+        )
