@@ -40,7 +40,7 @@ generate: $(STAMP)
 check: $(STAMP)
 	$(PY) -m bridgegen check
 	$(PY) -m mypy --strict generated bridgegen
-	$(PY) -m ruff check bridgegen generated tests bench
+	$(PY) -m ruff check bridgegen generated tests tests_cross bench
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -6,7 +6,9 @@ Checks, on a tiny random Llama built offline:
      (TF32 off), argmax agreement 100%;
   2. the same against HF on the GPU;
   3. bf16: HF -> Megatron (GPU) -> HF is bit-exact, and bf16 logits agree with HF's bf16
-     argmax on >= 95% of tokens.
+     argmax on >= 95% of tokens;
+  4. the Megatron-LM checkpoint layout saved from the GPU model (tracker -> release/, args in
+     the common state), read back into a fresh GPU model and exported: bit-exact.
 Prints one line per check and exits non-zero if any fails.
 """
 
@@ -109,7 +111,35 @@ def main() -> int:
     parity = compare(reference16, logits.float().cpu())
     results.append(("bf16 GPU vs HF bf16 (argmax >= 95%)", parity.argmax_agreement >= 0.95, str(parity)))
 
+    from bridgegen.runtime.formats import dist_checkpoint, megatron_lm
+    from bridgegen.runtime.megatron_checkpoint import bridge_for_checkpoint, load_megatron, save_megatron
+
+    checkpoint = work / "bf16_megatron"
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    save_megatron([c.model for c in chunks], bridge, checkpoint, dtype=torch.bfloat16, hf_source=bf16_dir)
+    reread, saved_dtype = bridge_for_checkpoint(checkpoint)
+    fresh = build_chunks(reread, ParallelLayout(), saved_dtype, parallel_output=False, device=args.device)
+    load_megatron([c.model for c in fresh], checkpoint)
+    out = work / "bf16_export_from_checkpoint"
+    shutil.rmtree(out, ignore_errors=True)
+    export_hf(reread, fresh, out)
+    b = load_file(out / "model.safetensors")
+    exact = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    tracker = (checkpoint / megatron_lm.TRACKER_FILE).read_text()
+    args_saved = dist_checkpoint.read_common_state(checkpoint / "release")["args"]
+    layout_ok = tracker == "release" and args_saved.num_layers == 4 and saved_dtype == torch.bfloat16
+    results.append(
+        (
+            "bf16 GPU model -> Megatron-LM checkpoint -> GPU model -> HF bit-exact",
+            exact and layout_ok,
+            f"tracker {tracker!r}, args.num_layers {args_saved.num_layers}, {len(b)} tensors",
+        ),
+    )
+
     if dist.get_rank() == 0:
+        import megatron.core
+
+        print(f"megatron-core {megatron.core.__version__}, torch {torch.__version__}")
         device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
         print(f"device: {device_name}, backend: {dist.get_backend()}")
         for name, ok, detail in results:

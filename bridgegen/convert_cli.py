@@ -144,8 +144,24 @@ def verify_on_rank(args: argparse.Namespace) -> bool:
     return parity.ok(args.tolerance)
 
 
+def quiet_third_party() -> None:
+    """Keep megatron-core's and torch's notices about optional kernels (Apex, Transformer
+    Engine) and deprecations off the terminal, so our own output is what a user reads.
+    BRIDGEGEN_SHOW_WARNINGS=1 shows them."""
+    import logging
+    import warnings
+
+    if os.environ.get("BRIDGEGEN_SHOW_WARNINGS"):
+        return
+    for module in (r"megatron(\..*)?", r"torch(\..*)?", r"transformers(\..*)?"):
+        warnings.filterwarnings("ignore", module=module)
+    for logger in ("megatron", "megatron.core", "torch.distributed"):
+        logging.getLogger(logger).setLevel(logging.ERROR)
+
+
 def run_command(name: str, args: argparse.Namespace) -> Any:
     """One rank's work, with any conversion error printed as ``rank N: error: ...``."""
+    quiet_third_party()
     command = {"import": import_on_rank, "export": export_on_rank, "verify": verify_on_rank}[name]
     try:
         return command(args)

@@ -172,15 +172,36 @@ def our_keys(folder: Path) -> dict[str, Any]:
     }
 
 
+def assert_loadable_by_megatron_lm(out: Path, hf_dir: Path) -> None:
+    """What Megatron-LM's ``--load`` and Megatron-Bridge's ``pretrained_checkpoint`` read from
+    any of our imports: the tracker and ``release/`` (checkpointing.py:388-430, :243-246), a
+    torch_dist ``metadata.json``, ``checkpoint_version`` 3.0 and ``iteration`` (:2232-2233),
+    the content metadata Megatron-LM saves (:560-561), and ``args`` whose fields that
+    ``check_checkpoint_args`` (:176-221) compares equal the HF model's."""
+    assert (out / megatron_lm.TRACKER_FILE).read_text() == "release"
+    assert json.loads((out / "release" / "metadata.json").read_text())["sharded_backend"] == "torch_dist"
+    common = dist_checkpoint.read_common_state(out / "release")
+    assert common["checkpoint_version"] == 3.0 and common["iteration"] == 0
+    assert common["content_metadata"] == megatron_lm.CONTENT_METADATA
+    args = common["args"]
+    config = json.loads((hf_dir / "config.json").read_text())
+    config = config.get("text_config", config)
+    assert args.num_layers == config["num_hidden_layers"]
+    assert args.hidden_size == config["hidden_size"]
+    assert args.num_attention_heads == config["num_attention_heads"]
+    assert args.add_position_embedding is True
+    assert args.padded_vocab_size == config["vocab_size"]
+    rows = dist_checkpoint.tensor_metadata(out / "release")["embedding.word_embeddings.weight"][0][0]
+    assert rows == args.padded_vocab_size
+
+
 def test_import_layout_is_what_megatron_lm_loads(tmp_path: Path) -> None:
     """Megatron-LM ``--load OUT``: the tracker holds ``release`` (checkpointing.py:388-430
     ``read_metadata``; ``release`` skips optimizer, RNG and iteration, :2576-2612), the folder is
     ``release/`` (:243-246) with ``metadata.json`` naming torch_dist (``_get_checkpoint_format``,
     :1974-1992; megatron-core ``check_is_distributed_checkpoint``)."""
     out = import_fixture_model("mb-llama", tmp_path / "ckpt")
-    assert (out / megatron_lm.TRACKER_FILE).read_text() == "release"
-    metadata = json.loads((out / "release" / "metadata.json").read_text())
-    assert metadata["sharded_backend"] == "torch_dist"
+    assert_loadable_by_megatron_lm(out, FIXTURES / "mb-llama" / "hf")
     found = megatron_lm.find_checkpoint(out)
     assert found.path == out / "release" and found.iteration is None
 
@@ -237,6 +258,7 @@ def test_qwen3_moe_keys_stacked_and_te_named(tmp_path: Path) -> None:
     reference = megatron_bridge_keys("mb-qwen3-moe")
     assert our_keys(local / "release") == reference
     te = import_fixture_model("mb-qwen3-moe", tmp_path / "te")
+    assert_loadable_by_megatron_lm(te, FIXTURES / "mb-qwen3-moe" / "hf")
     te_keys = our_keys(te / "release")
     renamed = dict(reference)
     renamed["decoder.layers.pre_mlp_layernorm.weight"] = renamed.pop(
@@ -325,6 +347,7 @@ def test_deepseek_v3_keys_per_layer_with_te_names(tmp_path: Path) -> None:
     hf, _ = test_mla.build(tmp_path / "hf", "deepseek_v3")
     out = tmp_path / "ckpt"
     assert main(["import", "--hf", str(hf), "--out", str(out)]) == 0
+    assert_loadable_by_megatron_lm(out, hf)
     keys = set(our_keys(out / "release"))
     for key in (
         "decoder.layers.0.input_layernorm.weight",
@@ -357,6 +380,7 @@ def test_gemma3_post_norms_under_megatron_bridge_names(tmp_path: Path) -> None:
     hf, _ = test_gemma.make_variant(tmp_path / "hf", "gemma3_text")
     out = tmp_path / "ckpt"
     assert main(["import", "--hf", str(hf), "--out", str(out)]) == 0
+    assert_loadable_by_megatron_lm(out, hf)
     keys = set(our_keys(out / "release"))
     assert "decoder.layers.self_attention.linear_proj.post_layernorm.weight" in keys
     assert "decoder.layers.mlp.linear_fc2.post_layernorm.weight" in keys
@@ -388,6 +412,7 @@ def test_qwen3_round_trip_through_the_new_layout(tmp_path: Path) -> None:
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "hf")
     out = tmp_path / "ckpt"
     assert main(["import", "--hf", str(tmp_path / "hf"), "--out", str(out)]) == 0
+    assert_loadable_by_megatron_lm(out, tmp_path / "hf")
     keys = set(our_keys(out / "release"))
     assert {
         "decoder.layers.self_attention.q_layernorm.weight",

@@ -37,7 +37,9 @@ def run(which: str, *args: str) -> str:
 def version(which: str) -> str:
     return subprocess.run(
         [python(which), "-c", "import megatron.core; print(megatron.core.__version__)"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
 
 
@@ -61,7 +63,9 @@ def test_written_by_one_version_loads_strictly_under_the_other(
     exported = tmp_path / "hf"
     done = subprocess.run(
         [python(reader), "-m", "bridgegen", "export", "--megatron", str(out), "--out", str(exported)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-4000:]
     assert_bit_exact(hf, exported)

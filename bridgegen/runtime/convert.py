@@ -255,7 +255,7 @@ class ModelBridge:
         if self.config.megatron_model == "mla":
             from bridgegen.runtime.modules import use_latent_core_attention
 
-            use_latent_core_attention(spec)
+            use_latent_core_attention(spec, q_lora=self.config.values.get("q_lora_rank") is not None)
         from bridgegen.runtime.formats.key_names import use_key_names
 
         use_key_names(spec, self.key_names)

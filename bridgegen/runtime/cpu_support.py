@@ -25,12 +25,19 @@ def _sliding_window_causal_mask(sq: int, skv: int, window_size: tuple[int, int])
 
 
 def enable_cpu_execution() -> None:
-    """Make megatron-core's forward pass work without CUDA (no-op when CUDA is available)."""
-    if _STATE["installed"] or torch.cuda.is_available():
+    """Make megatron-core's forward pass work without CUDA (with CUDA: only the RNG tracker)."""
+    if _STATE["installed"]:
+        return
+    from megatron.core import tensor_parallel
+
+    if torch.cuda.is_available():
+        # Conversion forwards run without dropout, but megatron-core's attention still forks its
+        # RNG tracker; the inference tracker needs no seeding.
+        tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+        _STATE["installed"] = True
         return
     import megatron.core.fusions.fused_softmax as fused_softmax
     import megatron.core.transformer.moe.moe_utils as moe_utils
-    from megatron.core import tensor_parallel
 
     # RotaryEmbedding and others move tensors to torch.cuda.current_device().
     torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment,return-value]

@@ -87,6 +87,8 @@ def transformer_config(
         hidden_dropout=0.0,
         attention_dropout=0.0,
     )
+    if "transformer_impl" in names:
+        kwargs["transformer_impl"] = "local"  # the plain layer spec we build with (no Transformer Engine)
     if config.values.get("num_moe_experts"):
         kwargs.setdefault("moe_token_dispatcher_type", "allgather")
         freq = kwargs.get("moe_layer_freq")

@@ -65,14 +65,17 @@ class LatentCoreAttention(torch.nn.Module):
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
 
 
-def use_latent_core_attention(block_spec: Any) -> None:
-    """Swap the plain spec's core attention for LatentCoreAttention in every MLA layer.
+def use_latent_core_attention(block_spec: Any, q_lora: bool = True) -> None:
+    """Swap the plain spec's core attention for LatentCoreAttention in every MLA layer, and
+    drop the q norm when queries have no LoRA (it has nothing to norm; megatron-core 0.19
+    refuses a q norm it would not use).
 
     Without Transformer Engine, megatron-core 0.16.1 stands a mock in for it, which the MLA
     module takes for the real thing (``HAVE_TE`` is true); tell it the truth first.
     """
     import megatron.core.extensions.transformer_engine as te_extension
     import megatron.core.transformer.multi_latent_attention as mla
+    from megatron.core.transformer.identity_op import IdentityOp
 
     if not getattr(te_extension, "HAVE_TE", True):
         mla.HAVE_TE = False
@@ -81,6 +84,45 @@ def use_latent_core_attention(block_spec: Any) -> None:
         submodules = getattr(attention, "submodules", None)
         if submodules is not None and hasattr(submodules, "linear_kv_down_proj"):
             submodules.core_attention = LatentCoreAttention
+            if not q_lora:
+                submodules.q_layernorm = IdentityOp
+                submodules.linear_q_proj = _plain_q_projection()
+
+
+_PLAIN_Q: dict[str, Any] = {}
+
+
+def _plain_q_projection() -> Any:
+    """The query projection of MLA without q LoRA: a plain column-parallel linear.
+
+    megatron-core 0.19 (``mla_qk_norm_config``) insists that, with ``qk_layernorm``, a model
+    without q LoRA project queries through a fused norm + linear, and the plain backend has none,
+    so it refuses to build DeepSeek-V2-Lite or Moonlight. Their queries have no norm (HF applies
+    none). This subclass is offered as the "fused" class and is a plain linear, which builds the
+    model HF describes; megatron-core 0.16 never asks.
+    """
+    if "class" not in _PLAIN_Q:
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+
+        class PlainQueryProjection(ColumnParallelLinear):  # type: ignore[misc]
+            """Column-parallel linear, with no norm, for MLA queries without LoRA."""
+
+        _PLAIN_Q["class"] = PlainQueryProjection
+        try:
+            import megatron.core.transformer.multi_latent_attention as mla
+
+            resolver = mla.QKNormConfigResolver
+        except AttributeError:
+            return PlainQueryProjection
+
+        class PlainQueryResolver(resolver):  # type: ignore[misc,valid-type]
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                if getattr(self, "fused_norm_linear_impl", None) is None:
+                    self.fused_norm_linear_impl = PlainQueryProjection
+
+        mla.QKNormConfigResolver = PlainQueryResolver
+    return _PLAIN_Q["class"]
 
 
 class ZeroCenteredRMSNorm(torch.nn.Module):

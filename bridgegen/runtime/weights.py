@@ -124,8 +124,11 @@ class WeightMap:
             # transformer layer maps like a decoder layer of that number.
             number = int(self.config.value("num_layers")) + int(mtp.group(1))
             rest = mtp.group(2)
-            if rest.startswith("transformer_layer."):
-                megatron_name = f"decoder.layers.{number}.{rest.removeprefix('transformer_layer.')}"
+            # megatron-core 0.19 calls the inner layer mtp_model_layer (its checkpoint keys keep
+            # transformer_layer).
+            inner = next((p for p in ("transformer_layer.", "mtp_model_layer.") if rest.startswith(p)), None)
+            if inner is not None:
+                megatron_name = f"decoder.layers.{number}.{rest.removeprefix(inner)}"
             else:
                 megatron_name = f"mtp.layers.{number}.{rest}"
             layer_offset = 0
