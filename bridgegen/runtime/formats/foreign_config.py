@@ -17,6 +17,7 @@ from typing import Any
 
 from bridgegen.runtime.config import MegatronConfig
 from bridgegen.runtime.errors import ConfigError
+from bridgegen.runtime.formats.megatron_lm import MOE_VALUE_FIELDS
 from bridgegen.runtime.rope import MEGATRON_LLAMA3_CONSTANTS, RopeScaling
 
 RUN_CONFIG = "run_config.yaml"
@@ -38,17 +39,9 @@ SHARED_FIELDS = (
     "rotary_percent",
     "window_size",
     "window_attn_skip_freq",
-    "moe_ffn_hidden_size",
-    "moe_router_topk",
-    "moe_shared_expert_intermediate_size",
-    "moe_router_score_function",
-    "moe_router_topk_scaling_factor",
-    "moe_router_num_groups",
-    "moe_router_group_topk",
+    *MOE_VALUE_FIELDS,
     "moe_router_pre_softmax",
     "moe_router_enable_expert_bias",
-    "moe_router_load_balancing_type",
-    "moe_aux_loss_coeff",
     "moe_layer_freq",
     "multi_latent_attention",
     "q_lora_rank",

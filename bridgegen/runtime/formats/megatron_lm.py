@@ -314,6 +314,21 @@ def _rope(args: LmArguments, config: MegatronConfig) -> None:
         )
 
 
+# MoE settings whose Megatron-LM argument, flag and TransformerConfig field share one name.
+MOE_VALUE_FIELDS = (
+    "moe_ffn_hidden_size",
+    "moe_router_topk",
+    "moe_shared_expert_intermediate_size",
+    "moe_router_score_function",
+    "moe_router_topk_scaling_factor",
+    "moe_router_num_groups",
+    "moe_router_group_topk",
+    "moe_router_load_balancing_type",
+    "moe_aux_loss_coeff",
+    "moe_router_dtype",
+)
+
+
 def _moe(args: LmArguments, config: MegatronConfig) -> None:
     v = config.values
     experts = v.get("num_moe_experts")
@@ -324,18 +339,7 @@ def _moe(args: LmArguments, config: MegatronConfig) -> None:
     if isinstance(freq, list) and all(item == 1 for item in freq):
         freq = 1
     args.value("moe_layer_freq", _layer_freq_text(freq), "--moe-layer-freq")
-    for name in (
-        "moe_ffn_hidden_size",
-        "moe_router_topk",
-        "moe_shared_expert_intermediate_size",
-        "moe_router_score_function",
-        "moe_router_topk_scaling_factor",
-        "moe_router_num_groups",
-        "moe_router_group_topk",
-        "moe_router_load_balancing_type",
-        "moe_aux_loss_coeff",
-        "moe_router_dtype",
-    ):
+    for name in MOE_VALUE_FIELDS:
         args.value(name, v.get(name), "--" + name.replace("_", "-"))
     args.switch("moe_router_pre_softmax", bool(v.get("moe_router_pre_softmax")), "--moe-router-pre-softmax")
     args.switch(
