@@ -1,8 +1,7 @@
 """Config conversion on real published Hugging Face configs.
 
-The configs live in ``shared/reference/hf_configs`` next to the repository (read-only; CI has a
-copy at ``../shared``). For every one of them: HF -> Megatron -> HF keeps every field,
-transformers accepts the export, megatron-core accepts the Megatron side, and the Megatron
+The configs are copies of published ones, in ``tests/data/hf_configs``. For every one of them:
+HF -> Megatron -> HF keeps every field, transformers accepts the export, megatron-core accepts the Megatron side, and the Megatron
 values are the right ones for the architecture. Moonlight, Kimi K2, the Gemma 3 multimodal
 wrapper and transformers-5 shaped configs are built from those files.
 """
@@ -34,13 +33,11 @@ from bridgegen.runtime.config import HF_VOLATILE_FIELDS, MODEL_FIELDS, MegatronC
 from bridgegen.runtime.errors import ConfigError
 from bridgegen.runtime.rope import MEGATRON_LLAMA3_CONSTANTS
 
+# Published configs, copied into the repository (tests/data/hf_configs/SOURCES.tsv says where from).
 REPO_ROOT = Path(__file__).resolve().parents[1]
-REFERENCE_DIR = REPO_ROOT.parent / "shared" / "reference" / "hf_configs"
-NO_REFERENCE = (
-    f"reference HF configs not found at {REFERENCE_DIR} (CI keeps a copy of shared/ next to the repo)"
-)
+REFERENCE_DIR = REPO_ROOT / "tests" / "data" / "hf_configs"
 
-# Every published config in shared/reference/hf_configs and the bridge family that serves it.
+# Every published config in tests/data/hf_configs and the bridge family that serves it.
 EXPECTED_FAMILY = {
     "DeepSeek-V2-Lite": "deepseek_v2",
     "DeepSeek-V3": "deepseek_v3",
@@ -69,9 +66,7 @@ NULL_ROPE_REFERENCES = (
 )
 
 
-def _reference_names() -> list[Any]:
-    if not REFERENCE_DIR.is_dir():
-        return [pytest.param("<no reference configs>", marks=pytest.mark.skip(reason=NO_REFERENCE))]
+def _reference_names() -> list[str]:
     return sorted(path.stem for path in REFERENCE_DIR.glob("*.json"))
 
 
@@ -79,10 +74,8 @@ REFERENCE_NAMES = _reference_names()
 
 
 def reference_config(name: str) -> dict[str, Any]:
-    """A fresh copy of one published config (skips when shared/ is absent)."""
+    """A fresh copy of one published config."""
     path = REFERENCE_DIR / f"{name}.json"
-    if not path.is_file():
-        pytest.skip(NO_REFERENCE if not REFERENCE_DIR.is_dir() else f"{path} is missing")
     data: dict[str, Any] = json.loads(path.read_text())
     return data
 
@@ -161,9 +154,8 @@ def spec_extra_fields() -> set[str]:
 # --------------------------------------------------------------------------- every reference config
 
 
-@pytest.mark.skipif(not REFERENCE_DIR.is_dir(), reason=NO_REFERENCE)
 def test_reference_set_is_complete() -> None:
-    assert set(EXPECTED_FAMILY) <= {path.stem for path in REFERENCE_DIR.glob("*.json")}
+    assert set(EXPECTED_FAMILY) == {path.stem for path in REFERENCE_DIR.glob("*.json")}
 
 
 @pytest.mark.parametrize("name", REFERENCE_NAMES)
@@ -180,7 +172,6 @@ def test_reference_round_trip_keeps_every_field(name: str) -> None:
     assert bridge.to_hf_config(again) == exported
 
 
-@pytest.mark.skipif(not REFERENCE_DIR.is_dir(), reason=NO_REFERENCE)
 def test_null_rope_references_are_those_with_explicit_null() -> None:
     explicit_null = {
         path.stem for path in REFERENCE_DIR.glob("*.json") if null_rope_keys(json.loads(path.read_text()))

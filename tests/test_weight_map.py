@@ -12,7 +12,7 @@ from bridgegen.generated import Qwen3MoeBridge
 from bridgegen.runtime.errors import WeightError
 from bridgegen.runtime.weights import WeightMap
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "hf_configs"
+REFERENCE = Path(__file__).resolve().parent / "data" / "hf_configs"
 QWEN3_MOE = {
     "architectures": ["Qwen3MoeForCausalLM"],
     "model_type": "qwen3_moe",
@@ -81,7 +81,6 @@ def test_rotary_buffers_of_old_checkpoints_are_ignored(weight_map: WeightMap) ->
     assert not weight_map.ignored("model.layers.7.self_attn.q_proj.weight")
 
 
-@pytest.mark.skipif(not REFERENCE.is_dir(), reason="reference configs not found beside the repository")
 def test_deepseek_v3_mtp_layers_are_ignored_only_when_left_out() -> None:
     from bridgegen.runtime.convert import ModelBridge
 
