@@ -11,6 +11,13 @@ the phase's peak RSS above the process's RSS just before the phase started:
   import-tp2 bridgegen at TP=2 on 2 local processes (gloo): each rank reads only its slices
   export-tp2 bridgegen at TP=2: gather over TP onto rank 0, which streams the shards
 
+End to end (what `bridgegen import` / `export` do), against raw read + raw write:
+
+  stream-import  HF folder -> Megatron checkpoint, no model built (the default)
+  model-import   the same through a model: build, load, megatron-core's save
+  stream-export  Megatron checkpoint -> HF folder, no model built (the default)
+  model-export   the same through a model: build, megatron-core's load, export
+
 Usage: python bench/bench_convert.py [--repeats 3] [--workdir bench/out]
 This is a benchmark, not a test: numbers depend on the machine and its page cache.
 """
@@ -108,6 +115,8 @@ def phase(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
     from bridgegen.runtime.convert import ModelBridge
 
     result: dict[str, float] = {}
+    if name in END_TO_END:
+        return end_to_end(name, checkpoint, scratch)
     if name in ("raw-read", "raw-write"):
         before = rss_bytes()
         start = time.perf_counter()
@@ -151,6 +160,44 @@ def phase(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
     result["rss_before_mb"] = before / 2**20
     result["peak_above_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20
     return result
+
+
+END_TO_END = ("stream-import", "model-import", "stream-export", "model-export")
+
+
+def end_to_end(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
+    """One whole conversion, as the CLI runs it (torch and megatron-core already imported)."""
+    import torch
+
+    import bridgegen.runtime.stream  # noqa: F401 - imports before the measured part
+    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.runtime.megatron_checkpoint import bridge_for_checkpoint, load_megatron, save_megatron
+    from bridgegen.runtime.stream import stream_export, stream_import
+
+    megatron_dir, hf_dir = scratch / f"megatron-{name.split('-')[0]}", scratch / f"hf-{name.split('-')[0]}"
+    before = rss_bytes()
+    start = time.perf_counter()
+    if name == "stream-import":
+        bridge = ModelBridge.from_hf_dir(checkpoint)
+        stats = stream_import(bridge, checkpoint, megatron_dir, dtype=torch.bfloat16, overwrite=True)
+        moved = float(stats.bytes_requested)
+    elif name == "model-import":
+        bridge = ModelBridge.from_hf_dir(checkpoint)
+        model = bridge.build_model(torch.bfloat16)
+        moved = float(bridge.load_hf_weights(model).bytes_requested)
+        save_megatron(model, bridge, megatron_dir, dtype=torch.bfloat16, hf_source=checkpoint, overwrite=True)
+    elif name == "stream-export":
+        stream_export(scratch / "megatron-stream", hf_dir, overwrite=True)
+        moved = float(sum(p.stat().st_size for p in hf_dir.glob("*.safetensors")))
+    else:
+        bridge, dtype = bridge_for_checkpoint(scratch / "megatron-stream")
+        model = bridge.build_model(dtype)
+        load_megatron(model, scratch / "megatron-stream")
+        bridge.export_hf(model, hf_dir, overwrite=True)
+        moved = float(sum(p.stat().st_size for p in hf_dir.glob("*.safetensors")))
+    seconds = time.perf_counter() - start
+    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20
+    return {"seconds": seconds, "bytes": moved, "rss_before_mb": before / 2**20, "peak_above_mb": peak}
 
 
 def rank_phase(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
@@ -217,7 +264,7 @@ def main() -> int:
     model_bytes = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
     runs: dict[str, list[dict[str, float]]] = {}
     for _ in range(args.repeats):
-        for name in ("raw-read", "import", "raw-write", "export", "import-tp2", "export-tp2"):
+        for name in ("raw-read", "import", "raw-write", "export", "import-tp2", "export-tp2", *END_TO_END):
             out = subprocess.run(
                 [sys.executable, __file__, "--phase", name, "--workdir", str(workdir)],
                 capture_output=True,
@@ -242,6 +289,13 @@ def main() -> int:
     ):
         print(
             f"{name:<10} {med[name]:>8.2f} {med[name] / med[ref]:>6.2f}x {peak[name]:>17.0f} MB "
+            f"{base[name]:>10.0f} MB"
+        )
+    raw = med["raw-read"] + med["raw-write"]
+    print(f"end to end, against raw read + raw write ({raw:.2f} s):")
+    for name in END_TO_END:
+        print(
+            f"{name:<14} {med[name]:>8.2f} {med[name] / raw:>6.2f}x {peak[name]:>13.0f} MB "
             f"{base[name]:>10.0f} MB"
         )
     print(f"import bytes requested / checkpoint bytes: {runs['import'][0]['bytes'] / model_bytes:.3f}")

@@ -42,8 +42,9 @@ def _say(text: str) -> None:
 
 def import_on_rank(args: argparse.Namespace) -> None:
     from bridgegen.runtime.convert import ModelBridge, parse_dtype
-    from bridgegen.runtime.distributed import build_chunks, load_hf
+    from bridgegen.runtime.distributed import ParallelLayout, build_chunks, load_hf
     from bridgegen.runtime.megatron_checkpoint import save_megatron
+    from bridgegen.runtime.stream import stream_import
 
     start = time.perf_counter()
     from bridgegen.runtime.formats.key_names import KeyNames
@@ -68,17 +69,22 @@ def import_on_rank(args: argparse.Namespace) -> None:
         _say(
             f"{len(carried)} tensors outside the language model ({prefixes}, {size:.1f} MiB) kept for export"
         )
-    chunks = build_chunks(bridge, _layout(args), dtype)
-    stats = load_hf(bridge, chunks, args.hf, progress=True)
-    _say(f"rank 0 read {stats.bytes_requested / 2**20:.1f} MiB for {stats.tensors} tensors")
-    save_megatron(
-        [c.model for c in chunks],
-        bridge,
-        args.out,
-        dtype=dtype,
-        hf_source=args.hf,
-        overwrite=args.overwrite,
-    )
+    if _layout(args) == ParallelLayout() and "WORLD_SIZE" not in os.environ:
+        # A dist checkpoint is layout-free: no model is needed, only megatron-core's keys.
+        stats = stream_import(bridge, args.hf, args.out, dtype=dtype, overwrite=args.overwrite, progress=True)
+        _say(f"read {stats.bytes_requested / 2**20:.1f} MiB for {stats.tensors} tensors, no model built")
+    else:
+        chunks = build_chunks(bridge, _layout(args), dtype)
+        stats = load_hf(bridge, chunks, args.hf, progress=True)
+        _say(f"rank 0 read {stats.bytes_requested / 2**20:.1f} MiB for {stats.tensors} tensors")
+        save_megatron(
+            [c.model for c in chunks],
+            bridge,
+            args.out,
+            dtype=dtype,
+            hf_source=args.hf,
+            overwrite=args.overwrite,
+        )
     _say(f"wrote Megatron checkpoint {args.out} in {time.perf_counter() - start:.1f} s")
     if _rank() == 0:
         from bridgegen.runtime.megatron_checkpoint import ARGS_FILE
@@ -89,10 +95,26 @@ def import_on_rank(args: argparse.Namespace) -> None:
 
 
 def export_on_rank(args: argparse.Namespace) -> None:
-    from bridgegen.runtime.distributed import build_chunks, export_hf
+    from bridgegen.runtime.distributed import ParallelLayout, build_chunks, export_hf
     from bridgegen.runtime.megatron_checkpoint import bridge_for_checkpoint, load_megatron
+    from bridgegen.runtime.stream import stream_export
 
     start = time.perf_counter()
+    if _layout(args) == ParallelLayout() and "WORLD_SIZE" not in os.environ:
+        # One process reads the checkpoint a batch of parameters at a time: no model is built.
+        stream_export(
+            args.megatron,
+            args.out,
+            iteration=args.iteration,
+            family=args.family,
+            hf_config=args.hf_config,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            max_shard_bytes=int(args.max_shard_gb * 2**30),
+            progress=True,
+        )
+        _say(f"wrote HF folder {args.out} in {time.perf_counter() - start:.1f} s, no model built")
+        return
     bridge, saved_dtype = bridge_for_checkpoint(
         args.megatron, iteration=args.iteration, family=args.family, hf_config=args.hf_config
     )

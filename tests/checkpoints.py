@@ -23,3 +23,19 @@ def assert_bit_exact(source: Path, exported: Path) -> None:
     for name in a:
         assert a[name].dtype == b[name].dtype, name
         assert torch.equal(a[name], b[name]), name
+
+
+def dist_checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a torch_dist checkpoint folder at its global shape, whatever its chunks."""
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.state_dict_loader import load
+
+    metadata = FileSystemReader(str(folder)).read_metadata()
+    state = {
+        key: torch.empty(tuple(item.size), dtype=item.properties.dtype)
+        for key, item in metadata.state_dict_metadata.items()
+        if isinstance(item, TensorStorageMetadata)
+    }
+    load(state, storage_reader=FileSystemReader(str(folder)), no_dist=True)
+    return state

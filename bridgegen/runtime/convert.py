@@ -361,9 +361,12 @@ class ModelBridge:
         dtype: str | torch.dtype | None = None,
         max_shard_bytes: int = 5 * 2**30,
         progress: bool = False,
+        values: Iterator[tuple[str, torch.Tensor]] | None = None,
     ) -> Path:
         """Write ``model`` as an HF folder: config, side files from the source, sharded
-        safetensors with an index. Atomic: the folder appears only when complete."""
+        safetensors with an index. Atomic: the folder appears only when complete. With
+        ``values``, ``model`` may be a meta-device model that only plans the files, and
+        ``values`` yields each of its tensors' real value in ``model_tensors`` order."""
         target = parse_dtype(dtype) or _model_dtype(model)
         hf_config = self.export_config(target)
         tensors = list(model_tensors(model))
@@ -378,7 +381,7 @@ class ModelBridge:
         bar = _progress(progress, len(planned) + len(carried), "export")
 
         def produce() -> Iterator[tuple[str, torch.Tensor]]:
-            converted = iter_hf_from_full(weight_map, tensors, dtype=target)
+            converted = iter_hf_from_full(weight_map, values if values is not None else tensors, dtype=target)
             passed = stream_tensors(source, carried) if source is not None else iter(())
             for item in itertools.chain(converted, passed):
                 yield item

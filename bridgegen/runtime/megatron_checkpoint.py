@@ -74,11 +74,13 @@ def save_megatron(
     dtype: torch.dtype,
     hf_source: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
+    sharded_strategy: Any = None,
 ) -> Path:
     """Save the model (all ranks call this) as a Megatron-LM style checkpoint in ``out_dir``;
     atomic: the folder appears only when every rank has written its part. The tokenizer files
     of ``hf_source``, and the tensors it holds besides the language model (e.g. a vision tower,
-    see ``ModelBridge.carried_tensors``), are kept in ``hf_side_files/`` for the export."""
+    see ``ModelBridge.carried_tensors``), are kept in ``hf_side_files/`` for the export.
+    ``sharded_strategy`` replaces megatron-core's writer (``stream.lazy_save_strategy``)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
@@ -105,7 +107,7 @@ def save_megatron(
             checkpoint_version=megatron_lm.CHECKPOINT_VERSION,
             iteration=0,
         )
-        strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
+        strategy = sharded_strategy or TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
         if _rank() == 0:
             folder.mkdir()
         if dist.is_initialized():

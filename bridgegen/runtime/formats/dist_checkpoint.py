@@ -138,14 +138,18 @@ def common_load_strategy() -> Any:
     return CommonStateLoadStrategy()
 
 
-def load_tensors(sharded_state_dict: dict[str, Any], folder: Path) -> dict[str, Any]:
+def load_tensors(
+    sharded_state_dict: dict[str, Any], folder: Path, *, partial: bool = False
+) -> dict[str, Any]:
     """``dist_checkpointing.load`` of the model's tensors, with this module's common-state
-    reader where megatron-core takes one (0.16-0.18; 0.19 reads both formats itself)."""
+    reader where megatron-core takes one (0.16-0.18; 0.19 reads both formats itself).
+    ``partial``: the request covers only some pieces of some keys (a batch of a streamed
+    export), which megatron-core's whole-tensor access check would refuse."""
     import inspect
 
     from megatron.core import dist_checkpointing
 
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"validate_access_integrity": not partial}
     if "common_strategy" in inspect.signature(dist_checkpointing.load).parameters:
         kwargs["common_strategy"] = common_load_strategy()
     try:

@@ -1,0 +1,425 @@
+"""Conversion without a model in memory.
+
+Import: megatron-core builds the model on the meta device (no storage), so its own
+``sharded_state_dict()`` stays the authority on every key, global shape and offset; torch's
+distributed-checkpoint file writer then asks for one tensor at a time (``resolve_data``), and
+only then is that tensor made, from memory-mapped safetensors through the spec's transform.
+Memory beyond the process is one Megatron parameter and its HF sources' pages, whatever the
+model's size. The files are megatron-core's torch_dist format, written by torch's own writer,
+with the common state and ``metadata.json`` written by megatron-core as for any save.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from bridgegen.runtime.convert import ModelBridge
+from bridgegen.runtime.errors import WeightError
+from bridgegen.runtime.fp8 import block_size
+from bridgegen.runtime.safetensors_io import Checkpoint
+from bridgegen.runtime.transforms import load_shard
+from bridgegen.runtime.weights import LoadStats, model_tensors
+
+
+def return_freed_buffers_to_the_system() -> None:
+    """Have glibc serve allocations of 1 MiB and more with mmap, so a freed tensor's memory goes
+    back to the system at once. By default glibc raises that threshold to the largest block
+    freed so far (up to 32 MiB) and keeps later tensors of that size in its heaps, per thread,
+    where they stay resident: conversion memory would grow with the model instead of staying at
+    one tensor. No effect on other C libraries."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_mmap_threshold = -3
+    mallopt(m_mmap_threshold, 1 << 20)
+
+
+class TensorProducer:
+    """Makes the value of one Megatron parameter (single-process layout) from the HF files,
+    keeping only the last one made (the writer asks for a parameter's pieces in a row)."""
+
+    def __init__(
+        self,
+        bridge: ModelBridge,
+        model: torch.nn.Module,
+        checkpoint: Checkpoint,
+        progress: Callable[[int], object] | None = None,
+    ) -> None:
+        self.progress = progress
+        self.weight_map = bridge.weight_map()
+        self.checkpoint = checkpoint
+        self.fp8_block = block_size(bridge.config.hf_passthrough)
+        self.params = dict(model_tensors(model))
+        self.names = {id(tensor): name for name, tensor in self.params.items()}
+        self._last: tuple[str, torch.Tensor] | None = None
+        self.stats = LoadStats()
+
+    def check_sources(self) -> None:
+        """Every HF tensor each parameter needs is there, with the right shape, before any
+        file is written (meta stand-ins: nothing is read)."""
+        layout = self.weight_map.layout()
+        wanted: set[str] = set()
+        for name, param in self.params.items():
+            matched = self.weight_map.match(name)
+            hf_names = matched.hf_names()
+            for hf_name in hf_names:
+                if hf_name not in self.checkpoint:
+                    raise WeightError(
+                        f"{self.checkpoint.folder}: missing tensor {hf_name!r} (needed for Megatron {name!r})"
+                    )
+            wanted.update(hf_names)
+            try:
+                load_shard(
+                    matched.rule.kind,
+                    torch.empty(param.shape, dtype=param.dtype, device="meta"),
+                    [matched.select(self.checkpoint.view(n)) for n in hf_names],
+                    hf_names,
+                    layout,
+                    lambda tensor: tensor,
+                    matched.rule.norm_offset,
+                )
+            except WeightError as exc:
+                raise WeightError(f"{self.checkpoint.folder}: {exc} (loading Megatron {name!r})") from None
+        from bridgegen.runtime.fp8 import scale_name
+
+        wanted |= {scale_name(hf) for hf in wanted}
+        unexpected = [
+            n for n in self.checkpoint.names() if n not in wanted and not self.weight_map.ignored(n)
+        ]
+        if unexpected:
+            shown = ", ".join(repr(n) for n in unexpected[:8])
+            raise WeightError(
+                f"{self.checkpoint.folder}: unexpected tensor(s) {shown}: the "
+                f"{self.weight_map.config.family} spec maps no Megatron tensor to them"
+            )
+
+    def parameter(self, name: str) -> torch.Tensor:
+        if self._last is not None and self._last[0] == name:
+            return self._last[1]
+        self._last = None  # let the previous one go before making the next
+        param = self.params[name]
+        matched = self.weight_map.match(name)
+        hf_names = matched.hf_names()
+        target = torch.empty(param.shape, dtype=param.dtype)
+        before = self.checkpoint.bytes_requested
+        with torch.no_grad():
+            load_shard(
+                matched.rule.kind,
+                target,
+                [matched.select(self.checkpoint.source(n, self.fp8_block)) for n in hf_names],
+                hf_names,
+                self.weight_map.layout(),
+                self.checkpoint.count,
+                matched.rule.norm_offset,
+            )
+        for hf_name in hf_names:
+            self.checkpoint.release(hf_name)
+        self.stats.tensors += 1
+        if self.progress is not None:
+            self.progress(1)
+        self.stats.bytes_requested += self.checkpoint.bytes_requested - before
+        self._last = (name, target)
+        return target
+
+    def register(self, sharded_state_dict: Any) -> None:
+        """Note, for every checkpoint item (key, global offset), which parameter it is a piece
+        of and where: the writer names items by key and offset only."""
+        from megatron.core.dist_checkpointing.dict_utils import nested_values
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        self.pieces: dict[tuple[str, tuple[int, ...]], tuple[str, tuple[int, ...], tuple[int, ...], int]] = {}
+        for item in nested_values(sharded_state_dict):
+            if not isinstance(item, ShardedTensor) or not item.data.is_meta:
+                continue
+            data = item.data
+            base = data._base if data._base is not None else data
+            name = self.names.get(id(base))
+            if name is None:
+                raise WeightError(
+                    f"checkpoint key {item.key!r} holds a tensor that is no parameter of the model"
+                )
+            where = (item.key, tuple(int(x) for x in item.global_offset))
+            offset = data.storage_offset() - base.storage_offset()
+            self.pieces[where] = (name, tuple(data.shape), tuple(data.stride()), offset)
+
+    def resolve(self, key: str, offset: tuple[int, ...], size: tuple[int, ...]) -> torch.Tensor:
+        """The bytes of checkpoint item ``key`` at global ``offset`` (shape ``size``)."""
+        try:
+            name, shape, stride, storage_offset = self.pieces[(key, offset)]
+        except KeyError:
+            raise WeightError(
+                f"the checkpoint writer asked for {key!r} at {offset}, which no parameter holds"
+            ) from None
+        value = self.parameter(name)
+        piece = value.as_strided(shape, stride, value.storage_offset() + storage_offset)
+        return piece.reshape(size)
+
+
+def lazy_save_strategy(producer: TensorProducer) -> Any:
+    """A megatron-core torch_dist save strategy whose tensors are made when written: torch's
+    synchronous FileSystemWriter with one thread calls the planner's ``resolve_data`` item by
+    item (megatron-core's own async writer would resolve every tensor first)."""
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+    class LazyPlanner(MCoreSavePlanner):  # type: ignore[misc]
+        def resolve_data(self, write_item: Any) -> Any:
+            data = super().resolve_data(write_item)
+            if isinstance(data, torch.Tensor) and data.is_meta:
+                index = write_item.index
+                data = producer.resolve(
+                    index.fqn, tuple(int(x) for x in index.offset), tuple(write_item.tensor_data.chunk.sizes)
+                )
+            return data
+
+    class LazySaveStrategy(TorchDistSaveShardedStrategy):  # type: ignore[misc]
+        def save(self, sharded_state_dict: Any, checkpoint_dir: Any) -> None:
+            producer.register(sharded_state_dict)
+            state, _, _ = _replace_state_dict_keys_with_sharded_keys(
+                sharded_state_dict, self.keep_only_main_replica
+            )
+            writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1)
+            dcp_save(
+                mcore_to_pyt_state_dict(state, False),
+                storage_writer=writer,
+                planner=LazyPlanner(flatten_state_dict=False, can_run_decentralized_global_plan=False),
+            )
+
+    return LazySaveStrategy("torch_dist", 1, thread_count=1)
+
+
+def meta_model(bridge: ModelBridge, dtype: torch.dtype) -> torch.nn.Module:
+    """The single-process megatron-core model, every parameter on the meta device."""
+    with torch.device("meta"):
+        model = bridge.build_model(dtype)
+    # A few buffers are made on an explicit device (a router's expert bias): move them too, so
+    # every weight the checkpoint holds is made by the producer.
+    for name, tensor in list(model_tensors(model)):
+        if not tensor.is_meta:
+            owner_name, _, attribute = name.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            if attribute not in owner._buffers:
+                raise WeightError(f"building on the meta device still allocated parameter {name}")
+            owner._buffers[attribute] = torch.empty_like(tensor, device="meta")
+    return model
+
+
+def stream_import(
+    bridge: ModelBridge,
+    hf_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> LoadStats:
+    """HF folder -> Megatron-LM style checkpoint (``megatron_checkpoint.save_megatron``'s
+    layout), without a model in memory."""
+    from bridgegen.runtime.megatron_checkpoint import save_megatron
+
+    return_freed_buffers_to_the_system()
+    model = meta_model(bridge, dtype)
+    checkpoint = Checkpoint.open(hf_dir)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(1 for _ in model_tensors(model)), desc="import", unit="tensor")
+    producer = TensorProducer(bridge, model, checkpoint, bar.update if bar else None)
+    producer.check_sources()
+    save_megatron(
+        model,
+        bridge,
+        out_dir,
+        dtype=dtype,
+        hf_source=hf_dir,
+        overwrite=overwrite,
+        sharded_strategy=lazy_save_strategy(producer),
+    )
+    if bar is not None:
+        bar.close()
+    return producer.stats
+
+
+# ------------------------------------------------------------------------ export
+
+
+def _batches(sizes: list[tuple[str, int]], batch_bytes: int) -> list[list[str]]:
+    """Consecutive parameter names grouped into loads of at most ``batch_bytes`` (a larger
+    parameter is a batch of its own)."""
+    batches: list[list[str]] = []
+    current: list[str] = []
+    used = 0
+    for name, size in sizes:
+        if current and used + size > batch_bytes:
+            batches.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += size
+    if current:
+        batches.append(current)
+    return batches
+
+
+_PLANNERS: dict[str, Any] = {}
+
+
+def _region_planner(regions: dict[tuple[str, tuple[int, ...]], torch.Tensor]) -> Any:
+    """A torch DCP load planner that reads rectangular regions of saved global tensors
+    (key, global offset -> target tensor of the region's shape) from whatever chunks the
+    checkpoint holds them in. The class is made once: a class per call would keep each
+    batch's tensors alive in reference cycles until the garbage collector ran."""
+    if "region" not in _PLANNERS:
+        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.planner import LoadPlan
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+        class RegionLoadPlanner(DefaultLoadPlanner):
+            regions: dict[tuple[str, tuple[int, ...]], torch.Tensor]
+
+            def create_local_plan(self) -> LoadPlan:
+                items = []
+                for (key, offsets), target in self.regions.items():
+                    stored = self.metadata.state_dict_metadata[key]  # type: ignore[union-attr]
+                    chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=target.size())
+                    items += create_read_items_for_chunk_list(key, stored, [chunk])  # type: ignore[arg-type]
+                return LoadPlan(items)
+
+            def resolve_tensor(self, read_item: Any) -> torch.Tensor:
+                index = read_item.dest_index
+                target = self.regions[(index.fqn, tuple(int(x) for x in index.offset))]
+                for dim, (start, length) in enumerate(
+                    zip(read_item.dest_offsets, read_item.lengths, strict=True)
+                ):
+                    target = target.narrow(dim, int(start), int(length))
+                return target
+
+            def commit_tensor(self, read_item: Any, tensor: torch.Tensor) -> None:
+                pass  # read in place into the target's region
+
+        _PLANNERS["region"] = RegionLoadPlanner
+    planner = _PLANNERS["region"]()
+    planner.regions = regions
+    return planner
+
+
+def checkpoint_values(
+    model: torch.nn.Module,
+    folder: Any,
+    *,
+    per_layer_keys: bool,
+    batch_bytes: int = 256 * 2**20,
+    progress: Callable[[int], object] | None = None,
+) -> Any:
+    """Yield (name, tensor) for every tensor of a meta-device ``model``, read from the dist
+    checkpoint in ``folder`` a batch of parameters at a time. megatron-core's sharded state
+    dict of the single-process model says where each parameter lies in which saved global
+    tensor (a layer of a stacked key, the halves of a fused fc1, an expert); torch reads those
+    regions from the chunks of whatever layout the checkpoint was saved at."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    from bridgegen.runtime.megatron_checkpoint import _check_keys, sharded_state_dict
+
+    tensors = dict(model_tensors(model))
+    names = {id(tensor): name for name, tensor in tensors.items()}
+    request = sharded_state_dict([model], per_layer_keys)
+    _check_keys(request, folder)
+    apply_factories(request)
+    pieces: dict[str, list[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...], int]]] = {}
+    for item in nested_values(request):
+        if not isinstance(item, ShardedTensor):
+            continue
+        data = item.data
+        base = data._base if data._base is not None else data
+        if id(base) not in names:
+            continue
+        region = (1,) * item.prepend_axis_num + tuple(data.shape)
+        offset = data.storage_offset() - base.storage_offset()
+        pieces.setdefault(names[id(base)], []).append(
+            (item.key, tuple(int(x) for x in item.global_offset), region, tuple(data.stride()), offset)
+        )
+    sizes = [(name, tensor.numel() * tensor.element_size()) for name, tensor in tensors.items()]
+    for batch in _batches(sizes, batch_bytes):
+        real = {name: torch.empty(tensors[name].shape, dtype=tensors[name].dtype) for name in batch}
+        regions: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+        for name in batch:
+            if name not in pieces:
+                raise WeightError(f"{folder}: no checkpoint key holds Megatron tensor {name!r}")
+            value = real[name]
+            for key, offsets, region, stride, offset in pieces[name]:
+                view = value.as_strided(region[len(region) - len(stride) :], stride, offset)
+                regions[(key, offsets)] = view.reshape(region)
+        planner = _region_planner(regions)
+        _load_state_dict({}, FileSystemReader(str(folder)), planner=planner, no_dist=True)
+        planner.regions = regions = {}
+        for name in batch:
+            if progress is not None:
+                progress(1)
+            yield name, real.pop(name)
+
+
+def stream_export(
+    checkpoint_dir: Any,
+    out_dir: Any,
+    *,
+    iteration: str | None = None,
+    family: str | None = None,
+    hf_config: Any = None,
+    dtype: str | torch.dtype | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = 5 * 2**30,
+    batch_bytes: int = 256 * 2**20,
+    progress: bool = False,
+) -> Any:
+    """Megatron checkpoint (any layout, any writer) -> HF folder, without a model in memory:
+    the files are planned from a meta-device model, then each batch of parameters (at most
+    ``batch_bytes``, or one parameter) is read, converted and streamed into the safetensors
+    shards."""
+    from bridgegen.runtime.formats import megatron_lm
+    from bridgegen.runtime.megatron_checkpoint import bridge_for_checkpoint
+
+    return_freed_buffers_to_the_system()
+    found = megatron_lm.find_checkpoint(checkpoint_dir, iteration)
+    bridge, saved_dtype = bridge_for_checkpoint(found.path, family=family, hf_config=hf_config)
+    model = meta_model(bridge, saved_dtype)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(1 for _ in model_tensors(model)), desc="export", unit="tensor")
+    values = checkpoint_values(
+        model,
+        found.path,
+        per_layer_keys=bridge.per_layer_keys,
+        batch_bytes=batch_bytes,
+        progress=bar.update if bar else None,
+    )
+    try:
+        return bridge.export_hf(
+            model, out_dir, overwrite=overwrite, dtype=dtype, max_shard_bytes=max_shard_bytes, values=values
+        )
+    finally:
+        if bar is not None:
+            bar.close()
