@@ -14,6 +14,7 @@ the phase's peak RSS above the process's RSS just before the phase started:
 End to end (what `bridgegen import` / `export` do), against raw read + raw write:
 
   stream-import  HF folder -> Megatron checkpoint, no model built (the default)
+  stream-import-w2  the same on 2 local worker processes (--workers 2); peak RSS is the parent's
   model-import   the same through a model: build, load, megatron-core's save
   stream-export  Megatron checkpoint -> HF folder, no model built (the default)
   model-export   the same through a model: build, megatron-core's load, export
@@ -162,7 +163,18 @@ def phase(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
     return result
 
 
-END_TO_END = ("stream-import", "model-import", "stream-export", "model-export")
+END_TO_END = ("stream-import", "stream-import-w2", "model-import", "stream-export", "model-export")
+
+
+def stream_import_on_rank(checkpoint: Path, out: Path) -> float:
+    """One of two workers of a streaming import (run by run_on_ranks)."""
+    import torch
+
+    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.runtime.stream import stream_import
+
+    bridge = ModelBridge.from_hf_dir(checkpoint)
+    return float(stream_import(bridge, checkpoint, out, dtype=torch.bfloat16, overwrite=True).bytes_requested)
 
 
 def end_to_end(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
@@ -181,6 +193,10 @@ def end_to_end(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
         bridge = ModelBridge.from_hf_dir(checkpoint)
         stats = stream_import(bridge, checkpoint, megatron_dir, dtype=torch.bfloat16, overwrite=True)
         moved = float(stats.bytes_requested)
+    elif name == "stream-import-w2":
+        from bridgegen.runtime.launch import run_on_ranks
+
+        moved = sum(run_on_ranks(stream_import_on_rank, 2, checkpoint, megatron_dir))
     elif name == "model-import":
         bridge = ModelBridge.from_hf_dir(checkpoint)
         model = bridge.build_model(torch.bfloat16)

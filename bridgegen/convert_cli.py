@@ -69,10 +69,15 @@ def import_on_rank(args: argparse.Namespace) -> None:
         _say(
             f"{len(carried)} tensors outside the language model ({prefixes}, {size:.1f} MiB) kept for export"
         )
-    if _layout(args) == ParallelLayout() and "WORLD_SIZE" not in os.environ:
-        # A dist checkpoint is layout-free: no model is needed, only megatron-core's keys.
-        stats = stream_import(bridge, args.hf, args.out, dtype=dtype, overwrite=args.overwrite, progress=True)
-        _say(f"read {stats.bytes_requested / 2**20:.1f} MiB for {stats.tensors} tensors, no model built")
+    if _layout(args) == ParallelLayout():
+        # A dist checkpoint is layout-free: no model is needed, only megatron-core's keys. Under
+        # torchrun or --workers, each process writes its share.
+        stats = stream_import(
+            bridge, args.hf, args.out, dtype=dtype, overwrite=args.overwrite, progress=_rank() == 0
+        )
+        _say(
+            f"rank 0 read {stats.bytes_requested / 2**20:.1f} MiB for {stats.tensors} tensors, no model built"
+        )
     else:
         chunks = build_chunks(bridge, _layout(args), dtype)
         stats = load_hf(bridge, chunks, args.hf, progress=True)
@@ -194,7 +199,12 @@ def run_command(name: str, args: argparse.Namespace) -> Any:
 
 def _dispatch(name: str) -> Any:
     def run(args: argparse.Namespace) -> int:
-        world = args.tp * args.pp
+        for flag in ("tp", "pp", "vpp", "workers"):
+            value = getattr(args, flag, None)
+            if value is not None and value < 1:
+                print(f"bridgegen {name}: error: --{flag} must be at least 1, got {value}", file=sys.stderr)
+                return 2
+        world = args.tp * args.pp * getattr(args, "workers", 1)
         if "WORLD_SIZE" in os.environ or world == 1:
             result = run_command(name, args)
             return 1 if result is False else 0
@@ -265,6 +275,13 @@ def add_conversion_commands(sub: Any) -> None:
         default="te",
         help="checkpoint key names: 'te' as the Transformer Engine layer spec names them (Megatron-LM's "
         "and Megatron-Bridge's default), 'local' for --transformer-impl local (default: te)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="local processes that share the work of an import without a layout (each reads and writes "
+        "about 1/N of the bytes; under torchrun the processes it starts do)",
     )
     p.add_argument(
         "--vocab-multiple",

@@ -239,3 +239,34 @@ def test_streaming_memory_is_bounded_by_a_buffer_not_the_model(tmp_path: Path) -
     grown = peak_growth("export", tmp_path / "megatron", tmp_path / "back")
     assert grown < budget, f"export: peak grew {grown / 2**20:.0f} MiB for a {total / 2**20:.0f} MiB model"
     assert_bit_exact(hf, tmp_path / "back")
+
+
+def test_two_workers_split_the_import_and_write_the_same_checkpoint(tmp_path: Path) -> None:
+    """--workers 2: two local processes, each writing its own file with about half the bytes;
+    the checkpoint holds the same tensors as one process writes."""
+    from bridgegen.cli import main
+
+    hf = qwen3_moe(tmp_path / "hf")
+    assert main(["import", "--hf", str(hf), "--out", str(tmp_path / "one")]) == 0
+    assert main(["import", "--hf", str(hf), "--out", str(tmp_path / "two"), "--workers", "2"]) == 0
+    files = sorted((tmp_path / "two" / "release").glob("*.distcp"))
+    assert [f.name for f in files] == ["__0_0.distcp", "__1_0.distcp"]
+    sizes = [f.stat().st_size for f in files]
+    assert 0.4 < sizes[0] / sum(sizes) < 0.6, sizes
+    a = dist_checkpoint_tensors(tmp_path / "one" / "release")
+    b = dist_checkpoint_tensors(tmp_path / "two" / "release")
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert main(["export", "--megatron", str(tmp_path / "two"), "--out", str(tmp_path / "back")]) == 0
+    assert_bit_exact(hf, tmp_path / "back")
+
+
+def test_a_worker_count_below_one_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bridgegen.cli import main
+
+    hf = FIXTURES / "mb-llama" / "hf"
+    assert main(["import", "--hf", str(hf), "--out", str(tmp_path / "out"), "--workers", "0"]) == 2
+    assert "--workers must be at least 1, got 0" in capsys.readouterr().err
+    assert main(["import", "--hf", str(hf), "--out", str(tmp_path / "out"), "--tp", "-1"]) == 2
+    assert not (tmp_path / "out").exists()

@@ -75,12 +75,14 @@ def save_megatron(
     hf_source: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     sharded_strategy: Any = None,
+    assign: Any = None,
 ) -> Path:
     """Save the model (all ranks call this) as a Megatron-LM style checkpoint in ``out_dir``;
     atomic: the folder appears only when every rank has written its part. The tokenizer files
     of ``hf_source``, and the tensors it holds besides the language model (e.g. a vision tower,
     see ``ModelBridge.carried_tensors``), are kept in ``hf_side_files/`` for the export.
-    ``sharded_strategy`` replaces megatron-core's writer (``stream.lazy_save_strategy``)."""
+    ``sharded_strategy`` replaces megatron-core's writer (``stream.lazy_save_strategy``);
+    ``assign`` may mark which rank writes which tensor (``stream.share_the_writing``)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
@@ -102,6 +104,8 @@ def save_megatron(
     try:
         folder = tmp / megatron_lm.RELEASE
         state = sharded_state_dict(chunks)
+        if assign is not None:
+            assign(state)
         state.update(
             args=lm_args.namespace(),
             checkpoint_version=megatron_lm.CHECKPOINT_VERSION,

@@ -206,6 +206,27 @@ def lazy_save_strategy(producer: TensorProducer) -> Any:
     return LazySaveStrategy("torch_dist", 1, thread_count=1)
 
 
+def share_the_writing(rank: int, world_size: int) -> Callable[[Any], None]:
+    """Mark each tensor of a sharded state dict as written by one rank: every rank holds the
+    same single-process model, megatron-core writes only "main replicas" (``replica_id`` 0),
+    so giving each rank the main replica of its share (largest first, to the least loaded
+    rank) splits the bytes about evenly, and each rank reads only its share's sources."""
+
+    def assign(state: Any) -> None:
+        from megatron.core.dist_checkpointing.dict_utils import nested_values
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+        items = [x for x in nested_values(state) if isinstance(x, ShardedTensor | ShardedTensorFactory)]
+        sizes = [int(torch.Size(x.data.shape).numel()) * x.data.element_size() for x in items]
+        load = [0] * world_size
+        for index in sorted(range(len(items)), key=lambda i: (-sizes[i], i)):
+            owner = min(range(world_size), key=lambda r: (load[r], r))
+            load[owner] += sizes[index]
+            items[index].replica_id = 0 if owner == rank else 1
+
+    return assign
+
+
 def meta_model(bridge: ModelBridge, dtype: torch.dtype) -> torch.nn.Module:
     """The single-process megatron-core model, every parameter on the meta device."""
     with torch.device("meta"):
@@ -232,7 +253,8 @@ def stream_import(
     progress: bool = False,
 ) -> LoadStats:
     """HF folder -> Megatron-LM style checkpoint (``megatron_checkpoint.save_megatron``'s
-    layout), without a model in memory."""
+    layout), without a model in memory. Under torch.distributed every rank calls this and
+    writes about 1/N of the bytes (its own ``__R_0.distcp``)."""
     from bridgegen.runtime.megatron_checkpoint import save_megatron
 
     return_freed_buffers_to_the_system()
@@ -245,6 +267,9 @@ def stream_import(
         bar = tqdm(total=sum(1 for _ in model_tensors(model)), desc="import", unit="tensor")
     producer = TensorProducer(bridge, model, checkpoint, bar.update if bar else None)
     producer.check_sources()
+    import torch.distributed as dist
+
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
     save_megatron(
         model,
         bridge,
@@ -253,6 +278,7 @@ def stream_import(
         hf_source=hf_dir,
         overwrite=overwrite,
         sharded_strategy=lazy_save_strategy(producer),
+        assign=share_the_writing(dist.get_rank(), world_size) if world_size > 1 else None,
     )
     if bar is not None:
         bar.close()
