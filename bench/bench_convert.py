@@ -14,7 +14,7 @@ the phase's peak RSS above the process's RSS just before the phase started:
 End to end (what `bridgegen import` / `export` do), against raw read + raw write:
 
   stream-import  HF folder -> Megatron checkpoint, no model built (the default)
-  stream-import-w2  the same on 2 local worker processes (--workers 2); peak RSS is the parent's
+  stream-import-w2  the same on 2 local worker processes (--workers 2), timed inside the workers
   model-import   the same through a model: build, load, megatron-core's save
   stream-export  Megatron checkpoint -> HF folder, no model built (the default)
   model-export   the same through a model: build, megatron-core's load, export
@@ -115,6 +115,7 @@ def phase(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
 
     from bridgegen.runtime.convert import ModelBridge
 
+    os.sync()  # each phase starts without the previous phase's writes still queued for the disk
     result: dict[str, float] = {}
     if name in END_TO_END:
         return end_to_end(name, checkpoint, scratch)
@@ -166,15 +167,21 @@ def phase(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
 END_TO_END = ("stream-import", "stream-import-w2", "model-import", "stream-export", "model-export")
 
 
-def stream_import_on_rank(checkpoint: Path, out: Path) -> float:
-    """One of two workers of a streaming import (run by run_on_ranks)."""
+def stream_import_on_rank(checkpoint: Path, out: Path) -> tuple[float, float]:
+    """One of two workers of a streaming import (run by run_on_ranks): its bytes and seconds,
+    timed from a barrier after the imports, as for the one-process phase."""
+    import megatron.core.models.gpt.gpt_model  # noqa: F401 - imported before the timer, as there
     import torch
+    import torch.distributed as dist
 
     from bridgegen.runtime.convert import ModelBridge
     from bridgegen.runtime.stream import stream_import
 
+    dist.barrier()
+    start = time.perf_counter()
     bridge = ModelBridge.from_hf_dir(checkpoint)
-    return float(stream_import(bridge, checkpoint, out, dtype=torch.bfloat16, overwrite=True).bytes_requested)
+    moved = stream_import(bridge, checkpoint, out, dtype=torch.bfloat16, overwrite=True).bytes_requested
+    return float(moved), time.perf_counter() - start
 
 
 def end_to_end(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
@@ -196,7 +203,14 @@ def end_to_end(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
     elif name == "stream-import-w2":
         from bridgegen.runtime.launch import run_on_ranks
 
-        moved = sum(run_on_ranks(stream_import_on_rank, 2, checkpoint, megatron_dir))
+        ranks = run_on_ranks(stream_import_on_rank, 2, checkpoint, megatron_dir)
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20
+        return {
+            "seconds": max(r[1] for r in ranks),
+            "bytes": sum(r[0] for r in ranks),
+            "rss_before_mb": before / 2**20,
+            "peak_above_mb": peak,
+        }
     elif name == "model-import":
         bridge = ModelBridge.from_hf_dir(checkpoint)
         model = bridge.build_model(torch.bfloat16)

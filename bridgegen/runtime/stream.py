@@ -22,7 +22,7 @@ from bridgegen.runtime.errors import WeightError
 from bridgegen.runtime.fp8 import block_size
 from bridgegen.runtime.safetensors_io import Checkpoint
 from bridgegen.runtime.transforms import load_shard
-from bridgegen.runtime.weights import LoadStats, model_tensors
+from bridgegen.runtime.weights import LoadStats, check_sources, model_tensors
 
 
 def return_freed_buffers_to_the_system() -> None:
@@ -67,43 +67,11 @@ class TensorProducer:
         self.stats = LoadStats()
 
     def check_sources(self) -> None:
-        """Every HF tensor each parameter needs is there, with the right shape, before any
-        file is written (meta stand-ins: nothing is read)."""
+        """Every HF tensor each parameter needs is there, with the right shape, and none is
+        left unmapped, before any file is written (the model loader's own checks)."""
+        plan = [(name, param, self.weight_map.match(name)) for name, param in self.params.items()]
         layout = self.weight_map.layout()
-        wanted: set[str] = set()
-        for name, param in self.params.items():
-            matched = self.weight_map.match(name)
-            hf_names = matched.hf_names()
-            for hf_name in hf_names:
-                if hf_name not in self.checkpoint:
-                    raise WeightError(
-                        f"{self.checkpoint.folder}: missing tensor {hf_name!r} (needed for Megatron {name!r})"
-                    )
-            wanted.update(hf_names)
-            try:
-                load_shard(
-                    matched.rule.kind,
-                    torch.empty(param.shape, dtype=param.dtype, device="meta"),
-                    [matched.select(self.checkpoint.view(n)) for n in hf_names],
-                    hf_names,
-                    layout,
-                    lambda tensor: tensor,
-                    matched.rule.norm_offset,
-                )
-            except WeightError as exc:
-                raise WeightError(f"{self.checkpoint.folder}: {exc} (loading Megatron {name!r})") from None
-        from bridgegen.runtime.fp8 import scale_name
-
-        wanted |= {scale_name(hf) for hf in wanted}
-        unexpected = [
-            n for n in self.checkpoint.names() if n not in wanted and not self.weight_map.ignored(n)
-        ]
-        if unexpected:
-            shown = ", ".join(repr(n) for n in unexpected[:8])
-            raise WeightError(
-                f"{self.checkpoint.folder}: unexpected tensor(s) {shown}: the "
-                f"{self.weight_map.config.family} spec maps no Megatron tensor to them"
-            )
+        check_sources(self.weight_map, plan, self.checkpoint, layout, layout)
 
     def parameter(self, name: str) -> torch.Tensor:
         if self._last is not None and self._last[0] == name:

@@ -189,28 +189,18 @@ class LoadStats:
     hf_tensors_used: int = 0
 
 
-def load_into(
+def check_sources(
     weight_map: WeightMap,
-    model: torch.nn.Module,
+    plan: Sequence[tuple[str, torch.Tensor, MatchedTensor]],
     checkpoint: Checkpoint,
+    layout: Layout,
+    expert_layout: Layout,
     *,
-    layer_offset: int = 0,
-    tp_rank: int = 0,
-    tp_size: int = 1,
-    expert_offset: int = 0,
-    expert_tp_rank: int = 0,
-    expert_tp_size: int = 1,
     check_unused: bool = True,
-    progress: Callable[[int], object] | None = None,
-    fp8_block: tuple[int, int] = (128, 128),
-) -> LoadStats:
-    """Copy every parameter of ``model`` from ``checkpoint``; each rank reads only its slices."""
-    layout = weight_map.layout(tp_rank, tp_size)
-    expert_layout = weight_map.layout(expert_tp_rank, expert_tp_size)
-    used: set[str] = set()
-    stats = LoadStats()
-    params = list(model_tensors(model))
-    plan = [(name, param, weight_map.match(name, layer_offset, expert_offset)) for name, param in params]
+) -> None:
+    """Before anything is read or written: every HF tensor each (Megatron name, tensor,
+    match) needs is in ``checkpoint`` and floating point, no HF tensor is left unmapped
+    (``check_unused``), and every shape fits, checked against meta stand-ins."""
     for _, _, matched in plan:
         for hf_name in matched.hf_names():
             if hf_name not in checkpoint:
@@ -233,8 +223,6 @@ def load_into(
                 f"{checkpoint.folder}: unexpected tensor(s) {shown}{more}: the {weight_map.config.family} spec maps no "
                 "Megatron tensor to them"
             )
-    # Check every shape first, against meta stand-ins of the parameters: a bad tensor is
-    # reported before anything in the model is overwritten.
     for name, param, matched in plan:
         hf_names = matched.hf_names()
         try:
@@ -249,6 +237,31 @@ def load_into(
             )
         except WeightError as exc:
             raise WeightError(f"{checkpoint.folder}: {exc} (loading Megatron {name!r})") from None
+
+
+def load_into(
+    weight_map: WeightMap,
+    model: torch.nn.Module,
+    checkpoint: Checkpoint,
+    *,
+    layer_offset: int = 0,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    expert_offset: int = 0,
+    expert_tp_rank: int = 0,
+    expert_tp_size: int = 1,
+    check_unused: bool = True,
+    progress: Callable[[int], object] | None = None,
+    fp8_block: tuple[int, int] = (128, 128),
+) -> LoadStats:
+    """Copy every parameter of ``model`` from ``checkpoint``; each rank reads only its slices."""
+    layout = weight_map.layout(tp_rank, tp_size)
+    expert_layout = weight_map.layout(expert_tp_rank, expert_tp_size)
+    used: set[str] = set()
+    stats = LoadStats()
+    params = list(model_tensors(model))
+    plan = [(name, param, weight_map.match(name, layer_offset, expert_offset)) for name, param in params]
+    check_sources(weight_map, plan, checkpoint, layout, expert_layout, check_unused=check_unused)
     before = checkpoint.bytes_requested
     with torch.no_grad():
         for name, param, matched in plan:
