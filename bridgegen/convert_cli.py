@@ -105,8 +105,9 @@ def export_on_rank(args: argparse.Namespace) -> None:
     from bridgegen.runtime.stream import stream_export
 
     start = time.perf_counter()
-    if _layout(args) == ParallelLayout() and "WORLD_SIZE" not in os.environ:
-        # One process reads the checkpoint a batch of parameters at a time: no model is built.
+    if _layout(args) == ParallelLayout():
+        # The checkpoint is read a batch of parameters at a time: no model is built. Under
+        # torchrun or --workers, each process converts its share.
         stream_export(
             args.megatron,
             args.out,
@@ -116,7 +117,7 @@ def export_on_rank(args: argparse.Namespace) -> None:
             dtype=args.dtype,
             overwrite=args.overwrite,
             max_shard_bytes=int(args.max_shard_gb * 2**30),
-            progress=True,
+            progress=_rank() == 0,
         )
         _say(f"wrote HF folder {args.out} in {time.perf_counter() - start:.1f} s, no model built")
         return
@@ -308,6 +309,13 @@ def add_conversion_commands(sub: Any) -> None:
     )
     p.add_argument("--megatron", required=True, help="Megatron checkpoint folder")
     p.add_argument("--iteration", help="iteration to export: a number or 'release' (default: the tracker's)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="local processes that share an export without a layout (each reads and writes about 1/N of "
+        "the bytes; under torchrun the processes it starts do)",
+    )
     p.add_argument(
         "--family", help="bridge family (see `bridgegen list`) for a checkpoint without bridgegen.json"
     )

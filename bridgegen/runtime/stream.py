@@ -323,6 +323,7 @@ def checkpoint_values(
     per_layer_keys: bool,
     batch_bytes: int = 256 * 2**20,
     progress: Callable[[int], object] | None = None,
+    only: set[str] | None = None,
 ) -> Any:
     """Yield (name, tensor) for every tensor of a meta-device ``model``, read from the dist
     checkpoint in ``folder`` a batch of parameters at a time. megatron-core's sharded state
@@ -354,7 +355,11 @@ def checkpoint_values(
         pieces.setdefault(names[id(base)], []).append(
             (item.key, tuple(int(x) for x in item.global_offset), region, tuple(data.stride()), offset)
         )
-    sizes = [(name, tensor.numel() * tensor.element_size()) for name, tensor in tensors.items()]
+    sizes = [
+        (name, tensor.numel() * tensor.element_size())
+        for name, tensor in tensors.items()
+        if only is None or name in only
+    ]
     for batch in _batches(sizes, batch_bytes):
         real = {name: torch.empty(tensors[name].shape, dtype=tensors[name].dtype) for name in batch}
         regions: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
@@ -391,6 +396,8 @@ def stream_export(
     the files are planned from a meta-device model, then each batch of parameters (at most
     ``batch_bytes``, or one parameter) is read, converted and streamed into the safetensors
     shards."""
+    import torch.distributed as dist
+
     from bridgegen.runtime.formats import megatron_lm
     from bridgegen.runtime.megatron_checkpoint import bridge_for_checkpoint
 
@@ -398,6 +405,16 @@ def stream_export(
     found = megatron_lm.find_checkpoint(checkpoint_dir, iteration)
     bridge, saved_dtype = bridge_for_checkpoint(found.path, family=family, hf_config=hf_config)
     model = meta_model(bridge, saved_dtype)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        return _export_on_ranks(
+            bridge,
+            model,
+            found.path,
+            out_dir,
+            dtype=dtype,
+            overwrite=overwrite,
+            max_shard_bytes=max_shard_bytes,
+        )
     bar = None
     if progress:
         from tqdm import tqdm
@@ -417,3 +434,103 @@ def stream_export(
     finally:
         if bar is not None:
             bar.close()
+
+
+def owned_parameters(bridge: ModelBridge, model: torch.nn.Module, rank: int, world_size: int) -> set[str]:
+    """This rank's share of an export: a contiguous run of parameters holding about 1/N of the
+    bytes, never splitting the experts that are stacked into one HF tensor."""
+    weight_map = bridge.weight_map()
+    units: list[tuple[list[str], int]] = []
+    last_group: tuple[str, ...] | None = None
+    for name, tensor in model_tensors(model):
+        matched = weight_map.match(name)
+        group = tuple(matched.hf_names()) if matched.rule.hf_stacked_experts else None
+        size = tensor.numel() * tensor.element_size()
+        if group is not None and group == last_group:
+            units[-1][0].append(name)
+            units[-1] = (units[-1][0], units[-1][1] + size)
+        else:
+            units.append(([name], size))
+        last_group = group
+    total = sum(size for _, size in units) or 1
+    owned: set[str] = set()
+    done = 0
+    for names, size in units:
+        if min(world_size - 1, done * world_size // total) == rank:
+            owned.update(names)
+        done += size
+    return owned
+
+
+def _export_on_ranks(
+    bridge: ModelBridge,
+    model: torch.nn.Module,
+    folder: Any,
+    out_dir: Any,
+    *,
+    dtype: str | torch.dtype | None,
+    overwrite: bool,
+    max_shard_bytes: int,
+) -> Any:
+    """The streaming export on N ranks: rank 0 plans the HF files and writes their headers;
+    every rank reads its share of the parameters and writes their HF tensors into those files;
+    rank 0 writes the index and moves the folder into place."""
+    import itertools
+    import shutil
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from bridgegen.runtime.convert import parse_dtype
+    from bridgegen.runtime.distributed import _commit
+    from bridgegen.runtime.safetensors_io import (
+        SINGLE_NAME,
+        FilePlan,
+        PlannedFiles,
+        PlannedTensor,
+        plan_shards,
+        shared_temp_dir,
+        stream_tensors,
+    )
+    from bridgegen.runtime.weights import iter_hf_from_full
+
+    saved: torch.dtype = getattr(model, "config").params_dtype  # noqa: B009 - GPTModel has a config
+    target = parse_dtype(dtype) or saved
+    weight_map = bridge.weight_map()
+    rank = dist.get_rank()
+    out = Path(out_dir)
+    tmp = shared_temp_dir(out, overwrite)
+    try:
+        meta = [(n, torch.empty(t.shape, dtype=t.dtype, device="meta")) for n, t in model_tensors(model)]
+        planned = [
+            PlannedTensor(n, t.dtype, tuple(t.shape))
+            for n, t in iter_hf_from_full(weight_map, meta, dtype=target)
+        ]
+        source, carried = bridge.carried_tensors(dtype=target)
+        holder: list[Any] = [None]
+        if rank == 0:
+            shards = plan_shards(planned + carried, max_shard_bytes)
+            names = [
+                SINGLE_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                for i in range(len(shards))
+            ]
+            holder[0] = FilePlan(dict(zip(names, shards, strict=True)))
+            holder[0].create(tmp)
+        dist.broadcast_object_list(holder, src=0)
+        output = PlannedFiles(tmp, holder[0])
+        owned = owned_parameters(bridge, model, rank, dist.get_world_size())
+        values = checkpoint_values(model, folder, per_layer_keys=bridge.per_layer_keys, only=owned)
+        converted = iter_hf_from_full(weight_map, values, dtype=target)
+        passed = stream_tensors(source, carried) if rank == 0 and source is not None else iter(())
+        for name, tensor in itertools.chain(converted, passed):
+            output.write(name, output.target(name), tensor)
+        output.close()
+        dist.barrier()
+        if rank == 0:
+            _commit(bridge, tmp, out, holder[0], target, overwrite)
+        dist.barrier()
+    except BaseException:
+        if rank == 0:  # the temp folder is shared; see distributed.export_hf
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
