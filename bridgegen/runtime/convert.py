@@ -342,6 +342,17 @@ class ModelBridge:
     def hf_config(self) -> dict[str, Any]:
         return self.bridge.to_hf_config(self.config)
 
+    def planned_hf_tensors(self, model: torch.nn.Module, dtype: torch.dtype) -> list[PlannedTensor]:
+        """Every HF tensor (name, dtype, shape) an export of ``model`` writes, in order,
+        worked out on meta copies: nothing is read."""
+        meta = [
+            (name, torch.empty(t.shape, dtype=t.dtype, device="meta")) for name, t in model_tensors(model)
+        ]
+        return [
+            PlannedTensor(n, t.dtype, tuple(t.shape))
+            for n, t in iter_hf_from_full(self.weight_map(), meta, dtype=dtype)
+        ]
+
     def export_config(self, dtype: torch.dtype) -> dict[str, Any]:
         """The config.json of an export whose tensors are plain ``dtype``."""
         hf_config = self.hf_config()
@@ -371,12 +382,7 @@ class ModelBridge:
         hf_config = self.export_config(target)
         tensors = list(model_tensors(model))
         weight_map = self.weight_map()
-        # Plan every HF tensor (name, dtype, shape) from meta copies, then stream the real ones.
-        meta = [(name, torch.empty(t.shape, dtype=t.dtype, device="meta")) for name, t in tensors]
-        planned = [
-            PlannedTensor(n, t.dtype, tuple(t.shape))
-            for n, t in iter_hf_from_full(weight_map, meta, dtype=target)
-        ]
+        planned = self.planned_hf_tensors(model, target)
         source, carried = self.carried_tensors(dtype=target)
         bar = _progress(progress, len(planned) + len(carried), "export")
 

@@ -24,12 +24,11 @@ from bridgegen.runtime.errors import WeightError
 from bridgegen.runtime.fp8 import block_size, scale_name
 from bridgegen.runtime.safetensors_io import (
     INDEX_NAME,
-    SINGLE_NAME,
     Checkpoint,
     FilePlan,
     PlannedFiles,
     PlannedTensor,
-    plan_shards,
+    file_plan,
     shared_temp_dir,
     stream_tensors,
 )
@@ -286,12 +285,7 @@ def export_hf(
                     raise WeightError(
                         f"ranks disagree on HF tensor {entry.name!r}: {unique[entry.name]} vs {entry}"
                     )
-            shards = plan_shards(list(unique.values()), max_shard_bytes)
-            names = [
-                SINGLE_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                for i in range(len(shards))
-            ]
-            plan_holder[0] = FilePlan(dict(zip(names, shards, strict=True)))
+            plan_holder[0] = file_plan(list(unique.values()), max_shard_bytes)
             plan_holder[0].create(tmp)
         dist.broadcast_object_list(plan_holder, src=0)
         plan: FilePlan = plan_holder[0]

@@ -261,9 +261,9 @@ def load_megatron(
     enable_cpu_execution()
     found = megatron_lm.find_checkpoint(checkpoint_dir, iteration)
     chunks = models if isinstance(models, list) else [models]
-    per_layer_keys = any(PER_LAYER_KEY.match(key) for key in dist_checkpoint.model_keys(found.path))
-    request = sharded_state_dict(chunks, per_layer_keys)
-    _check_keys(request, found.path)
+    present = set(dist_checkpoint.model_keys(found.path))
+    request = sharded_state_dict(chunks, any(PER_LAYER_KEY.match(key) for key in present))
+    _check_keys(request, found.path, present)
     state = dist_checkpoint.load_tensors(request, found.path)
     for index, model in enumerate(chunks):
         part = state["model" if len(chunks) == 1 else f"model{index}"]
@@ -284,15 +284,17 @@ def requested_keys(request: dict[str, Any]) -> set[str]:
     return keys
 
 
-def _check_keys(request: dict[str, Any], folder: Path) -> None:
-    """Every model tensor of the checkpoint is one this model reads (all ranks together): a
-    tensor no rank asks for would be dropped from the export without a word."""
+def _check_keys(request: dict[str, Any], folder: Path, present: set[str] | None = None) -> None:
+    """Every model tensor of the checkpoint (``present``: its keys, read when not given) is one
+    this model reads (all ranks together): a tensor no rank asks for would be dropped from the
+    export without a word."""
     asked = requested_keys(request)
     if dist.is_initialized() and dist.get_world_size() > 1:
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, sorted(asked))
         asked = {key for part in gathered for key in part}
-    present = set(dist_checkpoint.model_keys(folder))
+    if present is None:
+        present = set(dist_checkpoint.model_keys(folder))
     unread = sorted(present - asked)
     if unread:
         raise WeightError(

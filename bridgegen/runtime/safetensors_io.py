@@ -296,6 +296,17 @@ def copy_tensors(source: Checkpoint, planned: list[PlannedTensor], path: Path) -
     return write_safetensors(path, planned, stream_tensors(source, planned))
 
 
+def shard_name(index: int, count: int) -> str:
+    """The HF name of safetensors shard ``index`` (from 0) of ``count``."""
+    return SINGLE_NAME if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def file_plan(planned: list[PlannedTensor], max_shard_bytes: int) -> FilePlan:
+    """Which tensors go into which HF shard file, in order."""
+    shards = plan_shards(planned, max_shard_bytes)
+    return FilePlan({shard_name(i, len(shards)): shard for i, shard in enumerate(shards)})
+
+
 @dataclass(frozen=True)
 class FilePlan:
     """Where every tensor of a multi-file export goes: file, byte offset, dtype and shape."""
@@ -483,7 +494,7 @@ class HFDirWriter:
         count = len(self._shards)
         weight_map: dict[str, str] = {}
         for index, names in enumerate(self._shards):
-            final = SINGLE_NAME if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+            final = shard_name(index, count)
             os.replace(self.tmp / f"shard-{index:05d}.tmp", self.tmp / final)
             weight_map.update({name: final for name in names})
         if count > 1:

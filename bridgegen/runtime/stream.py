@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,8 +22,7 @@ from bridgegen.runtime.convert import ModelBridge
 from bridgegen.runtime.errors import WeightError
 from bridgegen.runtime.fp8 import block_size
 from bridgegen.runtime.safetensors_io import Checkpoint
-from bridgegen.runtime.transforms import load_shard
-from bridgegen.runtime.weights import LoadStats, check_sources, model_tensors
+from bridgegen.runtime.weights import LoadStats, check_sources, fill_parameter, model_tensors
 
 
 def return_freed_buffers_to_the_system() -> None:
@@ -44,6 +44,54 @@ def return_freed_buffers_to_the_system() -> None:
         return
     m_mmap_threshold = -3
     mallopt(m_mmap_threshold, 1 << 20)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Where one checkpoint item (``key`` at global ``offset``, of ``region`` shape with its
+    prepended layer / expert axes) lies in parameter ``name``: a strided view of it."""
+
+    key: str
+    offset: tuple[int, ...]
+    region: tuple[int, ...]
+    name: str
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage_offset: int
+
+    def of(self, value: torch.Tensor) -> torch.Tensor:
+        """This piece of the parameter's real ``value``, in the item's region shape."""
+        view = value.as_strided(self.shape, self.stride, value.storage_offset() + self.storage_offset)
+        return view.reshape(self.region)
+
+
+def parameter_pieces(sharded_state_dict: Any, names: dict[int, str]) -> list[Piece]:
+    """Every ShardedTensor of a (factories applied) sharded state dict of a meta-device model
+    whose data is a parameter, or a view of one, named in ``names`` (by ``id``)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    pieces = []
+    for item in nested_values(sharded_state_dict):
+        if not isinstance(item, ShardedTensor) or not item.data.is_meta:
+            continue
+        data = item.data
+        base = data._base if data._base is not None else data
+        name = names.get(id(base))
+        if name is None:
+            raise WeightError(f"checkpoint key {item.key!r} holds a tensor that is no parameter of the model")
+        pieces.append(
+            Piece(
+                key=item.key,
+                offset=tuple(int(x) for x in item.global_offset),
+                region=(1,) * item.prepend_axis_num + tuple(data.shape),
+                name=name,
+                shape=tuple(data.shape),
+                stride=tuple(data.stride()),
+                storage_offset=data.storage_offset() - base.storage_offset(),
+            )
+        )
+    return pieces
 
 
 class TensorProducer:
@@ -78,22 +126,10 @@ class TensorProducer:
             return self._last[1]
         self._last = None  # let the previous one go before making the next
         param = self.params[name]
-        matched = self.weight_map.match(name)
-        hf_names = matched.hf_names()
         target = torch.empty(param.shape, dtype=param.dtype)
         before = self.checkpoint.bytes_requested
-        with torch.no_grad():
-            load_shard(
-                matched.rule.kind,
-                target,
-                [matched.select(self.checkpoint.source(n, self.fp8_block)) for n in hf_names],
-                hf_names,
-                self.weight_map.layout(),
-                self.checkpoint.count,
-                matched.rule.norm_offset,
-            )
-        for hf_name in hf_names:
-            self.checkpoint.release(hf_name)
+        matched = self.weight_map.match(name)
+        fill_parameter(name, target, matched, self.checkpoint, self.weight_map.layout(), self.fp8_block)
         self.stats.tensors += 1
         if self.progress is not None:
             self.progress(1)
@@ -104,35 +140,17 @@ class TensorProducer:
     def register(self, sharded_state_dict: Any) -> None:
         """Note, for every checkpoint item (key, global offset), which parameter it is a piece
         of and where: the writer names items by key and offset only."""
-        from megatron.core.dist_checkpointing.dict_utils import nested_values
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-        self.pieces: dict[tuple[str, tuple[int, ...]], tuple[str, tuple[int, ...], tuple[int, ...], int]] = {}
-        for item in nested_values(sharded_state_dict):
-            if not isinstance(item, ShardedTensor) or not item.data.is_meta:
-                continue
-            data = item.data
-            base = data._base if data._base is not None else data
-            name = self.names.get(id(base))
-            if name is None:
-                raise WeightError(
-                    f"checkpoint key {item.key!r} holds a tensor that is no parameter of the model"
-                )
-            where = (item.key, tuple(int(x) for x in item.global_offset))
-            offset = data.storage_offset() - base.storage_offset()
-            self.pieces[where] = (name, tuple(data.shape), tuple(data.stride()), offset)
+        self.pieces = {(p.key, p.offset): p for p in parameter_pieces(sharded_state_dict, self.names)}
 
     def resolve(self, key: str, offset: tuple[int, ...], size: tuple[int, ...]) -> torch.Tensor:
         """The bytes of checkpoint item ``key`` at global ``offset`` (shape ``size``)."""
         try:
-            name, shape, stride, storage_offset = self.pieces[(key, offset)]
+            piece = self.pieces[(key, offset)]
         except KeyError:
             raise WeightError(
                 f"the checkpoint writer asked for {key!r} at {offset}, which no parameter holds"
             ) from None
-        value = self.parameter(name)
-        piece = value.as_strided(shape, stride, value.storage_offset() + storage_offset)
-        return piece.reshape(size)
+        return piece.of(self.parameter(piece.name)).reshape(size)
 
 
 def lazy_save_strategy(producer: TensorProducer) -> Any:
@@ -330,8 +348,7 @@ def checkpoint_values(
     dict of the single-process model says where each parameter lies in which saved global
     tensor (a layer of a stacked key, the halves of a fused fc1, an expert); torch reads those
     regions from the chunks of whatever layout the checkpoint was saved at."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+    from megatron.core.dist_checkpointing.mapping import apply_factories
     from torch.distributed.checkpoint.filesystem import FileSystemReader
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
@@ -342,36 +359,29 @@ def checkpoint_values(
     request = sharded_state_dict([model], per_layer_keys)
     _check_keys(request, folder)
     apply_factories(request)
-    pieces: dict[str, list[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...], int]]] = {}
-    for item in nested_values(request):
-        if not isinstance(item, ShardedTensor):
-            continue
-        data = item.data
-        base = data._base if data._base is not None else data
-        if id(base) not in names:
-            continue
-        region = (1,) * item.prepend_axis_num + tuple(data.shape)
-        offset = data.storage_offset() - base.storage_offset()
-        pieces.setdefault(names[id(base)], []).append(
-            (item.key, tuple(int(x) for x in item.global_offset), region, tuple(data.stride()), offset)
-        )
+    pieces: dict[str, list[Piece]] = {}
+    for piece in parameter_pieces(request, names):
+        pieces.setdefault(piece.name, []).append(piece)
     sizes = [
         (name, tensor.numel() * tensor.element_size())
         for name, tensor in tensors.items()
         if only is None or name in only
     ]
+    # One reader, its metadata read once: torch reads .metadata on every load otherwise, and a
+    # large model's index is big and its batches many.
+    reader = FileSystemReader(str(folder))
+    metadata = reader.read_metadata()
+    reader.read_metadata = lambda *args, **kwargs: metadata  # type: ignore[method-assign]
     for batch in _batches(sizes, batch_bytes):
         real = {name: torch.empty(tensors[name].shape, dtype=tensors[name].dtype) for name in batch}
         regions: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
         for name in batch:
             if name not in pieces:
                 raise WeightError(f"{folder}: no checkpoint key holds Megatron tensor {name!r}")
-            value = real[name]
-            for key, offsets, region, stride, offset in pieces[name]:
-                view = value.as_strided(region[len(region) - len(stride) :], stride, offset)
-                regions[(key, offsets)] = view.reshape(region)
+            for piece in pieces[name]:
+                regions[(piece.key, piece.offset)] = piece.of(real[name])
         planner = _region_planner(regions)
-        _load_state_dict({}, FileSystemReader(str(folder)), planner=planner, no_dist=True)
+        _load_state_dict({}, reader, planner=planner, no_dist=True)
         planner.regions = regions = {}
         for name in batch:
             if progress is not None:
@@ -483,15 +493,7 @@ def _export_on_ranks(
 
     from bridgegen.runtime.convert import parse_dtype
     from bridgegen.runtime.distributed import _commit
-    from bridgegen.runtime.safetensors_io import (
-        SINGLE_NAME,
-        FilePlan,
-        PlannedFiles,
-        PlannedTensor,
-        plan_shards,
-        shared_temp_dir,
-        stream_tensors,
-    )
+    from bridgegen.runtime.safetensors_io import PlannedFiles, file_plan, shared_temp_dir, stream_tensors
     from bridgegen.runtime.weights import iter_hf_from_full
 
     saved: torch.dtype = getattr(model, "config").params_dtype  # noqa: B009 - GPTModel has a config
@@ -501,20 +503,11 @@ def _export_on_ranks(
     out = Path(out_dir)
     tmp = shared_temp_dir(out, overwrite)
     try:
-        meta = [(n, torch.empty(t.shape, dtype=t.dtype, device="meta")) for n, t in model_tensors(model)]
-        planned = [
-            PlannedTensor(n, t.dtype, tuple(t.shape))
-            for n, t in iter_hf_from_full(weight_map, meta, dtype=target)
-        ]
+        planned = bridge.planned_hf_tensors(model, target)
         source, carried = bridge.carried_tensors(dtype=target)
         holder: list[Any] = [None]
         if rank == 0:
-            shards = plan_shards(planned + carried, max_shard_bytes)
-            names = [
-                SINGLE_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                for i in range(len(shards))
-            ]
-            holder[0] = FilePlan(dict(zip(names, shards, strict=True)))
+            holder[0] = file_plan(planned + carried, max_shard_bytes)
             holder[0].create(tmp)
         dist.broadcast_object_list(holder, src=0)
         output = PlannedFiles(tmp, holder[0])

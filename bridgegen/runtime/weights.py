@@ -239,6 +239,35 @@ def check_sources(
             raise WeightError(f"{checkpoint.folder}: {exc} (loading Megatron {name!r})") from None
 
 
+def fill_parameter(
+    name: str,
+    target: torch.Tensor,
+    matched: MatchedTensor,
+    checkpoint: Checkpoint,
+    layout: Layout,
+    fp8_block: tuple[int, int] = (128, 128),
+) -> None:
+    """Copy Megatron tensor ``name``'s slice ``layout`` asks for from ``checkpoint`` into
+    ``target``, then hand the sources' pages back."""
+    hf_names = matched.hf_names()
+    sources = [matched.select(checkpoint.source(n, fp8_block)) for n in hf_names]
+    try:
+        with torch.no_grad():
+            load_shard(
+                matched.rule.kind,
+                target,
+                sources,
+                hf_names,
+                layout,
+                checkpoint.count,
+                matched.rule.norm_offset,
+            )
+    except WeightError as exc:
+        raise WeightError(f"{checkpoint.folder}: {exc} (loading Megatron {name!r})") from None
+    for hf_name in hf_names:
+        checkpoint.release(hf_name)
+
+
 def load_into(
     weight_map: WeightMap,
     model: torch.nn.Module,
@@ -265,23 +294,15 @@ def load_into(
     before = checkpoint.bytes_requested
     with torch.no_grad():
         for name, param, matched in plan:
-            hf_names = matched.hf_names()
-            sources = [matched.select(checkpoint.source(n, fp8_block)) for n in hf_names]
-            try:
-                load_shard(
-                    matched.rule.kind,
-                    param.data,
-                    sources,
-                    hf_names,
-                    layout if matched.expert is None else expert_layout,
-                    checkpoint.count,
-                    matched.rule.norm_offset,
-                )
-            except WeightError as exc:
-                raise WeightError(f"{checkpoint.folder}: {exc} (loading Megatron {name!r})") from None
-            used.update(hf_names)
-            for hf_name in hf_names:
-                checkpoint.release(hf_name)
+            fill_parameter(
+                name,
+                param.data,
+                matched,
+                checkpoint,
+                layout if matched.expert is None else expert_layout,
+                fp8_block,
+            )
+            used.update(matched.hf_names())
             stats.tensors += 1
             if progress is not None:
                 progress(1)
