@@ -107,6 +107,29 @@ def make_checkpoint(folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(LLAMA_32_1B, indent=2))
 
 
+OUTPUTS = {
+    "stream-import": "megatron-stream",
+    "stream-import-w2": "megatron-stream",
+    "model-import": "megatron-model",
+    "stream-export": "hf-stream",
+    "model-export": "hf-model",
+}
+
+
+def start_cold(name: str, scratch: Path) -> None:
+    """Every phase starts from the same state: the phase's old output removed, earlier writes
+    on disk, and (when allowed, i.e. as root) the page cache emptied, so reads come from the
+    disk and writes do not wait for the kernel to reclaim a full cache. Without that the same
+    2.4 GB write measured anywhere from 0.7 s to 6 s on this machine."""
+    if name in OUTPUTS:
+        shutil.rmtree(scratch / OUTPUTS[name], ignore_errors=True)
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError:
+        pass
+
+
 def phase(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
     """Run one phase in this process; returns seconds and peak RSS above the start."""
     import torch
@@ -115,7 +138,7 @@ def phase(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
 
     from bridgegen.runtime.convert import ModelBridge
 
-    os.sync()  # each phase starts without the previous phase's writes still queued for the disk
+    start_cold(name, scratch)
     result: dict[str, float] = {}
     if name in END_TO_END:
         return end_to_end(name, checkpoint, scratch)
@@ -137,6 +160,11 @@ def phase(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
             before = rss_bytes()
             resource_start = time.perf_counter()
             save_file(tensors, str(scratch / "model.safetensors"), metadata={"format": "pt"})
+            # On disk, as every conversion leaves its files (torch's checkpoint writer and ours
+            # fsync them before they count as written).
+            descriptor = os.open(scratch / "model.safetensors", os.O_RDONLY)
+            os.fsync(descriptor)
+            os.close(descriptor)
             result["seconds"] = time.perf_counter() - resource_start
         else:
             result["seconds"] = result["read_s"]
@@ -186,6 +214,7 @@ def stream_import_on_rank(checkpoint: Path, out: Path) -> tuple[float, float]:
 
 def end_to_end(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
     """One whole conversion, as the CLI runs it (torch and megatron-core already imported)."""
+    import megatron.core.models.gpt.gpt_model  # noqa: F401 - imported before the timer
     import torch
 
     import bridgegen.runtime.stream  # noqa: F401 - imports before the measured part
@@ -268,6 +297,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", default="bench/out")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
+    parser.add_argument("--only", help="comma-separated phases to run (default: all)")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     checkpoint, scratch = workdir / "llama-3.2-1b-synthetic", workdir / "scratch"
@@ -293,8 +323,10 @@ def main() -> int:
     make_checkpoint(checkpoint)
     model_bytes = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
     runs: dict[str, list[dict[str, float]]] = {}
+    phases = ("raw-read", "import", "raw-write", "export", "import-tp2", "export-tp2", *END_TO_END)
+    chosen = [name for name in phases if not args.only or name in args.only.split(",")]
     for _ in range(args.repeats):
-        for name in ("raw-read", "import", "raw-write", "export", "import-tp2", "export-tp2", *END_TO_END):
+        for name in chosen:
             out = subprocess.run(
                 [sys.executable, __file__, "--phase", name, "--workdir", str(workdir)],
                 capture_output=True,
@@ -303,12 +335,22 @@ def main() -> int:
             )
             runs.setdefault(name, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
     med = {name: statistics.median(r["seconds"] for r in rs) for name, rs in runs.items()}
+    spread = {name: (min(r["seconds"] for r in rs), max(r["seconds"] for r in rs)) for name, rs in runs.items()}
     peak = {name: max(r["peak_above_mb"] for r in rs) for name, rs in runs.items()}
     base = {name: statistics.median(r["rss_before_mb"] for r in rs) for name, rs in runs.items()}
     print(
-        f"checkpoint: {checkpoint} ({model_bytes / 1e9:.2f} GB bf16, 3 shards); medians of {args.repeats} runs"
+        f"checkpoint: {checkpoint} ({model_bytes / 1e9:.2f} GB bf16, 3 shards); medians of {args.repeats} runs "
+        "(min-max); every phase starts with its output removed and, as root, an empty page cache"
     )
-    print(f"{'phase':<10} {'seconds':>8} {'ratio':>7} {'peak RSS above start':>22} {'RSS at start':>13}")
+
+    def row(name: str, ratio: float) -> None:
+        low, high = spread[name]
+        print(
+            f"{name:<17} {med[name]:>6.2f} ({low:.2f}-{high:.2f}) {ratio:>6.2f}x {peak[name]:>10.0f} MB "
+            f"{base[name]:>10.0f} MB"
+        )
+
+    print(f"{'phase':<17} {'seconds':>18} {'ratio':>7} {'peak RSS above start':>14} {'RSS at start':>13}")
     for name, ref in (
         ("raw-read", "raw-read"),
         ("import", "raw-read"),
@@ -317,26 +359,26 @@ def main() -> int:
         ("export", "raw-write"),
         ("export-tp2", "raw-write"),
     ):
+        if name in med and ref in med:
+            row(name, med[name] / med[ref])
+    if "raw-read" in med and "raw-write" in med:
+        raw = med["raw-read"] + med["raw-write"]
+        print(f"end to end (megatron-core already imported), against raw read + raw write ({raw:.2f} s):")
+        for name in END_TO_END:
+            if name in med:
+                row(name, med[name] / raw)
+    if "import" in runs:
+        print(f"import bytes requested / checkpoint bytes: {runs['import'][0]['bytes'] / model_bytes:.3f}")
         print(
-            f"{name:<10} {med[name]:>8.2f} {med[name] / med[ref]:>6.2f}x {peak[name]:>17.0f} MB "
-            f"{base[name]:>10.0f} MB"
+            f"model bytes: {model_bytes / 2**20:.0f} MB; "
+            f"import peak / model bytes: {peak['import'] / (model_bytes / 2**20):.2f}"
         )
-    raw = med["raw-read"] + med["raw-write"]
-    print(f"end to end, against raw read + raw write ({raw:.2f} s):")
-    for name in END_TO_END:
+    if "import-tp2" in runs:
+        per_rank = runs["import-tp2"][0]["rank_bytes"]
         print(
-            f"{name:<14} {med[name]:>8.2f} {med[name] / raw:>6.2f}x {peak[name]:>13.0f} MB "
-            f"{base[name]:>10.0f} MB"
+            f"TP=2 import bytes requested per rank: {[f'{b / model_bytes:.3f}' for b in per_rank]} of the "
+            f"checkpoint, total {sum(per_rank) / model_bytes:.3f}; peak RSS columns are the busiest rank"
         )
-    print(f"import bytes requested / checkpoint bytes: {runs['import'][0]['bytes'] / model_bytes:.3f}")
-    per_rank = runs["import-tp2"][0]["rank_bytes"]
-    print(
-        f"TP=2 import bytes requested per rank: {[f'{b / model_bytes:.3f}' for b in per_rank]} of the checkpoint, "
-        f"total {sum(per_rank) / model_bytes:.3f}; peak RSS columns are the busiest rank"
-    )
-    print(
-        f"model bytes: {model_bytes / 2**20:.0f} MB; import peak / model bytes: {peak['import'] / (model_bytes / 2**20):.2f}"
-    )
     return 0
 
 

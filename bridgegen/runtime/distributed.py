@@ -329,7 +329,7 @@ def _commit(
 ) -> None:
     import json
 
-    from bridgegen.runtime.safetensors_io import copy_side_files
+    from bridgegen.runtime.safetensors_io import copy_side_files, publish_folder
 
     if len(plan.files) > 1:
         weight_map = {entry.name: file for file, entries in plan.files.items() for entry in entries}
@@ -342,9 +342,7 @@ def _commit(
     hf_config = bridge.export_config(dtype)
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     copy_side_files(bridge.hf_dir, tmp)
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    publish_folder(tmp, out)
 
 
 def forward_logits(chunks: list[ModelChunk], input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor | None:

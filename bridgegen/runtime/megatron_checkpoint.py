@@ -36,6 +36,7 @@ from bridgegen.runtime.safetensors_io import (
     SINGLE_NAME,
     copy_side_files,
     copy_tensors,
+    publish_folder,
     shared_temp_dir,
 )
 
@@ -136,9 +137,7 @@ def save_megatron(
                 copy_side_files(hf_source, tmp / SIDE_FILES_DIR)
                 if source is not None:
                     copy_tensors(source, carried, tmp / SIDE_FILES_DIR / SINGLE_NAME)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
+            publish_folder(tmp, target)
         if dist.is_initialized():
             dist.barrier()
     except BaseException:

@@ -443,6 +443,38 @@ def shared_temp_dir(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:
     return Path(holder[1])
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_folder(tmp: Path, target: Path) -> None:
+    """Make the finished folder ``tmp`` the folder ``target``: its files and folders are first
+    flushed to disk, so a crash right after cannot leave a complete-looking folder of truncated
+    files; an existing ``target`` is moved aside and removed only once ``tmp`` is in its place
+    (put back if that rename fails), so no moment leaves neither."""
+    for root, _, files in os.walk(tmp):
+        for name in files:
+            _fsync(Path(root) / name)
+        _fsync(Path(root))
+    if target.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, trash / "old")
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            os.replace(trash / "old", target)
+            raise
+        finally:
+            shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    _fsync(target.parent)
+
+
 class HFDirWriter:
     """Writes an HF model folder atomically: everything goes to a temp folder beside the
     target, which is renamed into place only when complete (and removed on any failure)."""
@@ -501,15 +533,4 @@ class HFDirWriter:
             self.write_json(
                 INDEX_NAME, {"metadata": {"total_size": self.bytes_written}, "weight_map": weight_map}
             )
-        if self.out_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.old-", dir=self.out_dir.parent))
-            os.replace(self.out_dir, trash / "old")
-            try:
-                os.replace(self.tmp, self.out_dir)
-            except BaseException:
-                os.replace(trash / "old", self.out_dir)
-                raise
-            finally:
-                shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.out_dir)
+        publish_folder(self.tmp, self.out_dir)

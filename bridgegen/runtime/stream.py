@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,10 @@ def return_freed_buffers_to_the_system() -> None:
         return
     m_mmap_threshold = -3
     mallopt(m_mmap_threshold, 1 << 20)
+
+
+# The most a parameter made ahead of the writer may hold (the one being written is held too).
+READ_AHEAD_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,9 @@ class TensorProducer:
         self.params = dict(model_tensors(model))
         self.names = {id(tensor): name for name, tensor in self.params.items()}
         self._last: tuple[str, torch.Tensor] | None = None
+        self._ahead: tuple[str, Future[torch.Tensor]] | None = None
+        self._next: dict[str, str] = {}
+        self._pool: ThreadPoolExecutor | None = None
         self.stats = LoadStats()
 
     def check_sources(self) -> None:
@@ -122,9 +130,40 @@ class TensorProducer:
         check_sources(self.weight_map, plan, self.checkpoint, layout, layout)
 
     def parameter(self, name: str) -> torch.Tensor:
+        """The value of parameter ``name``; while the writer writes it, the next one in the
+        writer's order (when not over ``READ_AHEAD_BYTES``) is made in a second thread, so
+        reading the sources overlaps writing the files."""
         if self._last is not None and self._last[0] == name:
             return self._last[1]
         self._last = None  # let the previous one go before making the next
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == name:
+            value = ahead[1].result()
+        else:
+            if ahead is not None:
+                ahead[1].result()  # one parameter is made at a time
+            value = self._make(name)
+        self._last = (name, value)
+        following = self._next.get(name)
+        if self._pool is not None and following is not None:
+            param = self.params[following]
+            if param.numel() * param.element_size() <= READ_AHEAD_BYTES:
+                self._ahead = (following, self._pool.submit(self._make, following))
+        return value
+
+    def read_ahead(self, order: list[tuple[str, tuple[int, ...]]]) -> None:
+        """Make parameters ahead of the writer, which will ask for the items (key, offset) in
+        ``order``."""
+        names = [self.pieces[item].name for item in order if item in self.pieces]
+        self._next = {a: b for a, b in zip(names, names[1:], strict=False) if a != b}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bridgegen-read-ahead")
+
+    def stop_reading_ahead(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool, self._ahead, self._last = None, None, None
+
+    def _make(self, name: str) -> torch.Tensor:
         param = self.params[name]
         target = torch.empty(param.shape, dtype=param.dtype)
         before = self.checkpoint.bytes_requested
@@ -134,7 +173,6 @@ class TensorProducer:
         if self.progress is not None:
             self.progress(1)
         self.stats.bytes_requested += self.checkpoint.bytes_requested - before
-        self._last = (name, target)
         return target
 
     def register(self, sharded_state_dict: Any) -> None:
@@ -150,7 +188,17 @@ class TensorProducer:
             raise WeightError(
                 f"the checkpoint writer asked for {key!r} at {offset}, which no parameter holds"
             ) from None
-        return piece.of(self.parameter(piece.name)).reshape(size)
+        return own_storage(piece.of(self.parameter(piece.name)).reshape(size))
+
+
+def own_storage(view: torch.Tensor) -> torch.Tensor:
+    """A contiguous view with a storage of its own bytes only, sharing the memory: the writer
+    would otherwise copy a piece of a larger parameter (a fused fc1 half) before saving it."""
+    if not view.is_contiguous() or view.untyped_storage().size() == view.nbytes:
+        return view
+    start = view.storage_offset() * view.element_size()
+    storage = view.untyped_storage()[start : start + view.nbytes]
+    return torch.empty(0, dtype=view.dtype).set_(storage, 0, view.shape, view.stride())
 
 
 def lazy_save_strategy(producer: TensorProducer) -> Any:
@@ -164,9 +212,22 @@ def lazy_save_strategy(producer: TensorProducer) -> Any:
         mcore_to_pyt_state_dict,
     )
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
+    from torch.distributed.checkpoint.planner import WriteItemType
     from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
     class LazyPlanner(MCoreSavePlanner):  # type: ignore[misc]
+        def finish_plan(self, new_plan: Any) -> Any:
+            plan = super().finish_plan(new_plan)
+            # One thread, one file: the writer resolves the tensor items in the plan's order.
+            producer.read_ahead(
+                [
+                    (item.index.fqn, tuple(int(x) for x in item.index.offset))
+                    for item in plan.items
+                    if item.type != WriteItemType.BYTE_IO
+                ]
+            )
+            return plan
+
         def resolve_data(self, write_item: Any) -> Any:
             data = super().resolve_data(write_item)
             if isinstance(data, torch.Tensor) and data.is_meta:
@@ -183,11 +244,14 @@ def lazy_save_strategy(producer: TensorProducer) -> Any:
                 sharded_state_dict, self.keep_only_main_replica
             )
             writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1)
-            dcp_save(
-                mcore_to_pyt_state_dict(state, False),
-                storage_writer=writer,
-                planner=LazyPlanner(flatten_state_dict=False, can_run_decentralized_global_plan=False),
-            )
+            try:
+                dcp_save(
+                    mcore_to_pyt_state_dict(state, False),
+                    storage_writer=writer,
+                    planner=LazyPlanner(flatten_state_dict=False, can_run_decentralized_global_plan=False),
+                )
+            finally:
+                producer.stop_reading_ahead()
 
     return LazySaveStrategy("torch_dist", 1, thread_count=1)
 
@@ -372,7 +436,8 @@ def checkpoint_values(
     reader = FileSystemReader(str(folder))
     metadata = reader.read_metadata()
     reader.read_metadata = lambda *args, **kwargs: metadata  # type: ignore[method-assign]
-    for batch in _batches(sizes, batch_bytes):
+
+    def read(batch: list[str]) -> dict[str, torch.Tensor]:
         real = {name: torch.empty(tensors[name].shape, dtype=tensors[name].dtype) for name in batch}
         regions: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
         for name in batch:
@@ -382,11 +447,24 @@ def checkpoint_values(
                 regions[(piece.key, piece.offset)] = piece.of(real[name])
         planner = _region_planner(regions)
         _load_state_dict({}, reader, planner=planner, no_dist=True)
-        planner.regions = regions = {}
-        for name in batch:
-            if progress is not None:
-                progress(1)
-            yield name, real.pop(name)
+        planner.regions = {}
+        return real
+
+    # The next batch is read in a second thread while this one is converted and written.
+    batches = _batches(sizes, batch_bytes)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bridgegen-read-ahead")
+    try:
+        ahead = pool.submit(read, batches[0]) if batches else None
+        for index, batch in enumerate(batches):
+            assert ahead is not None
+            real = ahead.result()
+            ahead = pool.submit(read, batches[index + 1]) if index + 1 < len(batches) else None
+            for name in batch:
+                if progress is not None:
+                    progress(1)
+                yield name, real.pop(name)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def stream_export(
