@@ -4,9 +4,9 @@ Builds a synthetic bf16 checkpoint with Llama-3.2-1B's shapes (random weights, o
 then runs each phase in a fresh process, several times, and reports median wall time and
 the phase's peak RSS above the process's RSS just before the phase started:
 
-  raw-read   safetensors safe_open().get_tensor() of every tensor, read into memory
+  raw-read   every safetensors file read whole into memory (readinto)
   import     bridgegen: HF folder -> megatron-core GPTModel (built without init)
-  raw-write  safetensors save_file() of the same tensors (one file, like our export)
+  raw-write  the same bytes written back as plain files, fsynced
   export     bridgegen: GPTModel -> HF folder
   import-tp2 bridgegen at TP=2 on 2 local processes (gloo): each rank reads only its slices
   export-tp2 bridgegen at TP=2: gather over TP onto rank 0, which streams the shards
@@ -17,6 +17,7 @@ End to end (what `bridgegen import` / `export` do), against raw read + raw write
   stream-import-w2  the same on 2 local worker processes (--workers 2), timed inside the workers
   model-import   the same through a model: build, load, megatron-core's save
   stream-export  Megatron checkpoint -> HF folder, no model built (the default)
+  stream-export-w2  the same on 2 local worker processes (--workers 2), timed inside the workers
   model-export   the same through a model: build, megatron-core's load, export
 
 Usage: python bench/bench_convert.py [--repeats 3] [--workdir bench/out]
@@ -112,6 +113,7 @@ OUTPUTS = {
     "stream-import-w2": "megatron-stream",
     "model-import": "megatron-model",
     "stream-export": "hf-stream",
+    "stream-export-w2": "hf-stream",
     "model-export": "hf-model",
 }
 
@@ -133,8 +135,6 @@ def start_cold(name: str, scratch: Path) -> None:
 def phase(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
     """Run one phase in this process; returns seconds and peak RSS above the start."""
     import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
 
     from bridgegen.runtime.convert import ModelBridge
 
@@ -143,32 +143,37 @@ def phase(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
     if name in END_TO_END:
         return end_to_end(name, checkpoint, scratch)
     if name in ("raw-read", "raw-write"):
+        # The plainest I/O of the same bytes: each safetensors file read whole into memory
+        # (readinto, no mapping, no parsing), then written back as plain files and fsynced.
         before = rss_bytes()
         start = time.perf_counter()
-        tensors = {}
-        index = json.loads((checkpoint / "model.safetensors.index.json").read_text())["weight_map"]
-        for file in sorted(set(index.values())):
-            with safe_open(str(checkpoint / file), framework="pt") as handle:
-                for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
-                    # get_tensor maps the file lazily; clone() reads the bytes into memory, as
-                    # loading into a model does.
-                    tensors[key] = handle.get_tensor(key).clone()
+        contents = {}
+        for file in sorted(checkpoint.glob("*.safetensors")):
+            buffer = torch.empty(file.stat().st_size, dtype=torch.uint8)
+            view = memoryview(buffer.numpy())
+            with file.open("rb", buffering=0) as handle:
+                done = 0
+                while done < len(view):
+                    done += handle.readinto(view[done:]) or 0
+            contents[file.name] = buffer
         result["read_s"] = time.perf_counter() - start
         if name == "raw-write":
-            shutil.rmtree(scratch, ignore_errors=True)
-            scratch.mkdir(parents=True)
+            raw = scratch / "raw-write"
+            shutil.rmtree(raw, ignore_errors=True)
+            raw.mkdir(parents=True)
+            os.sync()
             before = rss_bytes()
-            resource_start = time.perf_counter()
-            save_file(tensors, str(scratch / "model.safetensors"), metadata={"format": "pt"})
-            # On disk, as every conversion leaves its files (torch's checkpoint writer and ours
-            # fsync them before they count as written).
-            descriptor = os.open(scratch / "model.safetensors", os.O_RDONLY)
-            os.fsync(descriptor)
-            os.close(descriptor)
-            result["seconds"] = time.perf_counter() - resource_start
+            start = time.perf_counter()
+            for file_name, buffer in contents.items():
+                with (raw / file_name).open("wb", buffering=0) as handle:
+                    handle.write(memoryview(buffer.numpy()))
+                    # On disk, as the conversions leave their files (torch's checkpoint writer
+                    # and ours fsync them before they count as written).
+                    os.fsync(handle.fileno())
+            result["seconds"] = time.perf_counter() - start
         else:
             result["seconds"] = result["read_s"]
-        result["bytes"] = float(sum(t.numel() * t.element_size() for t in tensors.values()))
+        result["bytes"] = float(sum(b.numel() for b in contents.values()))
     else:
         bridge = ModelBridge.from_hf_dir(checkpoint)
         start = time.perf_counter()
@@ -182,17 +187,24 @@ def phase(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
             result["seconds"] = time.perf_counter() - start
         else:
             result["import_s"] = time.perf_counter() - start
-            shutil.rmtree(scratch, ignore_errors=True)
+            shutil.rmtree(scratch / "hf-export", ignore_errors=True)
             before = rss_bytes()
             start = time.perf_counter()
-            bridge.export_hf(model, scratch, overwrite=True)
+            bridge.export_hf(model, scratch / "hf-export", overwrite=True)
             result["seconds"] = time.perf_counter() - start
     result["rss_before_mb"] = before / 2**20
     result["peak_above_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20
     return result
 
 
-END_TO_END = ("stream-import", "stream-import-w2", "model-import", "stream-export", "model-export")
+END_TO_END = (
+    "stream-import",
+    "stream-import-w2",
+    "model-import",
+    "stream-export",
+    "stream-export-w2",
+    "model-export",
+)
 
 
 def stream_import_on_rank(checkpoint: Path, out: Path) -> tuple[float, float]:
@@ -210,6 +222,20 @@ def stream_import_on_rank(checkpoint: Path, out: Path) -> tuple[float, float]:
     bridge = ModelBridge.from_hf_dir(checkpoint)
     moved = stream_import(bridge, checkpoint, out, dtype=torch.bfloat16, overwrite=True).bytes_requested
     return float(moved), time.perf_counter() - start
+
+
+def stream_export_on_rank(megatron_dir: Path, out: Path) -> tuple[float, float]:
+    """One of two workers of a streaming export (run by run_on_ranks): its seconds, timed from
+    a barrier after the imports."""
+    import megatron.core.models.gpt.gpt_model  # noqa: F401 - imported before the timer, as there
+    import torch.distributed as dist
+
+    from bridgegen.runtime.stream import stream_export
+
+    dist.barrier()
+    start = time.perf_counter()
+    stream_export(megatron_dir, out, overwrite=True)
+    return float(sum(p.stat().st_size for p in out.glob("*.safetensors"))), time.perf_counter() - start
 
 
 def end_to_end(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
@@ -237,6 +263,17 @@ def end_to_end(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
         return {
             "seconds": max(r[1] for r in ranks),
             "bytes": sum(r[0] for r in ranks),
+            "rss_before_mb": before / 2**20,
+            "peak_above_mb": peak,
+        }
+    elif name == "stream-export-w2":
+        from bridgegen.runtime.launch import run_on_ranks
+
+        ranks = run_on_ranks(stream_export_on_rank, 2, scratch / "megatron-stream", hf_dir)
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20
+        return {
+            "seconds": max(r[1] for r in ranks),
+            "bytes": ranks[0][0],
             "rss_before_mb": before / 2**20,
             "peak_above_mb": peak,
         }
@@ -279,11 +316,11 @@ def rank_phase(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
         result["seconds"] = time.perf_counter() - start
     else:
         if dist.get_rank() == 0:
-            shutil.rmtree(scratch, ignore_errors=True)
+            shutil.rmtree(scratch / "hf-export-tp2", ignore_errors=True)
         dist.barrier()
         before = rss_bytes()
         start = time.perf_counter()
-        export_hf(bridge, chunks, scratch)
+        export_hf(bridge, chunks, scratch / "hf-export-tp2")
         result["seconds"] = time.perf_counter() - start
     result["rss_before_mb"] = before / 2**20
     result["peak_above_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20
@@ -325,6 +362,14 @@ def main() -> int:
     runs: dict[str, list[dict[str, float]]] = {}
     phases = ("raw-read", "import", "raw-write", "export", "import-tp2", "export-tp2", *END_TO_END)
     chosen = [name for name in phases if not args.only or name in args.only.split(",")]
+    if any(name.endswith(("export", "export-w2")) and name.startswith(("stream", "model")) for name in chosen):
+        if not (scratch / "megatron-stream" / "latest_checkpointed_iteration.txt").exists():
+            # The end-to-end exports read the streaming import's checkpoint: make it, untimed.
+            subprocess.run(
+                [sys.executable, __file__, "--phase", "stream-import", "--workdir", str(workdir)],
+                capture_output=True,
+                check=True,
+            )
     for _ in range(args.repeats):
         for name in chosen:
             out = subprocess.run(
