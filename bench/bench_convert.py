@@ -11,7 +11,8 @@ the phase's peak RSS above the process's RSS just before the phase started:
   import-tp2 bridgegen at TP=2 on 2 local processes (gloo): each rank reads only its slices
   export-tp2 bridgegen at TP=2: gather over TP onto rank 0, which streams the shards
 
-End to end (what `bridgegen import` / `export` do), against raw read + raw write:
+End to end (what `bridgegen import` / `export` do), each against the raw read + raw write
+timed just before it:
 
   stream-import  HF folder -> Megatron checkpoint, no model built (the default)
   stream-import-w2  the same on 2 local worker processes (--workers 2), timed inside the workers
@@ -370,15 +371,29 @@ def main() -> int:
                 capture_output=True,
                 check=True,
             )
+
+    def run(name: str) -> dict[str, float]:
+        out = subprocess.run(
+            [sys.executable, __file__, "--phase", name, "--workdir", str(workdir)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    # This machine's disk speed drifts during a run (the same write took 1.4 s to 7 s), so each
+    # end-to-end phase is timed right after its own raw read + raw write, and its ratio is to
+    # that pair.
+    paired: dict[str, list[float]] = {}
     for _ in range(args.repeats):
         for name in chosen:
-            out = subprocess.run(
-                [sys.executable, __file__, "--phase", name, "--workdir", str(workdir)],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            runs.setdefault(name, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+            if name in END_TO_END:
+                raw = run("raw-write")
+                runs.setdefault(name, []).append(run(name))
+                paired.setdefault(name, []).append(runs[name][-1]["seconds"] / (raw["read_s"] + raw["seconds"]))
+                runs.setdefault("raw-io (paired)", []).append({**raw, "seconds": raw["read_s"] + raw["seconds"]})
+            else:
+                runs.setdefault(name, []).append(run(name))
     med = {name: statistics.median(r["seconds"] for r in rs) for name, rs in runs.items()}
     spread = {name: (min(r["seconds"] for r in rs), max(r["seconds"] for r in rs)) for name, rs in runs.items()}
     peak = {name: max(r["peak_above_mb"] for r in rs) for name, rs in runs.items()}
@@ -406,12 +421,15 @@ def main() -> int:
     ):
         if name in med and ref in med:
             row(name, med[name] / med[ref])
-    if "raw-read" in med and "raw-write" in med:
-        raw = med["raw-read"] + med["raw-write"]
-        print(f"end to end (megatron-core already imported), against raw read + raw write ({raw:.2f} s):")
+    if paired:
+        print(
+            "end to end (megatron-core already imported); ratio = median of each run against the raw "
+            "read + raw write timed just before it:"
+        )
+        row("raw-io (paired)", 1.0)
         for name in END_TO_END:
-            if name in med:
-                row(name, med[name] / raw)
+            if name in paired:
+                row(name, statistics.median(paired[name]))
     if "import" in runs:
         print(f"import bytes requested / checkpoint bytes: {runs['import'][0]['bytes'] / model_bytes:.3f}")
         print(
