@@ -307,3 +307,70 @@ def test_two_workers_split_the_export(name: str, tmp_path: Path) -> None:
     )
     halves = [sum(sizes.get(n, 0) for n in share) for share in shares]
     assert 0.3 < halves[0] / sum(halves) < 0.7, halves
+
+
+# ------------------------------------------------------------------ failures mid-way
+
+
+def read_ahead_threads() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith("bridgegen-read-ahead")]
+
+
+def test_a_failure_while_making_a_tensor_ahead_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tensor made in the read-ahead thread fails: the import raises that error, leaves no
+    checkpoint and no temp folder, and no thread behind."""
+    import bridgegen.runtime.stream as stream
+
+    hf = dense("llama")(tmp_path / "hf")
+    real = stream.fill_parameter
+    calls = {"n": 0}
+
+    def failing(*args: Any, **kwargs: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("injected: the fifth tensor cannot be made")
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(stream, "fill_parameter", failing)
+    out = tmp_path / "megatron"
+    with pytest.raises(RuntimeError, match="the fifth tensor cannot be made"):
+        stream_import(ModelBridge.from_hf_dir(hf), hf, out, dtype=torch.float32)
+    assert calls["n"] == 5
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    assert read_ahead_threads() == []
+
+
+def test_a_failure_while_reading_a_batch_ahead_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint batch read in the read-ahead thread fails: the export raises that error,
+    leaves no HF folder and no temp folder, and no thread behind."""
+    import torch.distributed.checkpoint.state_dict_loader as loader
+
+    from bridgegen.runtime.stream import stream_export
+
+    hf = dense("llama")(tmp_path / "hf")
+    megatron = tmp_path / "megatron"
+    stream_import(ModelBridge.from_hf_dir(hf), hf, megatron, dtype=torch.float32)
+    real = loader._load_state_dict
+    calls = {"n": 0}
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected: the third batch cannot be read")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "_load_state_dict", failing)
+    out = tmp_path / "exported"
+    with pytest.raises(RuntimeError, match="the third batch cannot be read"):
+        stream_export(megatron, out, batch_bytes=1)
+    assert calls["n"] == 3
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "megatron"]
+    assert read_ahead_threads() == []

@@ -10,7 +10,7 @@ import pytest
 from bridgegen.generated import Qwen3MoeBridge
 
 from bridgegen.runtime.errors import WeightError
-from bridgegen.runtime.weights import WeightMap
+from bridgegen.runtime.plan import WeightMap
 
 REFERENCE = Path(__file__).resolve().parent / "data" / "hf_configs"
 QWEN3_MOE = {

@@ -19,9 +19,10 @@ from bridgegen.runtime.config import MegatronConfig
 from bridgegen.runtime.errors import ConfigError, WeightError
 from bridgegen.runtime.formats.key_names import KeyNames
 from bridgegen.runtime.fp8 import block_size
+from bridgegen.runtime.plan import WeightMap
 from bridgegen.runtime.quirks import MODULE_FIELD, RuntimeModule
 from bridgegen.runtime.safetensors_io import Checkpoint, HFDirWriter, PlannedTensor, stream_tensors
-from bridgegen.runtime.weights import LoadStats, WeightMap, iter_hf_from_full, load_into, model_tensors
+from bridgegen.runtime.weights import LoadStats, iter_hf_from_full, load_into, model_tensors
 
 DTYPE_NAMES: dict[str, torch.dtype] = {
     "float32": torch.float32,

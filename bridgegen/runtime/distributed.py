@@ -22,6 +22,7 @@ import torch.distributed as dist
 from bridgegen.runtime.convert import ModelBridge, ensure_model_parallel, parse_dtype
 from bridgegen.runtime.errors import WeightError
 from bridgegen.runtime.fp8 import block_size, scale_name
+from bridgegen.runtime.plan import TensorPlan, plan_tensors
 from bridgegen.runtime.safetensors_io import (
     INDEX_NAME,
     Checkpoint,
@@ -33,7 +34,7 @@ from bridgegen.runtime.safetensors_io import (
     stream_tensors,
 )
 from bridgegen.runtime.transforms import gather_tp_shards, shard_writes, split_full, tp_partition_dim
-from bridgegen.runtime.weights import LoadStats, MatchedTensor, load_into, model_tensors
+from bridgegen.runtime.weights import LoadStats, load_into, model_tensors
 
 
 @dataclass(frozen=True)
@@ -138,8 +139,10 @@ def load_hf(
         {
             hf
             for chunk in chunks
-            for name, _ in model_tensors(chunk.model)
-            for hf in weight_map.match(name, chunk.layer_offset, expert_offset).hf_names()
+            for entry in plan_tensors(
+                weight_map, model_tensors(chunk.model), layer_offset=chunk.layer_offset, expert_offset=expert_offset
+            )
+            for hf in entry.hf_names
         }
     )
     everyone: list[list[str] | None] = [None] * dist.get_world_size()
@@ -168,11 +171,12 @@ def load_hf(
             chunk.model,
             checkpoint,
             layer_offset=chunk.layer_offset,
-            tp_rank=tp_rank,
-            tp_size=tp_size,
+            tp=(tp_rank, tp_size),
             expert_offset=expert_offset,
-            expert_tp_rank=parallel_state.get_expert_tensor_parallel_rank(),
-            expert_tp_size=parallel_state.get_expert_tensor_parallel_world_size(),
+            expert_tp=(
+                parallel_state.get_expert_tensor_parallel_rank(),
+                parallel_state.get_expert_tensor_parallel_world_size(),
+            ),
             check_unused=False,
             fp8_block=block_size(bridge.config.hf_passthrough),
             progress=bar.update if bar is not None else None,
@@ -187,17 +191,15 @@ def load_hf(
 
 @dataclass(frozen=True)
 class _LocalTensor:
-    """One of this rank's Megatron tensors, with its rule and its place in its TP group."""
+    """One of this rank's Megatron tensors and its plan (the plan's layout is its place in its
+    group: TP for dense tensors, expert-TP for experts)."""
 
-    name: str
     tensor: torch.Tensor
-    matched: MatchedTensor
-    group_rank: int  # rank in the tensor's group: TP for dense tensors, expert-TP for experts
-    group_size: int
+    plan: TensorPlan
 
     def writes(self) -> bool:
         """Replicated tensors are written by the group's first rank; split ones by every rank."""
-        return tp_partition_dim(self.matched.rule.kind) is not None or self.group_rank == 0
+        return tp_partition_dim(self.plan.kind) is not None or self.plan.layout.tp_rank == 0
 
 
 def _expert_offset(bridge: ModelBridge) -> int:
@@ -218,19 +220,21 @@ def _local_tensors(bridge: ModelBridge, chunks: list[ModelChunk]) -> list[_Local
     expert_offset = _expert_offset(bridge)
     out = []
     for chunk in chunks:
-        for name, tensor in model_tensors(chunk.model):
-            if weight_map.is_tied_output(name):
-                continue  # a tied output layer is the embedding; HF has no tensor of its own
-            matched = weight_map.match(name, chunk.layer_offset, expert_offset)
-            if matched.expert is None:
-                if ps.get_data_parallel_rank() != 0:
-                    continue
-                rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-            else:
-                if ps.get_expert_data_parallel_rank() != 0:
-                    continue
-                rank, size = ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()
-            out.append(_LocalTensor(name, tensor, matched, rank, size))
+        tensors = dict(model_tensors(chunk.model))
+        # A tied output layer is the embedding; HF has no tensor of its own.
+        kept = [(name, tensor) for name, tensor in tensors.items() if not weight_map.is_tied_output(name)]
+        plan = plan_tensors(
+            weight_map,
+            kept,
+            layer_offset=chunk.layer_offset,
+            expert_offset=expert_offset,
+            tp=(ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()),
+            expert_tp=(ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()),
+        )
+        for entry in plan:
+            replica = ps.get_expert_data_parallel_rank() if entry.is_expert else ps.get_data_parallel_rank()
+            if replica == 0:
+                out.append(_LocalTensor(tensors[entry.megatron_name], entry))
     return out
 
 
@@ -240,14 +244,14 @@ def _planned(bridge: ModelBridge, tensors: list[_LocalTensor], dtype: torch.dtyp
     layout = weight_map.layout()
     out = []
     for item in tensors:
-        kind = item.matched.rule.kind
-        shard = torch.empty(item.tensor.shape, dtype=item.tensor.dtype, device="meta")
-        whole = gather_tp_shards(kind, [shard] * item.group_size)
+        entry = item.plan
+        shard = torch.empty(entry.shape, dtype=entry.dtype, device="meta")
+        whole = gather_tp_shards(entry.kind, [shard] * entry.layout.tp_size)
         experts = int(bridge.config.values.get("num_moe_experts") or 0)
-        for hf_name, piece in zip(item.matched.hf_names(), split_full(kind, whole, layout), strict=True):
-            shape = (experts, *piece.shape) if item.matched.rule.hf_stacked_experts else tuple(piece.shape)
+        for hf_name, piece in zip(entry.hf_names, split_full(entry.kind, whole, layout), strict=True):
+            shape = (experts, *piece.shape) if entry.matched.rule.hf_stacked_experts else tuple(piece.shape)
             out.append(PlannedTensor(hf_name, dtype, shape))
-        out += [PlannedTensor(copy, dtype, out[-1].shape) for copy in item.matched.hf_copies()]
+        out += [PlannedTensor(copy, dtype, out[-1].shape) for copy in entry.matched.hf_copies()]
     return out
 
 
@@ -289,21 +293,21 @@ def export_hf(
             plan_holder[0].create(tmp)
         dist.broadcast_object_list(plan_holder, src=0)
         plan: FilePlan = plan_holder[0]
-        layout = bridge.weight_map().layout
         output = PlannedFiles(tmp, plan)
         with torch.no_grad():
             for item in tensors:
                 if not item.writes():
                     continue
+                entry = item.plan
                 # The HF tensor(s), then any copies of the (single) HF tensor.
-                for hf_names in (item.matched.hf_names(), *((c,) for c in item.matched.hf_copies())):
+                for hf_names in (entry.hf_names, *((c,) for c in entry.matched.hf_copies())):
                     writes = shard_writes(
-                        item.matched.rule.kind,
+                        entry.kind,
                         item.tensor.detach(),
-                        [item.matched.select(output.target(name)) for name in hf_names],
+                        [entry.matched.select(output.target(name)) for name in hf_names],
                         hf_names,
-                        layout(item.group_rank, item.group_size),
-                        item.matched.rule.norm_offset,
+                        entry.layout,
+                        entry.matched.rule.norm_offset,
                     )
                     for index, view, data in writes:
                         output.write(hf_names[index], view, data)

@@ -12,8 +12,9 @@ with the common state and ``metadata.json`` written by megatron-core as for any 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 from bridgegen.runtime.convert import ModelBridge
 from bridgegen.runtime.errors import WeightError
 from bridgegen.runtime.fp8 import block_size
+from bridgegen.runtime.plan import plan_tensors
 from bridgegen.runtime.safetensors_io import Checkpoint
 from bridgegen.runtime.weights import LoadStats, check_sources, fill_parameter, model_tensors
 
@@ -114,8 +116,9 @@ class TensorProducer:
         self.weight_map = bridge.weight_map()
         self.checkpoint = checkpoint
         self.fp8_block = block_size(bridge.config.hf_passthrough)
-        self.params = dict(model_tensors(model))
-        self.names = {id(tensor): name for name, tensor in self.params.items()}
+        params = list(model_tensors(model))
+        self.plan = {entry.megatron_name: entry for entry in plan_tensors(self.weight_map, params)}
+        self.names = {id(tensor): name for name, tensor in params}
         self._last: tuple[str, torch.Tensor] | None = None
         self._ahead: tuple[str, Future[torch.Tensor]] | None = None
         self._next: dict[str, str] = {}
@@ -125,9 +128,7 @@ class TensorProducer:
     def check_sources(self) -> None:
         """Every HF tensor each parameter needs is there, with the right shape, and none is
         left unmapped, before any file is written (the model loader's own checks)."""
-        plan = [(name, param, self.weight_map.match(name)) for name, param in self.params.items()]
-        layout = self.weight_map.layout()
-        check_sources(self.weight_map, plan, self.checkpoint, layout, layout)
+        check_sources(self.weight_map, list(self.plan.values()), self.checkpoint)
 
     def parameter(self, name: str) -> torch.Tensor:
         """The value of parameter ``name``; while the writer writes it, the next one in the
@@ -146,8 +147,7 @@ class TensorProducer:
         self._last = (name, value)
         following = self._next.get(name)
         if self._pool is not None and following is not None:
-            param = self.params[following]
-            if param.numel() * param.element_size() <= READ_AHEAD_BYTES:
+            if self.plan[following].nbytes <= READ_AHEAD_BYTES:
                 self._ahead = (following, self._pool.submit(self._make, following))
         return value
 
@@ -164,11 +164,10 @@ class TensorProducer:
         self._pool, self._ahead, self._last = None, None, None
 
     def _make(self, name: str) -> torch.Tensor:
-        param = self.params[name]
-        target = torch.empty(param.shape, dtype=param.dtype)
+        entry = self.plan[name]
+        target = torch.empty(entry.shape, dtype=entry.dtype)
         before = self.checkpoint.bytes_requested
-        matched = self.weight_map.match(name)
-        fill_parameter(name, target, matched, self.checkpoint, self.weight_map.layout(), self.fp8_block)
+        fill_parameter(entry, target, self.checkpoint, self.fp8_block)
         self.stats.tensors += 1
         if self.progress is not None:
             self.progress(1)
@@ -189,6 +188,21 @@ class TensorProducer:
                 f"the checkpoint writer asked for {key!r} at {offset}, which no parameter holds"
             ) from None
         return own_storage(piece.of(self.parameter(piece.name)).reshape(size))
+
+
+@contextmanager
+def first_error_of_torch_checkpoint() -> Iterator[None]:
+    """Raise the error a torch distributed-checkpoint call failed with (ours: a missing source,
+    a failed read), not the CheckpointException that wraps it with a page of traceback."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as exc:
+        for failure in exc.failures.values():
+            if isinstance(failure, tuple) and failure and isinstance(failure[0], Exception):
+                raise failure[0] from None
+        raise
 
 
 def own_storage(view: torch.Tensor) -> torch.Tensor:
@@ -245,11 +259,12 @@ def lazy_save_strategy(producer: TensorProducer) -> Any:
             )
             writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1)
             try:
-                dcp_save(
-                    mcore_to_pyt_state_dict(state, False),
-                    storage_writer=writer,
-                    planner=LazyPlanner(flatten_state_dict=False, can_run_decentralized_global_plan=False),
-                )
+                with first_error_of_torch_checkpoint():
+                    dcp_save(
+                        mcore_to_pyt_state_dict(state, False),
+                        storage_writer=writer,
+                        planner=LazyPlanner(flatten_state_dict=False, can_run_decentralized_global_plan=False),
+                    )
             finally:
                 producer.stop_reading_ahead()
 
@@ -446,7 +461,8 @@ def checkpoint_values(
             for piece in pieces[name]:
                 regions[(piece.key, piece.offset)] = piece.of(real[name])
         planner = _region_planner(regions)
-        _load_state_dict({}, reader, planner=planner, no_dist=True)
+        with first_error_of_torch_checkpoint():
+            _load_state_dict({}, reader, planner=planner, no_dist=True)
         planner.regions = {}
         return real
 
@@ -527,13 +543,11 @@ def stream_export(
 def owned_parameters(bridge: ModelBridge, model: torch.nn.Module, rank: int, world_size: int) -> set[str]:
     """This rank's share of an export: a contiguous run of parameters holding about 1/N of the
     bytes, never splitting the experts that are stacked into one HF tensor."""
-    weight_map = bridge.weight_map()
     units: list[tuple[list[str], int]] = []
     last_group: tuple[str, ...] | None = None
-    for name, tensor in model_tensors(model):
-        matched = weight_map.match(name)
-        group = tuple(matched.hf_names()) if matched.rule.hf_stacked_experts else None
-        size = tensor.numel() * tensor.element_size()
+    for entry in plan_tensors(bridge.weight_map(), model_tensors(model)):
+        group = entry.hf_names if entry.matched.rule.hf_stacked_experts else None
+        name, size = entry.megatron_name, entry.nbytes
         if group is not None and group == last_group:
             units[-1][0].append(name)
             units[-1] = (units[-1][0], units[-1][1] + size)
