@@ -56,8 +56,6 @@ def import_on_rank(args: argparse.Namespace) -> None:
         bridge.with_vocab_multiple(args.vocab_multiple), key_names=KeyNames(args.key_names)
     )
     dtype = parse_dtype(args.dtype) or bridge.default_dtype()
-    if Path(args.out).exists() and not args.overwrite:
-        raise BridgeError(f"{args.out}: output folder exists; pass --overwrite to replace it")
     _say(
         f"{args.hf}: {bridge.config.hf_architecture} -> {bridge.bridge.__name__}, {dtype}, layout {_layout(args)}"
     )
@@ -198,13 +196,53 @@ def run_command(name: str, args: argparse.Namespace) -> Any:
         raise SystemExit(2) from None
 
 
+# Numbers the conversion commands take, and the least each may be.
+AT_LEAST = {
+    "tp": 1,
+    "pp": 1,
+    "vpp": 1,
+    "first_stage_layers": 1,
+    "last_stage_layers": 1,
+    "workers": 1,
+    "vocab_multiple": 1,
+    "seq_len": 1,
+    "batch": 1,
+}
+
+
+def argument_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with a conversion command's arguments before any work starts: a number
+    out of range, an existing --out without --overwrite, an --out that is, holds or lies in an
+    input folder. None if nothing is."""
+    import math
+
+    from bridgegen.runtime.folders import output_problem
+
+    for field, least in AT_LEAST.items():
+        value = getattr(args, field, None)
+        if value is not None and value < least:
+            return f"--{field.replace('_', '-')} must be at least {least}, got {value}"
+    shard_gb = getattr(args, "max_shard_gb", None)
+    if shard_gb is not None and not (math.isfinite(shard_gb) and shard_gb > 0):
+        return f"--max-shard-gb must be a positive number, got {shard_gb}"
+    tolerance = getattr(args, "tolerance", None)
+    if tolerance is not None and not (math.isfinite(tolerance) and tolerance >= 0):
+        return f"--tolerance must be a number of at least 0, got {tolerance}"
+    out = getattr(args, "out", None)
+    if out is None:
+        return None
+    if Path(out).exists() and not args.overwrite:
+        return f"{out}: output folder exists; pass --overwrite to replace it"
+    inputs = [getattr(args, field, None) for field in ("hf", "megatron", "hf_config")]
+    return output_problem(out, inputs)
+
+
 def _dispatch(name: str) -> Any:
     def run(args: argparse.Namespace) -> int:
-        for flag in ("tp", "pp", "vpp", "workers"):
-            value = getattr(args, flag, None)
-            if value is not None and value < 1:
-                print(f"bridgegen {name}: error: --{flag} must be at least 1, got {value}", file=sys.stderr)
-                return 2
+        problem = argument_problem(args)
+        if problem is not None:
+            print(f"bridgegen {name}: error: {problem}", file=sys.stderr)
+            return 2
         world = args.tp * args.pp * getattr(args, "workers", 1)
         if "WORLD_SIZE" in os.environ or world == 1:
             result = run_command(name, args)
@@ -217,7 +255,7 @@ def _dispatch(name: str) -> Any:
         try:
             results = run_on_ranks(run_command, world, name, plain)
         except (ProcessExitedException, ProcessRaisedException) as exc:
-            from bridgegen.runtime.safetensors_io import remove_partial_outputs
+            from bridgegen.runtime.folders import remove_partial_outputs
 
             if getattr(args, "out", None):
                 remove_partial_outputs(args.out)

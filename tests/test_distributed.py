@@ -152,7 +152,7 @@ def test_one_rank_failing_stops_all_and_leaves_nothing(
     with pytest.raises(ProcessRaisedException, match="rank 1 fails"):
         run_on_ranks(dist_cases.fail_on_rank_1, 2, str(folder), str(out), layout, when)
     assert not out.exists()
-    from bridgegen.runtime.safetensors_io import remove_partial_outputs
+    from bridgegen.runtime.folders import remove_partial_outputs
 
     # A rank killed while blocked in a collective cannot clean up; what it may leave is a
     # hidden temp folder, which the launcher (or the next run) removes.

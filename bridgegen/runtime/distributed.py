@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from bridgegen.runtime.convert import ModelBridge, ensure_model_parallel, parse_dtype
 from bridgegen.runtime.errors import WeightError
+from bridgegen.runtime.folders import shared_temp_dir
 from bridgegen.runtime.fp8 import block_size, scale_name
 from bridgegen.runtime.plan import TensorPlan, plan_tensors
 from bridgegen.runtime.safetensors_io import (
@@ -30,7 +31,6 @@ from bridgegen.runtime.safetensors_io import (
     PlannedFiles,
     PlannedTensor,
     file_plan,
-    shared_temp_dir,
     stream_tensors,
 )
 from bridgegen.runtime.transforms import gather_tp_shards, shard_writes, split_full, tp_partition_dim
@@ -333,7 +333,8 @@ def _commit(
 ) -> None:
     import json
 
-    from bridgegen.runtime.safetensors_io import copy_side_files, publish_folder
+    from bridgegen.runtime.folders import publish_folder
+    from bridgegen.runtime.safetensors_io import copy_side_files
 
     if len(plan.files) > 1:
         weight_map = {entry.name: file for file, entries in plan.files.items() for entry in entries}

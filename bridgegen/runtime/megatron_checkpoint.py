@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from bridgegen.runtime.config import MegatronConfig
 from bridgegen.runtime.errors import ConfigError, WeightError
+from bridgegen.runtime.folders import publish_folder, shared_temp_dir
 from bridgegen.runtime.formats import dist_checkpoint, foreign_config, megatron_lm
 from bridgegen.runtime.formats.key_names import detect_key_names
 from bridgegen.runtime.safetensors_io import (
@@ -36,8 +37,6 @@ from bridgegen.runtime.safetensors_io import (
     SINGLE_NAME,
     copy_side_files,
     copy_tensors,
-    publish_folder,
-    shared_temp_dir,
 )
 
 if TYPE_CHECKING:

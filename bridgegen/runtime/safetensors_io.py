@@ -15,7 +15,6 @@ import mmap
 import os
 import shutil
 import struct
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from bridgegen.runtime.errors import WeightError
+from bridgegen.runtime.folders import make_temp_folder, publish_folder
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -70,11 +70,14 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                 f"{path}: corrupt or truncated safetensors header (length {header_len}, file {size} bytes)"
             )
         try:
-            header = json.loads(handle.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            header = json.loads(handle.read(header_len), object_pairs_hook=_no_duplicate_keys)
+        except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
             raise WeightError(f"{path}: corrupt safetensors header: {exc}") from None
     if not isinstance(header, dict):
         raise WeightError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise WeightError(f"{path}: corrupt safetensors header (__metadata__ must map names to strings)")
     base = 8 + header_len
     table: dict[str, TensorInfo] = {}
     for name, entry in header.items():
@@ -82,14 +85,14 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             continue
         try:
             dtype = DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            start, end = (int(x) for x in entry["data_offsets"])
+            shape = tuple(_whole_number(d) for d in entry["shape"])
+            start, end = (_whole_number(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise WeightError(f"{path}: tensor {name!r} has a corrupt header entry {entry!r}") from None
         numel = 1
         for dim in shape:
             numel *= dim
-        if end - start != numel * dtype.itemsize or start < 0:
+        if end - start != numel * dtype.itemsize:
             raise WeightError(
                 f"{path}: tensor {name!r} header says {end - start} bytes for shape {list(shape)}"
             )
@@ -98,7 +101,44 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                 f"{path}: truncated: tensor {name!r} ends at byte {base + end} but the file has {size} bytes"
             )
         table[name] = TensorInfo(path, dtype, shape, base + start, base + end)
+    # As the safetensors format requires: the tensors tile the data exactly, in offset order,
+    # with no overlap (two names for the same bytes) and no gap.
+    ordered = sorted(table.items(), key=lambda item: (item[1].start, item[1].end))
+    for (before, first), (name, info) in zip(ordered, ordered[1:], strict=False):
+        if info.start < first.end:
+            raise WeightError(
+                f"{path}: tensors {before!r} and {name!r} overlap (data bytes {first.start - base}-{first.end - base} "
+                f"and {info.start - base}-{info.end - base}): the header is corrupt"
+            )
+    expected = base
+    for name, info in ordered:
+        if info.start != expected:
+            raise WeightError(
+                f"{path}: tensor {name!r} starts at data byte {info.start - base}, leaving bytes "
+                f"{expected - base}-{info.start - base} to no tensor: the header is corrupt"
+            )
+        expected = info.end
+    if expected != size:
+        raise WeightError(
+            f"{path}: the tensors end at data byte {expected - base} but the file holds {size - base} bytes of data"
+        )
     return table
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    seen: dict[str, object] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"tensor {key!r} is listed twice")
+        seen[key] = value
+    return seen
+
+
+def _whole_number(value: object) -> int:
+    """A JSON integer of at least 0 (not a float, bool or string)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(value)
+    return value
 
 
 @dataclass
@@ -122,7 +162,16 @@ class Checkpoint:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise WeightError(f"{index}: unreadable index: {exc}") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise WeightError(f"{index}: unreadable index: weight_map must map tensor names to file names")
             files = sorted(set(weight_map.values()))
+            for name in files:
+                # A plain file name in this folder (it may be a symlink, as in the Hugging Face
+                # cache); a path elsewhere would read files the folder does not hold.
+                if name in ("", ".", "..") or name != Path(name).name or "\\" in name:
+                    raise WeightError(
+                        f"{index}: names shard {name!r}, which is not a file name in {root}"
+                    )
         elif (root / SINGLE_NAME).exists():
             weight_map, files = None, [SINGLE_NAME]
         else:
@@ -395,17 +444,6 @@ HF_SIDE_FILES = (
 )
 
 
-def remove_partial_outputs(out_dir: str | os.PathLike[str]) -> list[str]:
-    """Remove temp folders (``.<name>.tmp-*``) that a failed write of ``out_dir`` left beside it."""
-    target = Path(out_dir)
-    removed = []
-    if target.parent.is_dir():
-        for stale in target.parent.glob(f".{target.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-            removed.append(stale.name)
-    return removed
-
-
 def copy_side_files(source: str | os.PathLike[str] | None, target: Path) -> list[str]:
     """Copy the tokenizer / generation config files an HF folder has into ``target``."""
     if source is None:
@@ -418,61 +456,6 @@ def copy_side_files(source: str | os.PathLike[str] | None, target: Path) -> list
             shutil.copy2(path, target / name)
             copied.append(name)
     return copied
-
-
-def shared_temp_dir(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:
-    """The temp folder every rank writes ``out_dir``'s content into, beside it: rank 0 checks
-    the target, clears leftovers of killed runs and creates it; all ranks get its path. Every
-    rank raises the same error if the target exists and ``overwrite`` is not set."""
-    import torch.distributed as dist
-
-    target = Path(out_dir)
-    holder: list[str | None] = [None, None]
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        if target.exists() and not overwrite:
-            holder[0] = f"{target}: output folder exists; pass overwrite=True (--overwrite) to replace it"
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            remove_partial_outputs(target)  # left by an earlier run whose ranks were killed
-            holder[1] = tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    if dist.is_initialized():
-        dist.broadcast_object_list(holder, src=0)
-    if holder[0] is not None:
-        raise WeightError(holder[0])
-    assert holder[1] is not None
-    return Path(holder[1])
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish_folder(tmp: Path, target: Path) -> None:
-    """Make the finished folder ``tmp`` the folder ``target``: its files and folders are first
-    flushed to disk, so a crash right after cannot leave a complete-looking folder of truncated
-    files; an existing ``target`` is moved aside and removed only once ``tmp`` is in its place
-    (put back if that rename fails), so no moment leaves neither."""
-    for root, _, files in os.walk(tmp):
-        for name in files:
-            _fsync(Path(root) / name)
-        _fsync(Path(root))
-    if target.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, trash / "old")
-        try:
-            os.replace(tmp, target)
-        except BaseException:
-            os.replace(trash / "old", target)
-            raise
-        finally:
-            shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-    _fsync(target.parent)
 
 
 class HFDirWriter:
@@ -489,8 +472,7 @@ class HFDirWriter:
             )
         self.overwrite = overwrite
         self.max_shard_bytes = max_shard_bytes
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
+        self.tmp = make_temp_folder(self.out_dir)
         self._shards: list[list[str]] = []
         self.bytes_written = 0
 

@@ -585,7 +585,8 @@ def _export_on_ranks(
 
     from bridgegen.runtime.convert import parse_dtype
     from bridgegen.runtime.distributed import _commit
-    from bridgegen.runtime.safetensors_io import PlannedFiles, file_plan, shared_temp_dir, stream_tensors
+    from bridgegen.runtime.folders import shared_temp_dir
+    from bridgegen.runtime.safetensors_io import PlannedFiles, file_plan, stream_tensors
     from bridgegen.runtime.weights import iter_hf_from_full
 
     saved: torch.dtype = getattr(model, "config").params_dtype  # noqa: B009 - GPTModel has a config

@@ -1,0 +1,377 @@
+"""Hostile and broken inputs through the CLI: each case ends with one clear error line naming
+the file, tensor or argument, a non-zero exit, the inputs untouched, no output (or the old
+output unchanged), no temp folder beside the output and no process left behind. Every case
+checks all of that (``assert_refused``), not only the message.
+
+Mechanisms: ``safetensors_io.read_header`` (offsets tile the data exactly, whole numbers, no
+duplicate names), ``Checkpoint.open`` (an index names plain file names in its folder),
+``convert_cli.argument_problem`` (numbers in range; --out checked before any work, never an
+input, never holding or inside one) and ``runtime/folders.py`` (temp folders owned by one
+process, found by exact name; the old output kept until the new one is in place).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from bridgegen.cli import main
+
+VOCAB = 250
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    folder = tmp_path_factory.mktemp("hostile") / "llama"
+    model.save_pretrained(str(folder), max_shard_size="200KB")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoint(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("hostile-megatron") / "megatron"
+    assert main(["import", "--hf", str(source), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def hf(source: Path, tmp_path: Path) -> Path:
+    """A copy of the source checkpoint for one case to break."""
+    return Path(shutil.copytree(source, tmp_path / "hf"))
+
+
+def snapshot(*folders: Path) -> dict[str, bytes]:
+    """Every file under the folders, with its bytes."""
+    return {str(p): p.read_bytes() for folder in folders if folder.exists() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_refused(
+    argv: list[str],
+    capsys: pytest.CaptureFixture[str],
+    match: str,
+    *,
+    inputs: list[Path],
+    out: Path,
+) -> None:
+    command = argv[0]
+    before = snapshot(*inputs, out)
+    existed = out.exists()
+    siblings = sorted(p.name for p in out.parent.iterdir()) if out.parent.exists() else []
+    children = {p.pid for p in psutil.Process().children(recursive=True)}
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # a conversion error ends the process with its code
+        code = exc.code if isinstance(exc.code, int) else 1
+    err = capsys.readouterr().err
+    assert code != 0, f"exit 0 for {argv}"
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one error line, got:\n{err}"
+    assert re.match(rf"^bridgegen {command}: (rank \d+: )?error: ", lines[0]), lines[0]
+    assert re.search(match, lines[0]), f"{match!r} not in {lines[0]!r}"
+    assert "Traceback" not in err
+    assert snapshot(*inputs, out) == before, "an input (or the old output) changed"
+    assert out.exists() == existed
+    if out.parent.exists():
+        assert sorted(p.name for p in out.parent.iterdir()) == siblings, "something was left beside the output"
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= children, "a process was left behind"
+
+
+# ------------------------------------------------------------ safetensors headers that lie
+
+
+def rewrite_header(path: Path, change: Callable[[dict], None]) -> None:  # type: ignore[type-arg]
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    change(header)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= length, "the test's header must not grow"
+    text += b" " * (length - len(text))
+    path.write_bytes(raw[:8] + text + raw[8 + length :])
+
+
+def shard_of(folder: Path, tensor: str) -> Path:
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    return folder / index[tensor]
+
+
+def test_two_tensors_on_the_same_bytes(hf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """o_proj's offsets made q_proj's (same shape): the safetensors library refuses such a
+    file; a reader that did not would import o_proj equal to q_proj."""
+    q, o = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"
+    path = shard_of(hf, q)
+    assert shard_of(hf, o) == path
+
+    def overlap(header: dict) -> None:  # type: ignore[type-arg]
+        header[o]["data_offsets"] = header[q]["data_offsets"]
+
+    rewrite_header(path, overlap)
+    out = tmp_path / "out"
+    assert_refused(
+        ["import", "--hf", str(hf), "--out", str(out)],
+        capsys,
+        rf"{re.escape(str(path))}: tensors '[\w.]+' and '[\w.]+' overlap \(data bytes \d+-\d+ and \d+-\d+\): "
+        "the header is corrupt",
+        inputs=[hf],
+        out=out,
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda h, n: h[n].update(shape=[-8, -8]), r"has a corrupt header entry"),
+        (lambda h, n: h[n].update(data_offsets=[float(x) for x in h[n]["data_offsets"]]), r"corrupt header entry"),
+        (lambda h, n: h[n].update(shape=[str(d) for d in h[n]["shape"]]), r"corrupt header entry"),
+        (lambda h, n: h.update(__metadata__={"format": 1}), r"__metadata__ must map names to strings"),
+    ],
+    ids=["negative-dims", "float-offsets", "string-dims", "metadata"],
+)
+def test_malformed_header_entries(
+    hf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], change: Callable[..., None], match: str
+) -> None:
+    name = "model.norm.weight"
+    path = shard_of(hf, name)
+    rewrite_header(path, lambda header: change(header, name))
+    out = tmp_path / "out"
+    assert_refused(
+        ["import", "--hf", str(hf), "--out", str(out)], capsys, re.escape(str(path)) + ": .*" + match, inputs=[hf], out=out
+    )
+
+
+def test_a_tensor_listed_twice(hf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A JSON header naming a tensor twice (a plain JSON reader keeps the last one)."""
+    path = shard_of(hf, "model.norm.weight")
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    text = raw[8 : 8 + length]
+    other = re.search(rb'"(model\.layers\.\d+\.[\w.]+)":', text)
+    assert other is not None
+    doubled = text.replace(other.group(0), b'"model.norm.weight":', 1)
+    path.write_bytes(raw[:8] + doubled + b" " * (length - len(doubled)) + raw[8 + length :])
+    out = tmp_path / "out"
+    assert_refused(
+        ["import", "--hf", str(hf), "--out", str(out)],
+        capsys,
+        rf"{re.escape(str(path))}: corrupt safetensors header: tensor 'model\.norm\.weight' is listed twice",
+        inputs=[hf],
+        out=out,
+    )
+
+
+def test_bytes_after_the_last_tensor(hf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = shard_of(hf, "model.norm.weight")
+    with path.open("ab") as handle:
+        handle.write(b"\0" * 64)
+    out = tmp_path / "out"
+    assert_refused(
+        ["import", "--hf", str(hf), "--out", str(out)],
+        capsys,
+        rf"{re.escape(str(path))}: the tensors end at data byte \d+ but the file holds \d+ bytes of data",
+        inputs=[hf],
+        out=out,
+    )
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "subfolder"])
+def test_an_index_naming_a_file_outside_its_folder(
+    hf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    """A shard name must be a file name in the checkpoint folder: an index naming
+    ``../outside.safetensors`` or an absolute path would read a file the folder does not hold.
+    Symlinked shards (the Hugging Face cache's layout) are still read: the name is checked, not
+    where the link points."""
+    index_path = hf / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(hf / first, outside)
+    name = {"parent": "../outside.safetensors", "absolute": str(outside), "subfolder": f"sub/{first}"}[where]
+    index["weight_map"] = {k: (name if v == first else v) for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    out = tmp_path / "out"
+    assert_refused(
+        ["import", "--hf", str(hf), "--out", str(out)],
+        capsys,
+        rf"{re.escape(str(index_path))}: names shard '{re.escape(name)}', which is not a file name in",
+        inputs=[hf, outside],
+        out=out,
+    )
+
+
+def test_symlinked_shards_are_read(source: Path, tmp_path: Path) -> None:
+    """The Hugging Face cache keeps shards as symlinks into a blob folder: still a checkpoint."""
+    blobs, snapshot_dir = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir()
+    snapshot_dir.mkdir()
+    for file in source.iterdir():
+        shutil.copy(file, blobs / file.name)
+        (snapshot_dir / file.name).symlink_to(blobs / file.name)
+    assert main(["import", "--hf", str(snapshot_dir), "--out", str(tmp_path / "out")]) == 0
+
+
+# ------------------------------------------------------------------------- data loss
+
+
+@pytest.mark.parametrize("relation", ["same", "holds", "inside", "same-through-symlink"])
+def test_an_output_that_is_holds_or_lies_in_the_input_is_refused(
+    hf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], relation: str
+) -> None:
+    out = {
+        "same": hf,
+        "holds": tmp_path,
+        "inside": hf / "megatron",
+        "same-through-symlink": tmp_path / "link",
+    }[relation]
+    if relation == "same-through-symlink":
+        out.symlink_to(hf)
+    words = {"same": "is the input", "holds": "holds the input", "inside": "lies inside the input"}
+    assert_refused(
+        ["import", "--hf", str(hf), "--out", str(out), "--overwrite"],
+        capsys,
+        rf"{re.escape(str(out))}: {words.get(relation, 'is the input')}",
+        inputs=[hf],
+        out=out,
+    )
+
+
+def test_export_over_its_own_checkpoint_is_refused(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert_refused(
+        ["export", "--megatron", str(checkpoint), "--out", str(checkpoint / "release"), "--overwrite"],
+        capsys,
+        r"lies inside the input",
+        inputs=[checkpoint],
+        out=checkpoint / "release",
+    )
+
+
+def test_an_existing_output_is_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Checked first: the input need not even exist for the error to be about --out."""
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_refused(
+        ["export", "--megatron", str(tmp_path / "not-yet-read"), "--out", str(out)],
+        capsys,
+        rf"{re.escape(str(out))}: output folder exists; pass --overwrite to replace it",
+        inputs=[],
+        out=out,
+    )
+
+
+def test_a_failed_replace_keeps_the_old_output(
+    hf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--overwrite moves the old output aside and removes it only once the new one is in
+    place: when renaming the new one in fails, the old one is put back as it was."""
+    import bridgegen.runtime.folders as folders
+
+    out = tmp_path / "out"
+    assert main(["import", "--hf", str(hf), "--out", str(out)]) == 0
+    real = os.replace
+
+    def failing(src: object, dst: object) -> None:
+        if Path(str(src)).name.startswith(".out.tmp-") and Path(str(dst)) == out:
+            raise OSError(5, "injected: cannot rename the new output in")
+        real(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(folders.os, "replace", failing)
+    before = snapshot(out)
+    with pytest.raises(OSError, match="cannot rename the new output in"):
+        from bridgegen.runtime.convert import ModelBridge
+        from bridgegen.runtime.stream import stream_import
+
+        stream_import(ModelBridge.from_hf_dir(hf), hf, out, dtype=torch.float32, overwrite=True)
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out"]
+
+
+def test_temp_folders_belong_to_one_run(tmp_path: Path) -> None:
+    """Leftovers are matched by exact name and owner: a folder of a run still alive (another
+    process writing the same --out), a folder of another target whose name a glob of this one
+    would match, and a folder not in our naming stay; a dead run's folder goes."""
+    from bridgegen.runtime.folders import remove_partial_outputs
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(finished.stdout)
+    try:
+        target = tmp_path / "m?"
+        live = tmp_path / f".m?.tmp-{sleeper.pid}-abc"
+        gone = tmp_path / f".m?.tmp-{dead}-abc"
+        other = tmp_path / f".mx.tmp-{dead}-abc"  # the glob '.m?.tmp-*' would match this one
+        foreign = tmp_path / ".m?.tmp-notapid"
+        for folder in (live, gone, other, foreign):
+            folder.mkdir()
+        assert remove_partial_outputs(target) == [gone.name]
+        assert live.exists() and other.exists() and foreign.exists() and not gone.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+# ------------------------------------------------------------------- numbers
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["import", "--tp", "0"], r"--tp must be at least 1, got 0"),
+        (["import", "--tp", "-1"], r"--tp must be at least 1, got -1"),
+        (["import", "--pp", "0"], r"--pp must be at least 1, got 0"),
+        (["import", "--vpp", "0"], r"--vpp must be at least 1, got 0"),
+        (["import", "--workers", "0"], r"--workers must be at least 1, got 0"),
+        (["import", "--vocab-multiple", "0"], r"--vocab-multiple must be at least 1, got 0"),
+        (["import", "--first-stage-layers", "0"], r"--first-stage-layers must be at least 1, got 0"),
+        (["export", "--max-shard-gb", "0"], r"--max-shard-gb must be a positive number, got 0.0"),
+        (["export", "--max-shard-gb", "nan"], r"--max-shard-gb must be a positive number, got nan"),
+        (["export", "--workers", "-3"], r"--workers must be at least 1, got -3"),
+        (["verify", "--seq-len", "0"], r"--seq-len must be at least 1, got 0"),
+        (["verify", "--batch", "0"], r"--batch must be at least 1, got 0"),
+        (["verify", "--tolerance", "-1"], r"--tolerance must be a number of at least 0, got -1.0"),
+        (["verify", "--pp", "0"], r"--pp must be at least 1, got 0"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_numbers_out_of_range_are_refused(
+    argv: list[str], match: str, source: Path, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    command = argv[0]
+    given = {
+        "import": ["--hf", str(source), "--out", str(out)],
+        "export": ["--megatron", str(checkpoint), "--out", str(out)],
+        "verify": ["--hf", str(source)],
+    }[command]
+    assert_refused([command, *given, *argv[1:]], capsys, match, inputs=[source, checkpoint], out=out)
