@@ -24,6 +24,8 @@ def _layout(args: argparse.Namespace) -> Any:
         tp=args.tp,
         pp=args.pp,
         vpp=args.vpp,
+        ep=args.ep,
+        etp=args.etp,
         first_stage_layers=args.first_stage_layers,
         last_stage_layers=args.last_stage_layers,
     )
@@ -201,6 +203,8 @@ AT_LEAST = {
     "tp": 1,
     "pp": 1,
     "vpp": 1,
+    "ep": 1,
+    "etp": 1,
     "first_stage_layers": 1,
     "last_stage_layers": 1,
     "workers": 1,
@@ -237,13 +241,23 @@ def argument_problem(args: argparse.Namespace) -> str | None:
     return output_problem(out, inputs)
 
 
+def ranks_for(args: argparse.Namespace) -> int:
+    """Local processes a layout needs: pipeline stages times the fewest ranks per stage that
+    hold both a TP group and an expert group of EP x expert-TP ranks (expert-TP defaults to
+    TP, as megatron-core's does); --workers for a run without a layout."""
+    import math
+
+    expert_ranks = args.ep * (args.etp if args.etp is not None else args.tp)
+    return int(args.pp * math.lcm(args.tp, expert_ranks) * getattr(args, "workers", 1))
+
+
 def _dispatch(name: str) -> Any:
     def run(args: argparse.Namespace) -> int:
         problem = argument_problem(args)
         if problem is not None:
             print(f"bridgegen {name}: error: {problem}", file=sys.stderr)
             return 2
-        world = args.tp * args.pp * getattr(args, "workers", 1)
+        world = ranks_for(args)
         if "WORLD_SIZE" in os.environ or world == 1:
             result = run_command(name, args)
             return 1 if result is False else 0
@@ -276,6 +290,10 @@ def _add_layout(p: argparse.ArgumentParser) -> None:
     group.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     group.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     group.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per pipeline rank")
+    group.add_argument("--ep", type=int, default=1, help="expert parallel size (MoE models)")
+    group.add_argument(
+        "--etp", type=int, default=None, help="expert tensor parallel size (default: the tensor parallel size)"
+    )
     group.add_argument(
         "--first-stage-layers", type=int, default=None, help="layers on the first pipeline stage (uneven PP)"
     )

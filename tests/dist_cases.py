@@ -138,3 +138,8 @@ def fail_on_rank_1(hf_dir: str, out_dir: str, layout: dict[str, Any], when: str)
 
 def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
+
+
+def always_fail() -> None:
+    """A rank function that raises (for the launcher's cleanup tests)."""
+    raise RuntimeError("this rank always fails")

@@ -352,6 +352,8 @@ def test_temp_folders_belong_to_one_run(tmp_path: Path) -> None:
         (["import", "--pp", "0"], r"--pp must be at least 1, got 0"),
         (["import", "--vpp", "0"], r"--vpp must be at least 1, got 0"),
         (["import", "--workers", "0"], r"--workers must be at least 1, got 0"),
+        (["import", "--ep", "0"], r"--ep must be at least 1, got 0"),
+        (["export", "--etp", "-2"], r"--etp must be at least 1, got -2"),
         (["import", "--vocab-multiple", "0"], r"--vocab-multiple must be at least 1, got 0"),
         (["import", "--first-stage-layers", "0"], r"--first-stage-layers must be at least 1, got 0"),
         (["export", "--max-shard-gb", "0"], r"--max-shard-gb must be a positive number, got 0.0"),
@@ -375,3 +377,133 @@ def test_numbers_out_of_range_are_refused(
         "verify": ["--hf", str(source)],
     }[command]
     assert_refused([command, *given, *argv[1:]], capsys, match, inputs=[source, checkpoint], out=out)
+
+
+# ------------------------------------------------------------------ leftovers, noise
+
+
+def test_a_failed_local_run_leaves_nothing_in_the_system_temp_folder() -> None:
+    """torch's spawn keeps a failed process's traceback in a pytorch-errorfile-* file of the
+    system temp folder, our launcher its rendezvous folder: both go with the run."""
+    import tempfile
+
+    import dist_cases
+    from torch.multiprocessing.spawn import ProcessRaisedException
+
+    from bridgegen.runtime.launch import run_on_ranks
+
+    system_temp = Path(tempfile.gettempdir())
+
+    def ours() -> set[str]:
+        return {p.name for p in system_temp.iterdir() if p.name.startswith(("pytorch-errorfile-", "bridgegen-"))}
+
+    before = ours()
+    with pytest.raises(ProcessRaisedException, match="this rank always fails"):
+        run_on_ranks(dist_cases.always_fail, 2)
+    assert ours() == before
+    assert tempfile.tempdir is None or Path(tempfile.tempdir).exists()
+
+
+def test_outputs_are_made_with_the_users_umask(source: Path, tmp_path: Path) -> None:
+    """A temp folder is its owner's only; the published output follows the umask like any
+    folder the user makes."""
+    mask = os.umask(0o022)
+    try:
+        out = tmp_path / "out"
+        assert main(["import", "--hf", str(source), "--out", str(out)]) == 0
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(mask)
+    assert out.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 == 0o755
+
+
+# ------------------------------------------------------------------ expert parallel CLI
+
+
+@pytest.mark.parametrize(("layout", "ranks"), [(["--ep", "2"], 2), (["--tp", "2", "--ep", "2", "--etp", "1"], 2)])
+def test_the_cli_takes_expert_parallel_layouts(layout: list[str], ranks: int, tmp_path: Path) -> None:
+    """--ep / --etp reach the runtime: an import at that layout on local processes, exported
+    back, is the HF checkpoint bit for bit."""
+    import argparse
+
+    import test_moe
+    from checkpoints import assert_bit_exact
+
+    from bridgegen.convert_cli import ranks_for
+
+    hf = test_moe.make_qwen3_moe(tmp_path / "hf")
+    parsed = argparse.Namespace(tp=1, pp=1, ep=1, etp=None)
+    for flag, value in zip(layout[::2], layout[1::2], strict=True):
+        setattr(parsed, flag.removeprefix("--"), int(value))
+    assert ranks_for(parsed) == ranks
+    megatron, out = tmp_path / "megatron", tmp_path / "out"
+    assert main(["import", "--hf", str(hf), "--out", str(megatron), *layout]) == 0
+    assert main(["export", "--megatron", str(megatron), "--out", str(out), *layout]) == 0
+    assert_bit_exact(hf, out)
+
+
+# ------------------------------------------------------------------ wrong models
+
+
+def test_a_tied_config_with_a_different_output_layer_is_refused(
+    hf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """config.json says tie_word_embeddings but the checkpoint holds its own lm_head: dropping
+    it would convert a model other than the one transformers loads from the same folder."""
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": True}))
+    out = tmp_path / "out"
+    assert_refused(
+        ["import", "--hf", str(hf), "--out", str(out)],
+        capsys,
+        r"the config ties the output layer to the embedding \(tie_word_embeddings\) but the checkpoint's "
+        r"'lm_head\.weight' differs from 'model\.embed_tokens\.weight'",
+        inputs=[hf],
+        out=out,
+    )
+
+
+def test_a_tied_config_with_an_output_layer_equal_to_the_embedding_imports(hf: Path, tmp_path: Path) -> None:
+    """Some tied checkpoints store the output layer too, as a copy: that is the same model."""
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": True}))
+    embed_file, head_file = shard_of(hf, "model.embed_tokens.weight"), shard_of(hf, "lm_head.weight")
+    embedding = load_file(embed_file)["model.embed_tokens.weight"]
+    tensors = load_file(head_file)
+    tensors["lm_head.weight"] = embedding.clone()
+    save_file(tensors, str(head_file), metadata={"format": "pt"})
+    assert main(["import", "--hf", str(hf), "--out", str(tmp_path / "out")]) == 0
+
+
+def test_an_error_after_the_progress_bar_started_is_the_last_thing_shown(
+    source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The bar is cleared when the work fails, so the terminal's last line is the error, not a
+    stale bar drawn again after it."""
+    import bridgegen.runtime.stream as stream
+    from bridgegen.runtime.errors import WeightError
+
+    real = stream.fill_parameter
+    calls = {"n": 0}
+
+    def failing(*args: object, **kwargs: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise WeightError("injected: the fourth tensor is unreadable")
+        real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(stream, "fill_parameter", failing)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["import", "--hf", str(source), "--out", str(out)])
+    assert exit_info.value.code == 2
+    screen = capsys.readouterr().err.split("\n")
+    shown = [line.rsplit("\r", 1)[-1].strip() for line in screen]
+    shown = [line for line in shown if line]
+    assert shown[-1] == "bridgegen import: rank 0: error: injected: the fourth tensor is unreadable", screen
+    assert "import:" in "\n".join(screen[:-1]), "the bar was drawn while the work ran"
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

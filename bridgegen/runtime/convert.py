@@ -7,7 +7,7 @@ import itertools
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from bridgegen.runtime.errors import ConfigError, WeightError
 from bridgegen.runtime.formats.key_names import KeyNames
 from bridgegen.runtime.fp8 import block_size
 from bridgegen.runtime.plan import WeightMap
+from bridgegen.runtime.progress import progress_bar
 from bridgegen.runtime.quirks import MODULE_FIELD, RuntimeModule
 from bridgegen.runtime.safetensors_io import Checkpoint, HFDirWriter, PlannedTensor, stream_tensors
 from bridgegen.runtime.weights import LoadStats, iter_hf_from_full, load_into, model_tensors
@@ -319,18 +320,14 @@ class ModelBridge:
         if folder is None:
             raise WeightError("no HF folder given to load weights from")
         checkpoint = Checkpoint.open(folder)
-        bar = _progress(progress, sum(1 for _ in model_tensors(model)), "import")
-        try:
+        with progress_bar(progress, sum(1 for _ in model_tensors(model)), "import") as update:
             return load_into(
                 self.weight_map(),
                 model,
                 checkpoint,
-                progress=bar.update if bar else None,
+                progress=update,
                 fp8_block=block_size(self.config.hf_passthrough),
             )
-        finally:
-            if bar:
-                bar.close()
 
     def iter_hf_weights(
         self, model: torch.nn.Module, dtype: str | torch.dtype | None = None
@@ -385,22 +382,22 @@ class ModelBridge:
         weight_map = self.weight_map()
         planned = self.planned_hf_tensors(model, target)
         source, carried = self.carried_tensors(dtype=target)
-        bar = _progress(progress, len(planned) + len(carried), "export")
 
-        def produce() -> Iterator[tuple[str, torch.Tensor]]:
+        def produce(update: Callable[[int], object] | None) -> Iterator[tuple[str, torch.Tensor]]:
             converted = iter_hf_from_full(weight_map, values if values is not None else tensors, dtype=target)
             passed = stream_tensors(source, carried) if source is not None else iter(())
             for item in itertools.chain(converted, passed):
                 yield item
-                if bar:
-                    bar.update(1)
+                if update is not None:
+                    update(1)
 
-        with HFDirWriter(out_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes) as writer:
-            writer.write_tensors(planned + carried, produce())
+        with (
+            progress_bar(progress, len(planned) + len(carried), "export") as update,
+            HFDirWriter(out_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes) as writer,
+        ):
+            writer.write_tensors(planned + carried, produce(update))
             writer.write_json("config.json", hf_config)
             writer.copy_side_files(self.hf_dir)
-        if bar:
-            bar.close()
         return Path(out_dir)
 
 
@@ -414,11 +411,3 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
     config = getattr(model, "config", None)
     dtype = getattr(config, "params_dtype", None)
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
-
-
-def _progress(enabled: bool, total: int, what: str) -> Any:
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=what, unit="tensor")

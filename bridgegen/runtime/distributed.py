@@ -24,6 +24,7 @@ from bridgegen.runtime.errors import WeightError
 from bridgegen.runtime.folders import shared_temp_dir
 from bridgegen.runtime.fp8 import block_size, scale_name
 from bridgegen.runtime.plan import TensorPlan, plan_tensors
+from bridgegen.runtime.progress import progress_bar
 from bridgegen.runtime.safetensors_io import (
     INDEX_NAME,
     Checkpoint,
@@ -156,36 +157,27 @@ def load_hf(
             f"the {bridge.config.family} spec maps no Megatron tensor to them"
         )
     total = LoadStats()
-    bar = None
-    if progress and dist.get_rank() == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(
-            total=sum(1 for c in chunks for _ in model_tensors(c.model)),
-            desc="import (rank 0)",
-            unit="tensor",
-        )
-    for chunk in chunks:
-        stats = load_into(
-            weight_map,
-            chunk.model,
-            checkpoint,
-            layer_offset=chunk.layer_offset,
-            tp=(tp_rank, tp_size),
-            expert_offset=expert_offset,
-            expert_tp=(
-                parallel_state.get_expert_tensor_parallel_rank(),
-                parallel_state.get_expert_tensor_parallel_world_size(),
-            ),
-            check_unused=False,
-            fp8_block=block_size(bridge.config.hf_passthrough),
-            progress=bar.update if bar is not None else None,
-        )
-        total.tensors += stats.tensors
-        total.bytes_requested += stats.bytes_requested
-        total.hf_tensors_used += stats.hf_tensors_used
-    if bar is not None:
-        bar.close()
+    count = sum(1 for c in chunks for _ in model_tensors(c.model))
+    with progress_bar(progress and dist.get_rank() == 0, count, "import (rank 0)") as update:
+        for chunk in chunks:
+            stats = load_into(
+                weight_map,
+                chunk.model,
+                checkpoint,
+                layer_offset=chunk.layer_offset,
+                tp=(tp_rank, tp_size),
+                expert_offset=expert_offset,
+                expert_tp=(
+                    parallel_state.get_expert_tensor_parallel_rank(),
+                    parallel_state.get_expert_tensor_parallel_world_size(),
+                ),
+                check_unused=False,
+                fp8_block=block_size(bridge.config.hf_passthrough),
+                progress=update,
+            )
+            total.tensors += stats.tensors
+            total.bytes_requested += stats.bytes_requested
+            total.hf_tensors_used += stats.hf_tensors_used
     return total
 
 

@@ -27,7 +27,16 @@ def _owned_prefix(target: Path, mark: str, pid: int) -> str:
 def make_temp_folder(target: Path) -> Path:
     """A new, empty temp folder beside ``target`` that this process owns."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=_owned_prefix(target, TEMP_MARK, os.getpid()), dir=target.parent))
+    folder = Path(tempfile.mkdtemp(prefix=_owned_prefix(target, TEMP_MARK, os.getpid()), dir=target.parent))
+    # mkdtemp makes it readable by its owner only; the output is a folder like any other.
+    folder.chmod(0o777 & ~_umask())
+    return folder
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _alive(pid: int) -> bool:

@@ -34,5 +34,12 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> list[An
     """
     with tempfile.TemporaryDirectory(prefix="bridgegen-ranks-") as scratch:
         init_file = str(Path(scratch) / "store")
-        spawn(_entry, args=(fn, world_size, init_file, scratch, args), nprocs=world_size, join=True)  # type: ignore[no-untyped-call]
+        # torch's spawn leaves a failed process's traceback file (pytorch-errorfile-*) in the
+        # system temp folder; made in this run's folder instead, it goes with it.
+        system_temp = tempfile.tempdir
+        tempfile.tempdir = scratch
+        try:
+            spawn(_entry, args=(fn, world_size, init_file, scratch, args), nprocs=world_size, join=True)  # type: ignore[no-untyped-call]
+        finally:
+            tempfile.tempdir = system_temp
         return [pickle.loads(Path(scratch, f"{rank}.pkl").read_bytes()) for rank in range(world_size)]

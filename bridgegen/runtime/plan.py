@@ -111,6 +111,21 @@ class WeightMap:
             for name in rule.hf_names
         ]
 
+    def tied_output_sources(self) -> list[tuple[str, str]]:
+        """(HF output layer, HF embedding) when the config ties them: a checkpoint may still
+        hold the output layer, which is then only a copy of the embedding."""
+        embedding = next(
+            (r.hf_names[0] for r in self.rules if r.megatron_name == "embedding.word_embeddings.weight"), None
+        )
+        if embedding is None or not self.config.values.get("share_embeddings_and_output_weights"):
+            return []
+        return [
+            (name, embedding)
+            for rule in self.inactive
+            if rule.kind is WeightKind.vocab and rule.megatron_name == "output_layer.weight"
+            for name in rule.hf_names
+        ]
+
     def is_tied_output(self, megatron_name: str) -> bool:
         """The last pipeline stage's copy of a tied output layer (it mirrors the embedding)."""
         return megatron_name == "output_layer.weight" and bool(

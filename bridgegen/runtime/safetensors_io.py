@@ -150,6 +150,10 @@ class Checkpoint:
     bytes_requested: int = 0
     _maps: dict[Path, torch.Tensor] = field(default_factory=dict, repr=False)
     _mmaps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
+    # Read-once conversions (the streaming import: each tensor read whole by one process) also
+    # drop a tensor's pages from the page cache once it is copied, leaving the cache, and the
+    # memory its writes need, to the output.
+    read_once: bool = False
 
     @staticmethod
     def open(folder: str | os.PathLike[str]) -> Checkpoint:
@@ -235,13 +239,20 @@ class Checkpoint:
 
     def release(self, name: str) -> None:
         """Drop tensor ``name``'s pages from this process's mapping once it is copied, so the
-        checkpoint does not sit in our RSS beside the model (the page cache keeps them)."""
+        checkpoint does not sit in our RSS beside the model (the page cache keeps them, unless
+        ``read_once``)."""
         info = self.tensors.get(name)
         mapped = self._mmaps.get(info.file) if info is not None else None
         if info is None or mapped is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         start = info.start - info.start % mmap.PAGESIZE
         mapped.madvise(mmap.MADV_DONTNEED, start, info.end - start)
+        if self.read_once and hasattr(os, "posix_fadvise"):
+            descriptor = os.open(info.file, os.O_RDONLY)
+            try:
+                os.posix_fadvise(descriptor, start, info.end - start, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(descriptor)
 
     def count(self, tensor: torch.Tensor) -> torch.Tensor:
         """Record that ``tensor`` (a slice of a view) is read; returns it unchanged."""

@@ -24,6 +24,7 @@ from bridgegen.runtime.convert import ModelBridge
 from bridgegen.runtime.errors import WeightError
 from bridgegen.runtime.fp8 import block_size
 from bridgegen.runtime.plan import plan_tensors
+from bridgegen.runtime.progress import progress_bar
 from bridgegen.runtime.safetensors_io import Checkpoint
 from bridgegen.runtime.weights import LoadStats, check_sources, fill_parameter, model_tensors
 
@@ -325,28 +326,25 @@ def stream_import(
     return_freed_buffers_to_the_system()
     model = meta_model(bridge, dtype)
     checkpoint = Checkpoint.open(hf_dir)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=sum(1 for _ in model_tensors(model)), desc="import", unit="tensor")
-    producer = TensorProducer(bridge, model, checkpoint, bar.update if bar else None)
+    # Each tensor is read whole, by one process, once: its pages leave the page cache after.
+    checkpoint.read_once = True
+    producer = TensorProducer(bridge, model, checkpoint)
     producer.check_sources()
     import torch.distributed as dist
 
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    save_megatron(
-        model,
-        bridge,
-        out_dir,
-        dtype=dtype,
-        hf_source=hf_dir,
-        overwrite=overwrite,
-        sharded_strategy=lazy_save_strategy(producer),
-        assign=share_the_writing(dist.get_rank(), world_size) if world_size > 1 else None,
-    )
-    if bar is not None:
-        bar.close()
+    with progress_bar(progress, len(producer.plan), "import") as update:
+        producer.progress = update
+        save_megatron(
+            model,
+            bridge,
+            out_dir,
+            dtype=dtype,
+            hf_source=hf_dir,
+            overwrite=overwrite,
+            sharded_strategy=lazy_save_strategy(producer),
+            assign=share_the_writing(dist.get_rank(), world_size) if world_size > 1 else None,
+        )
     return producer.stats
 
 
@@ -519,25 +517,17 @@ def stream_export(
             overwrite=overwrite,
             max_shard_bytes=max_shard_bytes,
         )
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=sum(1 for _ in model_tensors(model)), desc="export", unit="tensor")
-    values = checkpoint_values(
-        model,
-        found.path,
-        per_layer_keys=bridge.per_layer_keys,
-        batch_bytes=batch_bytes,
-        progress=bar.update if bar else None,
-    )
-    try:
+    with progress_bar(progress, sum(1 for _ in model_tensors(model)), "export") as update:
+        values = checkpoint_values(
+            model,
+            found.path,
+            per_layer_keys=bridge.per_layer_keys,
+            batch_bytes=batch_bytes,
+            progress=update,
+        )
         return bridge.export_hf(
             model, out_dir, overwrite=overwrite, dtype=dtype, max_shard_bytes=max_shard_bytes, values=values
         )
-    finally:
-        if bar is not None:
-            bar.close()
 
 
 def owned_parameters(bridge: ModelBridge, model: torch.nn.Module, rank: int, world_size: int) -> set[str]:

@@ -63,6 +63,19 @@ def check_sources(
                 f"{checkpoint.folder}: unexpected tensor(s) {shown}{more}: the {weight_map.config.family} spec maps no "
                 "Megatron tensor to them"
             )
+    for output, embedding in weight_map.tied_output_sources():
+        if output in checkpoint and embedding in checkpoint:
+            held, used = checkpoint.view(output), checkpoint.view(embedding)
+            same = held.shape == used.shape and held.dtype == used.dtype
+            # Compared as bytes: a NaN equals itself there.
+            if not same or not torch.equal(held.reshape(-1).view(torch.uint8), used.reshape(-1).view(torch.uint8)):
+                raise WeightError(
+                    f"{checkpoint.folder}: the config ties the output layer to the embedding (tie_word_embeddings) "
+                    f"but the checkpoint's {output!r} differs from {embedding!r}: converting would drop an output "
+                    "layer that transformers may use; fix the config or the checkpoint"
+                )
+            checkpoint.release(output)
+            checkpoint.release(embedding)
     for entry in plan:
         try:
             load_shard(
