@@ -28,26 +28,15 @@ import torch
 
 from bridgegen.cli import main
 
-VOCAB = 250
-
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """A tiny random Llama, saved in three shards with an index."""
+    import test_weights
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.for_model(
-        "llama",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(test_weights.hf_config("llama"), dtype=torch.float32)
     folder = tmp_path_factory.mktemp("hostile") / "llama"
     model.save_pretrained(str(folder), max_shard_size="200KB")
     return folder
@@ -68,7 +57,13 @@ def hf(source: Path, tmp_path: Path) -> Path:
 
 def snapshot(*folders: Path) -> dict[str, bytes]:
     """Every file under the folders, with its bytes."""
-    return {str(p): p.read_bytes() for folder in folders if folder.exists() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p): p.read_bytes()
+        for folder in folders
+        if folder.exists()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def assert_refused(
@@ -99,8 +94,16 @@ def assert_refused(
     assert snapshot(*inputs, out) == before, "an input (or the old output) changed"
     assert out.exists() == existed
     if out.parent.exists():
-        assert sorted(p.name for p in out.parent.iterdir()) == siblings, "something was left beside the output"
+        assert sorted(p.name for p in out.parent.iterdir()) == siblings, (
+            "something was left beside the output"
+        )
     assert {p.pid for p in psutil.Process().children(recursive=True)} <= children, "a process was left behind"
+
+
+def import_refused(hf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], match: str) -> None:
+    """``bridgegen import`` of ``hf`` into ``tmp_path/out`` is refused (``assert_refused``)."""
+    out = tmp_path / "out"
+    assert_refused(["import", "--hf", str(hf), "--out", str(out)], capsys, match, inputs=[hf], out=out)
 
 
 # ------------------------------------------------------------ safetensors headers that lie
@@ -133,14 +136,12 @@ def test_two_tensors_on_the_same_bytes(hf: Path, tmp_path: Path, capsys: pytest.
         header[o]["data_offsets"] = header[q]["data_offsets"]
 
     rewrite_header(path, overlap)
-    out = tmp_path / "out"
-    assert_refused(
-        ["import", "--hf", str(hf), "--out", str(out)],
+    import_refused(
+        hf,
+        tmp_path,
         capsys,
         rf"{re.escape(str(path))}: tensors '[\w.]+' and '[\w.]+' overlap \(data bytes \d+-\d+ and \d+-\d+\): "
         "the header is corrupt",
-        inputs=[hf],
-        out=out,
     )
 
 
@@ -148,7 +149,10 @@ def test_two_tensors_on_the_same_bytes(hf: Path, tmp_path: Path, capsys: pytest.
     ("change", "match"),
     [
         (lambda h, n: h[n].update(shape=[-8, -8]), r"has a corrupt header entry"),
-        (lambda h, n: h[n].update(data_offsets=[float(x) for x in h[n]["data_offsets"]]), r"corrupt header entry"),
+        (
+            lambda h, n: h[n].update(data_offsets=[float(x) for x in h[n]["data_offsets"]]),
+            r"corrupt header entry",
+        ),
         (lambda h, n: h[n].update(shape=[str(d) for d in h[n]["shape"]]), r"corrupt header entry"),
         (lambda h, n: h.update(__metadata__={"format": 1}), r"__metadata__ must map names to strings"),
     ],
@@ -162,7 +166,11 @@ def test_malformed_header_entries(
     rewrite_header(path, lambda header: change(header, name))
     out = tmp_path / "out"
     assert_refused(
-        ["import", "--hf", str(hf), "--out", str(out)], capsys, re.escape(str(path)) + ": .*" + match, inputs=[hf], out=out
+        ["import", "--hf", str(hf), "--out", str(out)],
+        capsys,
+        re.escape(str(path)) + ": .*" + match,
+        inputs=[hf],
+        out=out,
     )
 
 
@@ -176,13 +184,11 @@ def test_a_tensor_listed_twice(hf: Path, tmp_path: Path, capsys: pytest.CaptureF
     assert other is not None
     doubled = text.replace(other.group(0), b'"model.norm.weight":', 1)
     path.write_bytes(raw[:8] + doubled + b" " * (length - len(doubled)) + raw[8 + length :])
-    out = tmp_path / "out"
-    assert_refused(
-        ["import", "--hf", str(hf), "--out", str(out)],
+    import_refused(
+        hf,
+        tmp_path,
         capsys,
         rf"{re.escape(str(path))}: corrupt safetensors header: tensor 'model\.norm\.weight' is listed twice",
-        inputs=[hf],
-        out=out,
     )
 
 
@@ -190,13 +196,11 @@ def test_bytes_after_the_last_tensor(hf: Path, tmp_path: Path, capsys: pytest.Ca
     path = shard_of(hf, "model.norm.weight")
     with path.open("ab") as handle:
         handle.write(b"\0" * 64)
-    out = tmp_path / "out"
-    assert_refused(
-        ["import", "--hf", str(hf), "--out", str(out)],
+    import_refused(
+        hf,
+        tmp_path,
         capsys,
         rf"{re.escape(str(path))}: the tensors end at data byte \d+ but the file holds \d+ bytes of data",
-        inputs=[hf],
-        out=out,
     )
 
 
@@ -324,7 +328,9 @@ def test_temp_folders_belong_to_one_run(tmp_path: Path) -> None:
     from bridgegen.runtime.folders import remove_partial_outputs
 
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     dead = int(finished.stdout)
     try:
         target = tmp_path / "m?"
@@ -367,7 +373,12 @@ def test_temp_folders_belong_to_one_run(tmp_path: Path) -> None:
     ids=lambda v: " ".join(v) if isinstance(v, list) else "",
 )
 def test_numbers_out_of_range_are_refused(
-    argv: list[str], match: str, source: Path, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    argv: list[str],
+    match: str,
+    source: Path,
+    checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "out"
     command = argv[0]
@@ -395,7 +406,9 @@ def test_a_failed_local_run_leaves_nothing_in_the_system_temp_folder() -> None:
     system_temp = Path(tempfile.gettempdir())
 
     def ours() -> set[str]:
-        return {p.name for p in system_temp.iterdir() if p.name.startswith(("pytorch-errorfile-", "bridgegen-"))}
+        return {
+            p.name for p in system_temp.iterdir() if p.name.startswith(("pytorch-errorfile-", "bridgegen-"))
+        }
 
     before = ours()
     with pytest.raises(ProcessRaisedException, match="this rank always fails"):
@@ -420,7 +433,9 @@ def test_outputs_are_made_with_the_users_umask(source: Path, tmp_path: Path) -> 
 # ------------------------------------------------------------------ expert parallel CLI
 
 
-@pytest.mark.parametrize(("layout", "ranks"), [(["--ep", "2"], 2), (["--tp", "2", "--ep", "2", "--etp", "1"], 2)])
+@pytest.mark.parametrize(
+    ("layout", "ranks"), [(["--ep", "2"], 2), (["--tp", "2", "--ep", "2", "--etp", "1"], 2)]
+)
 def test_the_cli_takes_expert_parallel_layouts(layout: list[str], ranks: int, tmp_path: Path) -> None:
     """--ep / --etp reach the runtime: an import at that layout on local processes, exported
     back, is the HF checkpoint bit for bit."""
@@ -452,14 +467,12 @@ def test_a_tied_config_with_a_different_output_layer_is_refused(
     it would convert a model other than the one transformers loads from the same folder."""
     config = json.loads((hf / "config.json").read_text())
     (hf / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": True}))
-    out = tmp_path / "out"
-    assert_refused(
-        ["import", "--hf", str(hf), "--out", str(out)],
+    import_refused(
+        hf,
+        tmp_path,
         capsys,
         r"the config ties the output layer to the embedding \(tie_word_embeddings\) but the checkpoint's "
         r"'lm_head\.weight' differs from 'model\.embed_tokens\.weight'",
-        inputs=[hf],
-        out=out,
     )
 
 
