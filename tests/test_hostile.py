@@ -393,9 +393,11 @@ def test_numbers_out_of_range_are_refused(
 # ------------------------------------------------------------------ leftovers, noise
 
 
-def test_a_failed_local_run_leaves_nothing_in_the_system_temp_folder() -> None:
+def test_a_failed_local_run_leaves_nothing_in_the_temp_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """torch's spawn keeps a failed process's traceback in a pytorch-errorfile-* file of the
-    system temp folder, our launcher its rendezvous folder: both go with the run."""
+    temp folder, our launcher its rendezvous folder: both go with the run."""
     import tempfile
 
     import dist_cases
@@ -403,18 +405,44 @@ def test_a_failed_local_run_leaves_nothing_in_the_system_temp_folder() -> None:
 
     from bridgegen.runtime.launch import run_on_ranks
 
-    system_temp = Path(tempfile.gettempdir())
-
-    def ours() -> set[str]:
-        return {
-            p.name for p in system_temp.iterdir() if p.name.startswith(("pytorch-errorfile-", "bridgegen-"))
-        }
-
-    before = ours()
+    private = tmp_path / "temp"
+    private.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
     with pytest.raises(ProcessRaisedException, match="this rank always fails"):
         run_on_ranks(dist_cases.always_fail, 2)
-    assert ours() == before
-    assert tempfile.tempdir is None or Path(tempfile.tempdir).exists()
+    assert sorted(p.name for p in private.iterdir()) == []
+    assert tempfile.tempdir == str(private)
+
+
+def test_a_conversion_leaves_nothing_in_the_temp_folder(source: Path, tmp_path: Path) -> None:
+    """A whole `bridgegen import` and `export` (their own processes, TMPDIR a fresh folder)
+    leave the temp folder as they found it: no process-group store, no stray file."""
+    private = tmp_path / "temp"
+    private.mkdir()
+    env = {**os.environ, "TMPDIR": str(private)}
+    for argv in (
+        ["import", "--hf", str(source), "--out", str(tmp_path / "megatron")],
+        ["export", "--megatron", str(tmp_path / "megatron"), "--out", str(tmp_path / "hf")],
+    ):
+        done = subprocess.run([sys.executable, "-m", "bridgegen", *argv], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in private.iterdir()) == []
+    # Killed while writing: its temp folder beside --out stays (the next run removes it), the
+    # temp folder holds nothing of it either.
+    import time
+
+    killed = subprocess.Popen(
+        [sys.executable, "-m", "bridgegen", "import", "--hf", str(source), "--out", str(tmp_path / "killed")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".killed.tmp-*")) and time.monotonic() < deadline and killed.poll() is None:
+        time.sleep(0.05)
+    killed.kill()
+    killed.wait()
+    assert sorted(p.name for p in private.iterdir()) == []
 
 
 def test_outputs_are_made_with_the_users_umask(source: Path, tmp_path: Path) -> None:

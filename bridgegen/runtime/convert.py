@@ -6,7 +6,6 @@ import dataclasses
 import itertools
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,9 +62,8 @@ def ensure_model_parallel(
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         else:
-            store = tempfile.NamedTemporaryFile(prefix="bridgegen-pg-", delete=False)
-            store.close()
-            dist.init_process_group("gloo", init_method=f"file://{store.name}", rank=0, world_size=1)
+            # One process: an in-memory store (a file store would be left in the temp folder).
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # type: ignore[attr-defined]
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_parallel_size, pipeline_parallel_size, **kwargs)
 
