@@ -73,14 +73,20 @@ def import_on_rank(args: argparse.Namespace) -> None:
         # A dist checkpoint is layout-free: no model is needed, only megatron-core's keys. Under
         # torchrun or --workers, each process writes its share.
         stats = stream_import(
-            bridge, args.hf, args.out, dtype=dtype, overwrite=args.overwrite, progress=_rank() == 0
+            bridge,
+            args.hf,
+            args.out,
+            dtype=dtype,
+            overwrite=args.overwrite,
+            progress=_rank() == 0,
+            allow_lossy_casts=args.dtype is not None,
         )
         _say(
             f"rank 0 read {stats.bytes_requested / 2**20:.1f} MiB for {stats.tensors} tensors, no model built"
         )
     else:
         chunks = build_chunks(bridge, _layout(args), dtype)
-        stats = load_hf(bridge, chunks, args.hf, progress=True)
+        stats = load_hf(bridge, chunks, args.hf, progress=True, allow_lossy_casts=args.dtype is not None)
         _say(f"rank 0 read {stats.bytes_requested / 2**20:.1f} MiB for {stats.tensors} tensors")
         save_megatron(
             [c.model for c in chunks],

@@ -86,7 +86,8 @@ def assert_refused(
         code = exc.code if isinstance(exc.code, int) else 1
     err = capsys.readouterr().err
     assert code != 0, f"exit 0 for {argv}"
-    lines = [line for line in err.splitlines() if line.strip()]
+    # What a terminal shows: a progress bar cleared with carriage returns leaves nothing.
+    lines = [shown for line in err.split("\n") if (shown := line.rsplit("\r", 1)[-1].strip())]
     assert len(lines) == 1, f"expected one error line, got:\n{err}"
     assert re.match(rf"^bridgegen {command}: (rank \d+: )?error: ", lines[0]), lines[0]
     assert re.search(match, lines[0]), f"{match!r} not in {lines[0]!r}"
@@ -548,3 +549,85 @@ def test_an_error_after_the_progress_bar_started_is_the_last_thing_shown(
     assert "import:" in "\n".join(screen[:-1]), "the bar was drawn while the work ran"
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def with_tensor(hf: Path, name: str, value: torch.Tensor) -> Path:
+    """Replace HF tensor ``name`` of ``hf`` by ``value`` (its dtype kept as given)."""
+    from safetensors.torch import load_file, save_file
+
+    path = shard_of(hf, name)
+    tensors = load_file(path)
+    tensors[name] = value
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path
+
+
+def test_a_lossy_cast_happens_only_when_asked_for(
+    hf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One float64 tensor in a float32 checkpoint, with values float32 cannot hold: the model
+    takes the checkpoint's dtype (float32), so rounding it is refused unless --dtype says so."""
+    name = "model.layers.0.mlp.down_proj.weight"
+    from safetensors.torch import load_file
+
+    value = load_file(shard_of(hf, name))[name].double() + 1e-12
+    with_tensor(hf, name, value)
+    import_refused(
+        hf,
+        tmp_path,
+        capsys,
+        rf"HF '{re.escape(name)}': stored as torch.float64, \d+ value\(s\) change when cast to the model's "
+        r"torch.float32; pass --dtype",
+    )
+    assert main(["import", "--hf", str(hf), "--out", str(tmp_path / "asked"), "--dtype", "float32"]) == 0
+
+
+def test_values_exactly_representable_in_the_model_dtype_import(hf: Path, tmp_path: Path) -> None:
+    """A float64 tensor whose values are all float32 values is no loss: it imports as it is."""
+    name = "model.layers.0.mlp.down_proj.weight"
+    from safetensors.torch import load_file
+
+    with_tensor(hf, name, load_file(shard_of(hf, name))[name].double())
+    assert main(["import", "--hf", str(hf), "--out", str(tmp_path / "out")]) == 0
+
+
+def test_an_overflow_is_an_error_even_when_asked_for(
+    hf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--dtype float16 on weights of 1e5: each would become inf."""
+    name = "model.layers.1.self_attn.o_proj.weight"
+    from safetensors.torch import load_file
+
+    value = load_file(shard_of(hf, name))[name]
+    value[0, :3] = 1e5
+    with_tensor(hf, name, value)
+    out = tmp_path / "out"
+    assert_refused(
+        ["import", "--hf", str(hf), "--out", str(out), "--dtype", "float16"],
+        capsys,
+        rf"HF '{re.escape(name)}': 3 value\(s\) of this torch.float32 tensor overflow to inf in torch.float16 "
+        r"\(largest magnitude 100000\)",
+        inputs=[hf],
+        out=out,
+    )
+
+
+def test_an_export_that_would_overflow_is_refused(
+    hf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = "model.layers.1.self_attn.o_proj.weight"
+    from safetensors.torch import load_file
+
+    value = load_file(shard_of(hf, name))[name]
+    value[1, 0] = -7e4
+    with_tensor(hf, name, value)
+    megatron = tmp_path / "megatron"
+    assert main(["import", "--hf", str(hf), "--out", str(megatron)]) == 0
+    out = tmp_path / "exported"
+    assert_refused(
+        ["export", "--megatron", str(megatron), "--out", str(out), "--dtype", "float16"],
+        capsys,
+        rf"HF '{re.escape(name)}': 1 value\(s\) of this torch.float32 tensor overflow to inf in torch.float16",
+        inputs=[hf, megatron],
+        out=out,
+    )

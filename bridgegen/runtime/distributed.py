@@ -125,13 +125,20 @@ def build_chunks(
 
 
 def load_hf(
-    bridge: ModelBridge, chunks: list[ModelChunk], hf_dir: str | os.PathLike[str], *, progress: bool = False
+    bridge: ModelBridge,
+    chunks: list[ModelChunk],
+    hf_dir: str | os.PathLike[str],
+    *,
+    progress: bool = False,
+    allow_lossy_casts: bool = True,
 ) -> LoadStats:
     """Fill this rank's chunks from an HF folder, reading only this rank's slices. Every rank
-    checks that the checkpoint holds no tensor that no rank needs."""
+    checks that the checkpoint holds no tensor that no rank needs. Without
+    ``allow_lossy_casts`` a source tensor the model's dtype cannot hold exactly is an error."""
     from megatron.core import parallel_state
 
     checkpoint = Checkpoint.open(hf_dir)
+    checkpoint.allow_lossy_casts = allow_lossy_casts
     weight_map = bridge.weight_map()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()

@@ -154,6 +154,9 @@ class Checkpoint:
     # drop a tensor's pages from the page cache once it is copied, leaving the cache, and the
     # memory its writes need, to the output.
     read_once: bool = False
+    # Whether a source may be cast to the model's dtype with a loss (the dtype was asked for);
+    # an overflow to inf is an error either way.
+    allow_lossy_casts: bool = True
 
     @staticmethod
     def open(folder: str | os.PathLike[str]) -> Checkpoint:

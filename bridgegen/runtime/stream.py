@@ -317,10 +317,12 @@ def stream_import(
     dtype: torch.dtype,
     overwrite: bool = False,
     progress: bool = False,
+    allow_lossy_casts: bool = True,
 ) -> LoadStats:
     """HF folder -> Megatron-LM style checkpoint (``megatron_checkpoint.save_megatron``'s
     layout), without a model in memory. Under torch.distributed every rank calls this and
-    writes about 1/N of the bytes (its own ``__R_0.distcp``)."""
+    writes about 1/N of the bytes (its own ``__R_0.distcp``). Without ``allow_lossy_casts`` a
+    source tensor that ``dtype`` cannot hold exactly is an error."""
     from bridgegen.runtime.megatron_checkpoint import save_megatron
 
     return_freed_buffers_to_the_system()
@@ -328,6 +330,7 @@ def stream_import(
     checkpoint = Checkpoint.open(hf_dir)
     # Each tensor is read whole, by one process, once: its pages leave the page cache after.
     checkpoint.read_once = True
+    checkpoint.allow_lossy_casts = allow_lossy_casts
     producer = TensorProducer(bridge, model, checkpoint)
     producer.check_sources()
     import torch.distributed as dist

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from bridgegen.runtime.errors import WeightError
-from bridgegen.runtime.fp8 import scale_name
+from bridgegen.runtime.fp8 import FP8_DTYPES, scale_name
 from bridgegen.runtime.plan import TensorPlan, WeightMap, plan_tensor, plan_tensors
 from bridgegen.runtime.safetensors_io import Checkpoint
 from bridgegen.runtime.transforms import load_shard, split_full
@@ -91,6 +91,30 @@ def check_sources(
             raise WeightError(f"{checkpoint.folder}: {exc} (loading Megatron {entry.megatron_name!r})") from None
 
 
+def check_cast(value: torch.Tensor, dtype: torch.dtype, allow_lossy: bool, what: str) -> None:
+    """A cast of ``value`` to ``dtype`` may not overflow (a finite value becoming inf), and
+    unless ``allow_lossy`` must give back every value exactly."""
+    if value.is_meta or value.dtype == dtype or not value.dtype.is_floating_point or not dtype.is_floating_point:
+        return
+    cast = value.to(dtype)
+    overflowed = int(torch.isinf(cast).sum()) - int(torch.isinf(value).sum())
+    if overflowed > 0:
+        raise WeightError(
+            f"{what}: {overflowed} value(s) of this {value.dtype} tensor overflow to inf in {dtype} "
+            f"(largest magnitude {value.abs().max().item():g})"
+        )
+    if allow_lossy:
+        return
+    back = cast.to(value.dtype)
+    exact = (back == value) | (torch.isnan(back) & torch.isnan(value))
+    if not bool(exact.all()):
+        changed = int((~exact).sum())
+        raise WeightError(
+            f"{what}: stored as {value.dtype}, {changed} value(s) change when cast to the model's {dtype}; "
+            "pass --dtype to choose the model's dtype (a lossy cast is then what you asked for)"
+        )
+
+
 def fill_parameter(
     entry: TensorPlan,
     target: torch.Tensor,
@@ -101,6 +125,14 @@ def fill_parameter(
     into ``target``, then hand the sources' pages back."""
     hf_names = entry.hf_names
     sources = [entry.matched.select(checkpoint.source(n, fp8_block)) for n in hf_names]
+    # Dequantized FP8 weights are cast to the model's dtype by design; other sources must fit.
+    dequantized = any(checkpoint.tensors[n].dtype in FP8_DTYPES for n in hf_names)
+    allow_lossy = checkpoint.allow_lossy_casts or dequantized
+
+    def read(part: torch.Tensor) -> torch.Tensor:
+        check_cast(part, target.dtype, allow_lossy, f"HF {', '.join(repr(n) for n in hf_names)}")
+        return checkpoint.count(part)
+
     try:
         with torch.no_grad():
             load_shard(
@@ -109,7 +141,7 @@ def fill_parameter(
                 sources,
                 hf_names,
                 entry.layout,
-                checkpoint.count,
+                read,
                 entry.matched.rule.norm_offset,
             )
     except WeightError as exc:
@@ -170,7 +202,9 @@ def iter_hf_from_full(
         matched = entry.matched
         pieces = split_full(entry.kind, full.detach(), entry.layout, matched.rule.norm_offset)
         for hf_name, piece in zip(entry.hf_names, pieces, strict=True):
-            piece = piece if dtype is None else piece.to(dtype)
+            if dtype is not None:
+                check_cast(piece, dtype, True, f"HF {hf_name!r}")
+                piece = piece.to(dtype)
             if not matched.rule.hf_stacked_experts:
                 yield hf_name, piece
                 for copy in matched.hf_copies():
