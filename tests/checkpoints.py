@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -39,3 +41,17 @@ def dist_checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
     }
     load(state, storage_reader=FileSystemReader(str(folder)), no_dist=True)
     return state
+
+
+class FailingOnCall:
+    """Stands in for function ``real``: calls it, except that call number ``failing`` (from 1)
+    raises ``error``. ``calls`` counts the calls made."""
+
+    def __init__(self, real: Callable[..., Any], failing: int, error: BaseException) -> None:
+        self.real, self.failing, self.error, self.calls = real, failing, error, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls == self.failing:
+            raise self.error
+        return self.real(*args, **kwargs)

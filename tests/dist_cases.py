@@ -104,16 +104,9 @@ def fail_on_rank_1(hf_dir: str, out_dir: str, layout: dict[str, Any], when: str)
 
     if dist.get_rank() == 1:
         if when == "import":
-            real_load = weights.load_shard
-            calls = {"n": 0}
+            from checkpoints import FailingOnCall
 
-            def failing_load(*args: Any, **kwargs: Any) -> None:
-                calls["n"] += 1
-                if calls["n"] == 3:
-                    raise InjectedFailure("rank 1 fails mid-import")
-                real_load(*args, **kwargs)
-
-            weights.load_shard = failing_load  # type: ignore[assignment]
+            weights.load_shard = FailingOnCall(weights.load_shard, 3, InjectedFailure("rank 1 fails mid-import"))  # type: ignore[assignment]
         elif when == "export":
             real_store = distributed.shard_writes
             stored = {"n": 0}

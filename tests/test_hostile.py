@@ -524,18 +524,12 @@ def test_an_error_after_the_progress_bar_started_is_the_last_thing_shown(
 ) -> None:
     """The bar is cleared when the work fails, so the terminal's last line is the error, not a
     stale bar drawn again after it."""
+    from checkpoints import FailingOnCall
+
     import bridgegen.runtime.stream as stream
     from bridgegen.runtime.errors import WeightError
 
-    real = stream.fill_parameter
-    calls = {"n": 0}
-
-    def failing(*args: object, **kwargs: object) -> None:
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise WeightError("injected: the fourth tensor is unreadable")
-        real(*args, **kwargs)  # type: ignore[arg-type]
-
+    failing = FailingOnCall(stream.fill_parameter, 4, WeightError("injected: the fourth tensor is unreadable"))
     monkeypatch.setattr(stream, "fill_parameter", failing)
     out = tmp_path / "out"
     capsys.readouterr()

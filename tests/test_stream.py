@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from checkpoints import assert_bit_exact, dist_checkpoint_tensors
+from checkpoints import FailingOnCall, assert_bit_exact, dist_checkpoint_tensors
 
 from bridgegen.runtime.convert import ModelBridge
 from bridgegen.runtime.formats import dist_checkpoint
@@ -326,20 +326,12 @@ def test_a_failure_while_making_a_tensor_ahead_leaves_nothing(
     import bridgegen.runtime.stream as stream
 
     hf = dense("llama")(tmp_path / "hf")
-    real = stream.fill_parameter
-    calls = {"n": 0}
-
-    def failing(*args: Any, **kwargs: Any) -> None:
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("injected: the fifth tensor cannot be made")
-        real(*args, **kwargs)
-
+    failing = FailingOnCall(stream.fill_parameter, 5, RuntimeError("injected: the fifth tensor cannot be made"))
     monkeypatch.setattr(stream, "fill_parameter", failing)
     out = tmp_path / "megatron"
     with pytest.raises(RuntimeError, match="the fifth tensor cannot be made"):
         stream_import(ModelBridge.from_hf_dir(hf), hf, out, dtype=torch.float32)
-    assert calls["n"] == 5
+    assert failing.calls == 5
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
     assert read_ahead_threads() == []
@@ -357,20 +349,12 @@ def test_a_failure_while_reading_a_batch_ahead_leaves_nothing(
     hf = dense("llama")(tmp_path / "hf")
     megatron = tmp_path / "megatron"
     stream_import(ModelBridge.from_hf_dir(hf), hf, megatron, dtype=torch.float32)
-    real = loader._load_state_dict
-    calls = {"n": 0}
-
-    def failing(*args: Any, **kwargs: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("injected: the third batch cannot be read")
-        return real(*args, **kwargs)
-
+    failing = FailingOnCall(loader._load_state_dict, 3, RuntimeError("injected: the third batch cannot be read"))
     monkeypatch.setattr(loader, "_load_state_dict", failing)
     out = tmp_path / "exported"
     with pytest.raises(RuntimeError, match="the third batch cannot be read"):
         stream_export(megatron, out, batch_bytes=1)
-    assert calls["n"] == 3
+    assert failing.calls == 3
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "megatron"]
     assert read_ahead_threads() == []
