@@ -219,7 +219,7 @@ class TensorPlan:
 
     @property
     def nbytes(self) -> int:
-        return int(torch.Size(self.shape).numel()) * torch.empty(0, dtype=self.dtype).element_size()
+        return int(torch.Size(self.shape).numel()) * self.dtype.itemsize
 
 
 def plan_tensor(

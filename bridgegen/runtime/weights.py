@@ -91,12 +91,12 @@ def check_sources(
             raise WeightError(f"{checkpoint.folder}: {exc} (loading Megatron {entry.megatron_name!r})") from None
 
 
-def check_cast(value: torch.Tensor, dtype: torch.dtype, allow_lossy: bool, what: str) -> None:
-    """A cast of ``value`` to ``dtype`` may not overflow (a finite value becoming inf), and
+def checked_cast(value: torch.Tensor, dtype: torch.dtype, allow_lossy: bool, what: str) -> torch.Tensor:
+    """``value`` cast to ``dtype``, which may not overflow (a finite value becoming inf) and
     unless ``allow_lossy`` must give back every value exactly."""
-    if value.is_meta or value.dtype == dtype or not value.dtype.is_floating_point or not dtype.is_floating_point:
-        return
     cast = value.to(dtype)
+    if value.is_meta or value.dtype == dtype or not value.dtype.is_floating_point or not dtype.is_floating_point:
+        return cast
     overflowed = int(torch.isinf(cast).sum()) - int(torch.isinf(value).sum())
     if overflowed > 0:
         raise WeightError(
@@ -104,7 +104,7 @@ def check_cast(value: torch.Tensor, dtype: torch.dtype, allow_lossy: bool, what:
             f"(largest magnitude {value.abs().max().item():g})"
         )
     if allow_lossy:
-        return
+        return cast
     back = cast.to(value.dtype)
     exact = (back == value) | (torch.isnan(back) & torch.isnan(value))
     if not bool(exact.all()):
@@ -113,6 +113,7 @@ def check_cast(value: torch.Tensor, dtype: torch.dtype, allow_lossy: bool, what:
             f"{what}: stored as {value.dtype}, {changed} value(s) change when cast to the model's {dtype}; "
             "pass --dtype to choose the model's dtype (a lossy cast is then what you asked for)"
         )
+    return cast
 
 
 def fill_parameter(
@@ -128,9 +129,11 @@ def fill_parameter(
     # Dequantized FP8 weights are cast to the model's dtype by design; other sources must fit.
     dequantized = any(checkpoint.tensors[n].dtype in FP8_DTYPES for n in hf_names)
     allow_lossy = checkpoint.allow_lossy_casts or dequantized
+    what = f"HF {', '.join(repr(n) for n in hf_names)}"
 
     def read(part: torch.Tensor) -> torch.Tensor:
-        check_cast(part, target.dtype, allow_lossy, f"HF {', '.join(repr(n) for n in hf_names)}")
+        if part.dtype != target.dtype:  # checked only; the transform casts as it copies
+            checked_cast(part, target.dtype, allow_lossy, what)
         return checkpoint.count(part)
 
     try:
@@ -203,8 +206,7 @@ def iter_hf_from_full(
         pieces = split_full(entry.kind, full.detach(), entry.layout, matched.rule.norm_offset)
         for hf_name, piece in zip(entry.hf_names, pieces, strict=True):
             if dtype is not None:
-                check_cast(piece, dtype, True, f"HF {hf_name!r}")
-                piece = piece.to(dtype)
+                piece = checked_cast(piece, dtype, True, f"HF {hf_name!r}")
             if not matched.rule.hf_stacked_experts:
                 yield hf_name, piece
                 for copy in matched.hf_copies():
