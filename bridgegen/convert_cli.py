@@ -263,30 +263,66 @@ def _dispatch(name: str) -> Any:
         if problem is not None:
             print(f"bridgegen {name}: error: {problem}", file=sys.stderr)
             return 2
-        world = ranks_for(args)
-        if "WORLD_SIZE" in os.environ or world == 1:
-            result = run_command(name, args)
-            return 1 if result is False else 0
-        from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException
+        from bridgegen.runtime.supervise import Stopped, signals_as_stops, watching
 
-        from bridgegen.runtime.launch import run_on_ranks
-
-        plain = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "func"})
+        out = getattr(args, "out", None)
+        before = _identity(out)
         try:
-            results = run_on_ranks(run_command, world, name, plain)
-        except (ProcessExitedException, ProcessRaisedException) as exc:
-            from bridgegen.runtime.folders import remove_partial_outputs
+            with signals_as_stops(), watching(out):
+                return _run_here_or_on_ranks(name, args)
+        except Stopped as exc:
+            if out is not None:
+                from bridgegen.runtime.folders import remove_partial_outputs
 
-            if getattr(args, "out", None):
-                remove_partial_outputs(args.out)
+                remove_partial_outputs(out, own=True)
+            written = out is not None and _identity(out) not in (None, before)
+            # From the start of the line: a rank ended mid-bar leaves its progress bar unfinished.
             print(
-                f"bridgegen {name}: failed on a rank ({exc.__class__.__name__}); all ranks stopped",
+                f"\rbridgegen {name}: error: {exc}" + (f" after {out} was written" if written else ""),
                 file=sys.stderr,
             )
-            return 2
-        return 1 if any(r is False for r in results) else 0
+            return exc.exit_code
 
     return run
+
+
+def _identity(folder: str | None) -> tuple[int, int] | None:
+    """Which folder ``folder`` is now (device, inode), or None if there is none."""
+    if folder is None:
+        return None
+    try:
+        found = os.stat(folder)
+    except FileNotFoundError:
+        return None
+    return (found.st_dev, found.st_ino)
+
+
+def _run_here_or_on_ranks(name: str, args: argparse.Namespace) -> int:
+    """Run the command in this process (one rank, or a rank torchrun started), or on the local
+    processes its layout needs; a rank's failure or a stop ends them all, and the temp folders
+    the ended ranks leave beside --out are removed."""
+    world = ranks_for(args)
+    if "WORLD_SIZE" in os.environ or world == 1:
+        result = run_command(name, args)
+        return 1 if result is False else 0
+    from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException
+
+    from bridgegen.runtime.folders import remove_partial_outputs
+    from bridgegen.runtime.launch import run_on_ranks
+
+    plain = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "func"})
+    try:
+        results = run_on_ranks(run_command, world, name, plain)
+    except (ProcessExitedException, ProcessRaisedException) as exc:
+        print(
+            f"bridgegen {name}: failed on a rank ({exc.__class__.__name__}); all ranks stopped",
+            file=sys.stderr,
+        )
+        return 2
+    finally:
+        if getattr(args, "out", None):
+            remove_partial_outputs(args.out)
+    return 1 if any(r is False for r in results) else 0
 
 
 def _add_layout(p: argparse.ArgumentParser) -> None:

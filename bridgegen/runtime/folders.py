@@ -39,14 +39,19 @@ def _umask() -> int:
     return mask
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """The process exists and is not a zombie (ended, not yet reaped by its parent)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True  # another user's process
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc here: it exists
+    return state not in ("Z", "X")
 
 
 def _owner(target: Path, entry: str) -> int | None:
@@ -60,18 +65,30 @@ def _owner(target: Path, entry: str) -> int | None:
     return None
 
 
-def remove_partial_outputs(out_dir: str | os.PathLike[str]) -> list[str]:
+def leftovers_of(out_dir: str | os.PathLike[str]) -> list[tuple[Path, int]]:
+    """The temp / trash folders of runs writing ``out_dir``, with the process owning each:
+    found by exact name beside it, never by pattern."""
+    target = Path(out_dir)
+    if not target.parent.is_dir():
+        return []
+    found = []
+    for entry in target.parent.iterdir():
+        pid = _owner(target, entry.name)
+        if pid is not None and entry.is_dir() and not entry.is_symlink():
+            found.append((entry, pid))
+    return sorted(found)
+
+
+def remove_partial_outputs(out_dir: str | os.PathLike[str], *, own: bool = False) -> list[str]:
     """Remove the temp folders that runs writing ``out_dir`` left beside it when they were
     killed: only folders whose name is exactly ours for that target and whose process is gone
-    (another run still writing the same target keeps its folder)."""
-    target = Path(out_dir)
+    (another run still writing the same target keeps its folder); with ``own``, also this
+    process's (a stopped run's last word)."""
     removed = []
-    if target.parent.is_dir():
-        for entry in target.parent.iterdir():
-            pid = _owner(target, entry.name)
-            if pid is not None and entry.is_dir() and not entry.is_symlink() and not _alive(pid):
-                shutil.rmtree(entry, ignore_errors=True)
-                removed.append(entry.name)
+    for entry, pid in leftovers_of(out_dir):
+        if not process_alive(pid) or (own and pid == os.getpid()):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
     return sorted(removed)
 
 

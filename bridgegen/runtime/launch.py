@@ -11,12 +11,21 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
-from torch.multiprocessing.spawn import spawn
+from torch.multiprocessing.spawn import start_processes
+
+from bridgegen.runtime.supervise import current_watcher, die_with_parent, end_processes
 
 
 def _entry(
-    rank: int, fn: Callable[..., Any], world_size: int, init_file: str, result_dir: str, args: tuple[Any, ...]
+    rank: int,
+    fn: Callable[..., Any],
+    world_size: int,
+    init_file: str,
+    result_dir: str,
+    parent_pid: int,
+    args: tuple[Any, ...],
 ) -> None:
+    die_with_parent(parent_pid)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
@@ -30,16 +39,37 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> list[An
     """Call ``fn(*args)`` on ``world_size`` spawned processes; returns each rank's result.
 
     ``fn`` must be importable (a module-level function). If any rank raises, the others are
-    stopped and the error is raised here (torch.multiprocessing.ProcessRaisedException).
+    stopped and the error is raised here (torch.multiprocessing.ProcessRaisedException). If
+    this process is interrupted (``supervise.Stopped``, KeyboardInterrupt, any error), every
+    rank is ended before the exception leaves; a rank dies with this process if it is killed.
     """
     with tempfile.TemporaryDirectory(prefix="bridgegen-ranks-") as scratch:
+        watcher = current_watcher()
+        if watcher is not None:
+            watcher.remove(scratch)
         init_file = str(Path(scratch) / "store")
         # torch's spawn leaves a failed process's traceback file (pytorch-errorfile-*) in the
         # system temp folder; made in this run's folder instead, it goes with it.
         system_temp = tempfile.tempdir
         tempfile.tempdir = scratch
         try:
-            spawn(_entry, args=(fn, world_size, init_file, scratch, args), nprocs=world_size, join=True)  # type: ignore[no-untyped-call]
+            context = start_processes(  # type: ignore[no-untyped-call]
+                _entry,
+                args=(fn, world_size, init_file, scratch, os.getpid(), args),
+                nprocs=world_size,
+                join=False,
+                start_method="spawn",
+            )
         finally:
             tempfile.tempdir = system_temp
+        try:
+            # With a timeout: a signal caught by another thread of this process runs its Python
+            # handler only when the main thread next runs Python code.
+            while not context.join(timeout=0.2, grace_period=3.0):
+                pass
+        except BaseException:
+            end_processes([process.pid for process in context.processes if process.pid is not None])
+            for process in context.processes:
+                process.join()
+            raise
         return [pickle.loads(Path(scratch, f"{rank}.pkl").read_bytes()) for rank in range(world_size)]

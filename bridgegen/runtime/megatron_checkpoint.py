@@ -17,10 +17,13 @@ any other: dist_checkpointing stores tensors by global key and offsets.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +61,52 @@ def sharded_state_dict(models: list[Any], per_layer_keys: bool = False) -> dict[
     return {f"model{i}": model.sharded_state_dict(metadata=dict(metadata)) for i, model in enumerate(models)}
 
 
+@contextmanager
+def first_error_of_torch_checkpoint() -> Iterator[None]:
+    """Raise the error a torch distributed-checkpoint call failed with (ours: a missing source,
+    a failed read), not the CheckpointException that wraps it with a page of traceback."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as exc:
+        for failure in exc.failures.values():
+            if isinstance(failure, tuple) and failure and isinstance(failure[0], Exception):
+                raise failure[0] from None
+        raise
+
+
+@functools.cache
+def in_process_save_strategy() -> Any:
+    """The class of ``InProcessSaveStrategy``, made once, when megatron-core is first needed."""
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+    class InProcessSaveStrategy(TorchDistSaveShardedStrategy):  # type: ignore[misc]
+        """megatron-core's torch_dist format, written by torch's synchronous FileSystemWriter in
+        the calling thread, one file per rank. megatron-core's own writer starts a Manager and a
+        writer process per rank, which outlive a rank that is killed."""
+
+        planner_class: Any = MCoreSavePlanner
+
+        def save(self, sharded_state_dict: Any, checkpoint_dir: Any) -> None:
+            state, _, _ = _replace_state_dict_keys_with_sharded_keys(
+                sharded_state_dict, self.keep_only_main_replica
+            )
+            writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1)
+            planner = self.planner_class(flatten_state_dict=False, can_run_decentralized_global_plan=False)
+            with first_error_of_torch_checkpoint():
+                dcp_save(mcore_to_pyt_state_dict(state, False), storage_writer=writer, planner=planner)
+
+    return InProcessSaveStrategy
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -84,7 +133,6 @@ def save_megatron(
     ``sharded_strategy`` replaces megatron-core's writer (``stream.lazy_save_strategy``);
     ``assign`` may mark which rank writes which tensor (``stream.share_the_writing``)."""
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
     from bridgegen.runtime.convert import ensure_model_parallel
     from bridgegen.runtime.cpu_support import enable_cpu_execution
@@ -94,13 +142,13 @@ def save_megatron(
     ensure_model_parallel()
     chunks = models if isinstance(models, list) else [models]
     target = Path(out_dir)
-    tmp = shared_temp_dir(target, overwrite)
     lm_args = bridge.megatron_lm_arguments(
         dtype,
         tokenizer_model=str(target.resolve() / SIDE_FILES_DIR)
         if _tokenizer_files(Path(hf_source) if hf_source is not None else None)
         else None,
     )
+    tmp = shared_temp_dir(target, overwrite)
     try:
         folder = tmp / megatron_lm.RELEASE
         state = sharded_state_dict(chunks)
@@ -111,7 +159,7 @@ def save_megatron(
             checkpoint_version=megatron_lm.CHECKPOINT_VERSION,
             iteration=0,
         )
-        strategy = sharded_strategy or TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
+        strategy = sharded_strategy or in_process_save_strategy()("torch_dist", 1, thread_count=1)
         if _rank() == 0:
             folder.mkdir()
         if dist.is_initialized():

@@ -13,8 +13,14 @@ def progress_bar(enabled: bool, total: int, what: str) -> Iterator[Callable[[int
     if not enabled:
         yield None
         return
+    import threading
+
     from tqdm import tqdm
 
+    # tqdm's default lock includes a multiprocessing semaphore, which a rank killed while a bar
+    # is open leaks (the resource tracker then prints a warning after the run); the bars of one
+    # process need a thread lock only.
+    tqdm.set_lock(threading.RLock())
     bar = tqdm(total=total, desc=what, unit="tensor")
     try:
         yield bar.update

@@ -12,9 +12,8 @@ with the common state and ``metadata.json`` written by megatron-core as for any 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 from bridgegen.runtime.convert import ModelBridge
 from bridgegen.runtime.errors import WeightError
 from bridgegen.runtime.fp8 import block_size
+from bridgegen.runtime.megatron_checkpoint import first_error_of_torch_checkpoint
 from bridgegen.runtime.plan import plan_tensors
 from bridgegen.runtime.progress import progress_bar
 from bridgegen.runtime.safetensors_io import Checkpoint
@@ -191,21 +191,6 @@ class TensorProducer:
         return own_storage(piece.of(self.parameter(piece.name)).reshape(size))
 
 
-@contextmanager
-def first_error_of_torch_checkpoint() -> Iterator[None]:
-    """Raise the error a torch distributed-checkpoint call failed with (ours: a missing source,
-    a failed read), not the CheckpointException that wraps it with a page of traceback."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    try:
-        yield
-    except CheckpointException as exc:
-        for failure in exc.failures.values():
-            if isinstance(failure, tuple) and failure and isinstance(failure[0], Exception):
-                raise failure[0] from None
-        raise
-
-
 def own_storage(view: torch.Tensor) -> torch.Tensor:
     """A contiguous view with a storage of its own bytes only, sharing the memory: the writer
     would otherwise copy a piece of a larger parameter (a fused fc1 half) before saving it."""
@@ -217,18 +202,13 @@ def own_storage(view: torch.Tensor) -> torch.Tensor:
 
 
 def lazy_save_strategy(producer: TensorProducer) -> Any:
-    """A megatron-core torch_dist save strategy whose tensors are made when written: torch's
-    synchronous FileSystemWriter with one thread calls the planner's ``resolve_data`` item by
-    item (megatron-core's own async writer would resolve every tensor first)."""
-    from megatron.core.dist_checkpointing.strategies.torch import (
-        MCoreSavePlanner,
-        TorchDistSaveShardedStrategy,
-        _replace_state_dict_keys_with_sharded_keys,
-        mcore_to_pyt_state_dict,
-    )
-    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+    """The in-process torch_dist save strategy with tensors made when written: torch's
+    synchronous FileSystemWriter calls the planner's ``resolve_data`` item by item (megatron-core's
+    own writer would resolve every tensor first)."""
+    from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
     from torch.distributed.checkpoint.planner import WriteItemType
-    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+    from bridgegen.runtime.megatron_checkpoint import in_process_save_strategy
 
     class LazyPlanner(MCoreSavePlanner):  # type: ignore[misc]
         def finish_plan(self, new_plan: Any) -> Any:
@@ -252,20 +232,13 @@ def lazy_save_strategy(producer: TensorProducer) -> Any:
                 )
             return data
 
-    class LazySaveStrategy(TorchDistSaveShardedStrategy):  # type: ignore[misc]
+    class LazySaveStrategy(in_process_save_strategy()):  # type: ignore[misc]
+        planner_class = LazyPlanner
+
         def save(self, sharded_state_dict: Any, checkpoint_dir: Any) -> None:
             producer.register(sharded_state_dict)
-            state, _, _ = _replace_state_dict_keys_with_sharded_keys(
-                sharded_state_dict, self.keep_only_main_replica
-            )
-            writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1)
             try:
-                with first_error_of_torch_checkpoint():
-                    dcp_save(
-                        mcore_to_pyt_state_dict(state, False),
-                        storage_writer=writer,
-                        planner=LazyPlanner(flatten_state_dict=False, can_run_decentralized_global_plan=False),
-                    )
+                super().save(sharded_state_dict, checkpoint_dir)
             finally:
                 producer.stop_reading_ahead()
 
