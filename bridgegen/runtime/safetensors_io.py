@@ -71,7 +71,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             )
         try:
             header = json.loads(handle.read(header_len), object_pairs_hook=_no_duplicate_keys)
-        except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as exc:
+            # RecursionError: JSON nested a few thousand levels deep, which no header needs.
             raise WeightError(f"{path}: corrupt safetensors header: {exc}") from None
     if not isinstance(header, dict):
         raise WeightError(f"{path}: corrupt safetensors header (not a JSON object)")

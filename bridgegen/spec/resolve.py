@@ -7,6 +7,7 @@ collected; one bad spec never hides the errors of another.
 
 from __future__ import annotations
 
+import bisect
 import difflib
 import re
 from collections.abc import Iterable
@@ -24,8 +25,14 @@ from bridgegen.spec.loader import FieldPath, LoadedSpec
 from bridgegen.spec.megatron_fields import config_fields
 from bridgegen.spec.models import SpecFile
 
-PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
+# Anything between braces is a placeholder, so that a misspelt one ({Layer}, {0}) is an error
+# rather than literal text in a tensor name that no checkpoint ever has.
+PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 KNOWN_PLACEHOLDERS = frozenset({"layer", "expert"})
+# hf_copies may also number the multi-token prediction layers each copy is written for.
+COPY_PLACEHOLDERS = KNOWN_PLACEHOLDERS | {"mtp_layer"}
+# "Did you mean" suggestions per spec; see claim_megatron.
+MAX_SUGGESTIONS = 20
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,40 @@ class ResolvedSpec:
     hf_aliases: tuple[tuple[str, tuple[str, ...]], ...]
 
 
+def placeholders_of(template: str) -> frozenset[str]:
+    return frozenset(PLACEHOLDER.findall(template))
+
+
+def placeholder_problems(
+    template: str, known: frozenset[str], reported: frozenset[str] = frozenset()
+) -> list[str]:
+    """What is wrong with the placeholders of a tensor name template: a brace outside a
+    ``{name}`` pair, or names not in ``known`` (nor in ``reported``: unknown names of the
+    weight's Megatron name, already reported there)."""
+    outside = PLACEHOLDER.sub("", template)
+    if "{" in outside or "}" in outside:
+        return [f"unbalanced brace in {template!r}; a placeholder is written {{name}}"]
+    listed = ", ".join(f"{{{name}}}" for name in sorted(known))
+    return [
+        f"unknown placeholder {{{name}}} in {template!r}; known: {listed}"
+        for name in sorted(placeholders_of(template) - known - reported)
+    ]
+
+
+def _first_carried_clash(carried: str, prefix: str, sorted_names: list[str]) -> str | None:
+    """The first of ``sorted_names`` that ``carried`` would carry once ``prefix`` is put in
+    front of it. Bisection keeps checking every carried prefix against every tensor n log n."""
+    if prefix.startswith(carried):
+        return sorted_names[0] if sorted_names else None
+    if not carried.startswith(prefix):
+        return None
+    rest = carried[len(prefix) :]
+    index = bisect.bisect_left(sorted_names, rest)
+    if index < len(sorted_names) and sorted_names[index].startswith(rest):
+        return sorted_names[index]
+    return None
+
+
 def class_name_for(family: str) -> str:
     return "".join(part.capitalize() for part in re.split(r"[_\-]", family) if part) + "Bridge"
 
@@ -143,15 +184,12 @@ def validate_file(loaded: LoadedSpec) -> tuple[SpecFile | None, list[SpecError]]
             errors.setdefault(key, loaded.error(path, message))
         # A union field reports one error per member; keep one per field path, and drop an
         # error on a path when a deeper one explains it (a bad item of a list-or-string field).
+        # Collecting every proper prefix once keeps this linear in the number of errors.
         by_path: dict[FieldPath, SpecError] = {}
         for (path, _), err in errors.items():
             by_path.setdefault(path, err)
-        paths = list(by_path)
-        return None, [
-            err
-            for path, err in by_path.items()
-            if not any(len(o) > len(path) and o[: len(path)] == path for o in paths)
-        ]
+        explained = {path[:cut] for path in by_path for cut in range(len(path))}
+        return None, [err for path, err in by_path.items() if path not in explained]
 
 
 # ---------------------------------------------------------------- merging (extends)
@@ -334,13 +372,18 @@ def _resolve_one(
 
     # Megatron side: every field has exactly one source.
     megatron_source: dict[str, _Origin] = {}
+    unknown_megatron: set[str] = set()
 
     def claim_megatron(name: str, origin: _Origin) -> None:
         if name not in megatron_known:
+            unknown_megatron.add(name)
+            # difflib takes about a millisecond per name: a spec naming thousands of unknown
+            # fields gets suggestions for the first few only.
+            hint = _suggest(name, megatron_known) if len(unknown_megatron) <= MAX_SUGGESTIONS else ""
             errors.append(
                 origin.error(
                     f"unknown Megatron field {name!r} (not a {'MLA' if model == 'mla' else ''}TransformerConfig field "
-                    f"nor a model setting){_suggest(name, megatron_known)}"
+                    f"nor a model setting){hint}"
                 )
             )
         if name in megatron_source:
@@ -478,25 +521,34 @@ def _resolve_one(
                     f"kind {weight.kind.value!r} takes {expected} HF tensor(s), got {len(hf_names)}", ("hf",)
                 )
             )
-        placeholders = set(PLACEHOLDER.findall(megatron_name))
-        for unknown in sorted(placeholders - KNOWN_PLACEHOLDERS):
-            errors.append(
-                origin.error(
-                    f"unknown placeholder {{{unknown}}} in {megatron_name!r}; known: {{expert}}, {{layer}}"
-                )
-            )
+        placeholders = placeholders_of(megatron_name)
         templates = [(name, "hf") for name in hf_names]
         if weight.te_megatron:
             templates.append((weight.te_megatron, "te_megatron"))
+        problems: list[tuple[str, FieldPath]] = [
+            (problem, ()) for problem in placeholder_problems(megatron_name, KNOWN_PLACEHOLDERS)
+        ]
+        problems += [
+            (problem, (key,))
+            for template, key in templates
+            for problem in placeholder_problems(template, KNOWN_PLACEHOLDERS, placeholders)
+        ]
+        problems += [
+            (problem, ("hf_copies", index))
+            for index, copy in enumerate(weight.hf_copies)
+            for problem in placeholder_problems(copy, COPY_PLACEHOLDERS, placeholders)
+        ]
+        errors += [origin.error(problem, suffix) for problem, suffix in problems]
         if weight.hf_stacked_experts and "expert" not in placeholders:
             errors.append(
                 origin.error(
                     f"hf_stacked_experts needs {{expert}} in {megatron_name!r}", ("hf_stacked_experts",)
                 )
             )
-        for template, key in templates:
+        # Comparing placeholder sets only means something once every template's are well formed.
+        for template, key in templates if not problems else []:
             wanted = placeholders - {"expert"} if weight.hf_stacked_experts and key == "hf" else placeholders
-            if set(PLACEHOLDER.findall(template)) != wanted:
+            if placeholders_of(template) != wanted:
                 errors.append(
                     origin.error(f"{template!r} must use the same placeholders as {megatron_name!r}", (key,))
                 )
@@ -508,7 +560,7 @@ def _resolve_one(
                         ("hf_copies", index),
                     )
                 )
-            elif set(PLACEHOLDER.findall(copy)) - {"mtp_layer"} != placeholders:
+            elif not problems and placeholders_of(copy) - {"mtp_layer"} != placeholders:
                 errors.append(
                     origin.error(
                         f"{copy!r} must use the placeholders of {megatron_name!r}, and may add {{mtp_layer}}",
@@ -545,9 +597,12 @@ def _resolve_one(
                     origin.error(f"HF tensor {hf_name!r} is also mapped by {seen_hf[hf_name]!r}", ("hf",))
                 )
             seen_hf.setdefault(hf_name, weight.megatron_name)
+    for name, origin in sorted(merged.hf_ignore.items()):
+        errors += [origin.error(problem) for problem in placeholder_problems(name, KNOWN_PLACEHOLDERS)]
+    sorted_hf = sorted(seen_hf)
     for architecture, wrapper in spec.wrappers.items():
         for index, carried in enumerate(wrapper.carried_weights):
-            clash = next((n for n in seen_hf if (wrapper.weight_prefix + n).startswith(carried)), None)
+            clash = _first_carried_clash(carried, wrapper.weight_prefix, sorted_hf)
             if clash is not None:
                 errors.append(
                     loaded.error(
