@@ -519,6 +519,26 @@ def test_a_tied_config_with_an_output_layer_equal_to_the_embedding_imports(hf: P
     assert main(["import", "--hf", str(hf), "--out", str(tmp_path / "out")]) == 0
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("tie_word_embeddings", "false", "bool, got str"),
+        ("rms_norm_eps", "1e-6", "float, got str"),
+        ("num_hidden_layers", 2.0, "int, got float"),
+        ("attention_bias", 1, "bool, got int"),
+    ],
+)
+def test_a_config_value_of_the_wrong_type_is_refused(
+    field: str, value: object, expected: str, hf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A value transformers' config class refuses (``"false"`` is a true string; ``"1e-6"``
+    would be carried into the exported config.json, which transformers then refuses to load)
+    is refused before anything is read, naming the file, the field and the types."""
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps(config | {field: value}))
+    import_refused(hf, tmp_path, capsys, rf"config\.json: Field '{field}' expected {expected} .*LlamaConfig")
+
+
 def test_an_error_after_the_progress_bar_started_is_the_last_thing_shown(
     source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -11,6 +11,7 @@ from bridgegen.runtime.config import (
     HF_VOLATILE_FIELDS,
     HFConfigReader,
     MegatronConfig,
+    check_with_transformers,
     drop_path,
     get_path,
     normalize_hf_config,
@@ -110,6 +111,8 @@ class Bridge:
                 passthrough,
                 name if root is None or name in ("architectures", "model_type") else f"{root}.{name}",
             )
+        # Our own checks first (their messages are the more specific), then transformers'.
+        check_with_transformers(hf_config, source)
         return MegatronConfig(
             family=cls.family,
             megatron_model=cls.megatron_model,
@@ -143,4 +146,5 @@ class Bridge:
             )
         set_path(fields, cls.activation_field, hf_activation)
         fields.update(config.rope.to_hf())
+        check_with_transformers(out, f"the {cls.family} config written on export")
         return dict(sorted(out.items()))

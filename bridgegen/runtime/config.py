@@ -70,6 +70,37 @@ def normalize_hf_config(data: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def check_with_transformers(data: Mapping[str, Any], source: str) -> None:
+    """Refuse a config whose values transformers' own config class for its ``model_type``
+    refuses: a field of the wrong type (``tie_word_embeddings: "false"``, ``rms_norm_eps:
+    "1e-6"``, ``hidden_size: 64.0``), a value out of its range, an incomplete RoPE block.
+    transformers 5 config classes check every declared field's type (strict dataclasses); with
+    a transformers that does not, or that does not know the model type, only our own checks run.
+    """
+    model_type = data.get("model_type")
+    if not isinstance(model_type, str):
+        return
+    from huggingface_hub.errors import StrictDataclassFieldValidationError
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.utils import logging as hf_logging
+
+    if model_type not in CONFIG_MAPPING:
+        return  # a model type this transformers does not know
+    config_class = CONFIG_MAPPING[model_type]
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its notices about legacy values are not errors
+    try:
+        # A copy: the config class completes nested dicts (rope_scaling) in place.
+        config_class(**{key: copy.deepcopy(value) for key, value in data.items() if key != "model_type"})
+    except StrictDataclassFieldValidationError as exc:
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        raise ConfigError(f"{source}: {cause} (refused by transformers' {config_class.__name__})") from None
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"{source}: {exc} (refused by transformers' {config_class.__name__})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def get_path(data: Mapping[str, Any], path: str, default: Any = _MISSING) -> Any:
     node: Any = data
     for part in path.split("."):
