@@ -88,7 +88,7 @@ def check_with_transformers(data: Mapping[str, Any], source: str) -> None:
         return  # a model type this transformers does not know
     config_class = CONFIG_MAPPING[model_type]
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its notices about legacy values are not errors
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # its notices about legacy values are not errors
     try:
         # A copy: the config class completes nested dicts (rope_scaling) in place.
         config_class(**{key: copy.deepcopy(value) for key, value in data.items() if key != "model_type"})
