@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bridgegen.runtime.errors import BridgeError
+from bridgegen.runtime.errors import BridgeError, BridgeWarning
 
 
 def _layout(args: argparse.Namespace) -> Any:
@@ -193,15 +193,37 @@ def quiet_third_party() -> None:
         logging.getLogger(logger).setLevel(logging.ERROR)
 
 
-def run_command(name: str, args: argparse.Namespace) -> Any:
-    """One rank's work, with any conversion error printed as ``rank N: error: ...``."""
+def run_command(name: str, args: argparse.Namespace, report: bool = True) -> Any:
+    """One rank's work, with any conversion error printed as ``rank N: error: ...`` (or, not
+    ``report``, raised for the process that started the local ranks to report once)."""
+    import warnings
+
     quiet_third_party()
     command = {"import": import_on_rank, "export": export_on_rank, "verify": verify_on_rank}[name]
-    try:
-        return command(args)
-    except BridgeError as exc:
-        print(f"bridgegen {name}: rank {_rank()}: error: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", BridgeWarning)  # one line per tensor, however many
+        warnings.showwarning = _show_our_warnings(name, warnings.showwarning)
+        try:
+            return command(args)
+        except BridgeError as exc:
+            if not report:
+                raise
+            print(f"bridgegen {name}: rank {_rank()}: error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
+
+def _show_our_warnings(name: str, others: Any) -> Any:
+    """Our own warnings as one line each, written above a running progress bar."""
+
+    def show(message: Warning | str, category: type[Warning], *rest: Any, **more: Any) -> None:
+        if not issubclass(category, BridgeWarning):
+            others(message, category, *rest, **more)
+            return
+        from tqdm import tqdm
+
+        tqdm.write(f"bridgegen {name}: rank {_rank()}: warning: {message}", file=sys.stderr)
+
+    return show
 
 
 # Numbers the conversion commands take, and the least each may be.
@@ -308,11 +330,16 @@ def _run_here_or_on_ranks(name: str, args: argparse.Namespace) -> int:
     from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException
 
     from bridgegen.runtime.folders import remove_partial_outputs
-    from bridgegen.runtime.launch import run_on_ranks
+    from bridgegen.runtime.launch import RankErrors, run_on_ranks
 
     plain = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "func"})
     try:
-        results = run_on_ranks(run_command, world, name, plain)
+        results = run_on_ranks(run_command, world, name, plain, False)
+    except RankErrors as exc:
+        # Ranks often fail alike (each reads the same corrupt item): each error is said once.
+        for message, ranks in exc.by_message().items():
+            print(f"\rbridgegen {name}: rank {ranks[0]}: error: {message}", file=sys.stderr)
+        return 2
     except (ProcessExitedException, ProcessRaisedException) as exc:
         print(
             f"bridgegen {name}: failed on a rank ({exc.__class__.__name__}); all ranks stopped",

@@ -19,12 +19,18 @@ def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_bit_exact(source: Path, exported: Path) -> None:
-    """Same tensor names, dtypes and bits."""
+    """Same tensor names, dtypes and bits (NaN payloads and the sign of zero included)."""
     a, b = tensors_of(source), tensors_of(exported)
     assert sorted(a) == sorted(b)
     for name in a:
-        assert a[name].dtype == b[name].dtype, name
-        assert torch.equal(a[name], b[name]), name
+        assert a[name].dtype == b[name].dtype, (name, a[name].dtype, b[name].dtype)
+        assert a[name].shape == b[name].shape, name
+        assert torch.equal(bits(a[name]), bits(b[name])), name
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes, compared as integers: NaN equals itself, -0.0 differs from 0.0."""
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
 
 
 def dist_checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:

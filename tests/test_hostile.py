@@ -78,7 +78,7 @@ def assert_refused(
     before = snapshot(*inputs, out)
     existed = out.exists()
     siblings = sorted(p.name for p in out.parent.iterdir()) if out.parent.exists() else []
-    children = {p.pid for p in psutil.Process().children(recursive=True)}
+    children = running_children()
     capsys.readouterr()
     try:
         code = main(argv)
@@ -98,7 +98,20 @@ def assert_refused(
         assert sorted(p.name for p in out.parent.iterdir()) == siblings, (
             "something was left beside the output"
         )
-    assert {p.pid for p in psutil.Process().children(recursive=True)} <= children, "a process was left behind"
+    assert running_children() <= children, "a process was left behind"
+
+
+def running_children() -> set[int]:
+    """This process's descendants, bar multiprocessing's resource tracker: started with the
+    first local ranks, it serves this (test) process for its lifetime and ends with it."""
+    found = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "multiprocessing.resource_tracker" not in " ".join(child.cmdline()):
+                found.add(child.pid)
+        except psutil.Error:
+            pass  # ended meanwhile
+    return found
 
 
 def import_refused(hf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], match: str) -> None:
@@ -537,6 +550,131 @@ def test_a_config_value_of_the_wrong_type_is_refused(
     config = json.loads((hf / "config.json").read_text())
     (hf / "config.json").write_text(json.dumps(config | {field: value}))
     import_refused(hf, tmp_path, capsys, rf"config\.json: Field '{field}' expected {expected} .*LlamaConfig")
+
+
+def test_an_fp32_tensor_of_a_bf16_model_keeps_its_dtype_both_ways(tmp_path: Path) -> None:
+    """DeepSeek-V3 checkpoints store the router's expert bias (e_score_correction_bias) in
+    float32 beside bfloat16 weights; megatron-core keeps it in float32 too. Neither the import
+    nor the export may round it to the model's dtype: the round trip, local ranks included, is
+    exact in values and dtypes."""
+    import test_mla
+    from checkpoints import assert_bit_exact
+    from safetensors.torch import load_file, save_file
+
+    hf, _ = test_mla.build(tmp_path / "hf", "deepseek_v3", dtype=torch.bfloat16)
+    generator = torch.Generator().manual_seed(1)
+    for path in hf.glob("*.safetensors"):
+        tensors = load_file(path)
+        biases = [name for name in tensors if name.endswith("e_score_correction_bias")]
+        for name in biases:
+            value = torch.randn(tensors[name].shape, generator=generator, dtype=torch.float32) * 0.1
+            assert not torch.equal(value.to(torch.bfloat16).float(), value)  # bf16 would round it
+            tensors[name] = value
+        if biases:
+            save_file(tensors, str(path), metadata={"format": "pt"})
+    megatron, exported, exported_tp2 = tmp_path / "megatron", tmp_path / "exported", tmp_path / "tp2"
+    assert main(["import", "--hf", str(hf), "--out", str(megatron)]) == 0
+    assert main(["export", "--megatron", str(megatron), "--out", str(exported)]) == 0
+    assert_bit_exact(hf, exported)
+    assert main(["export", "--megatron", str(megatron), "--out", str(exported_tp2), "--tp", "2"]) == 0
+    assert_bit_exact(hf, exported_tp2)
+
+
+def test_nan_and_inf_values_are_named_in_a_warning(
+    hf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """NaN and infinite weights convert as they are, but not silently: the import names the
+    Megatron tensor and its HF source, the export the HF tensor, with the counts."""
+    from safetensors.torch import load_file, save_file
+
+    name = "model.layers.1.mlp.down_proj.weight"
+    path = shard_of(hf, name)
+    tensors = load_file(path)
+    tensors[name][0, :2] = float("nan")
+    tensors[name][1, 0] = float("-inf")
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    megatron, exported = tmp_path / "megatron", tmp_path / "exported"
+    capsys.readouterr()
+    assert main(["import", "--hf", str(hf), "--out", str(megatron)]) == 0
+    warned = [line for line in capsys.readouterr().err.split("\n") if "warning" in line]
+    assert len(warned) == 1, warned
+    assert re.search(
+        rf"bridgegen import: rank 0: warning: .*Megatron 'decoder\.layers\.1\.mlp\.linear_fc2\.weight' "
+        rf"\(from HF '{re.escape(name)}'\) holds 2 NaN and 1 infinite value\(s\)",
+        warned[0],
+    ), warned[0]
+    assert main(["export", "--megatron", str(megatron), "--out", str(exported)]) == 0
+    warned = [line for line in capsys.readouterr().err.split("\n") if "warning" in line]
+    assert [line.rsplit("\r", 1)[-1] for line in warned] == [
+        f"bridgegen export: rank 0: warning: HF {name!r} holds 2 NaN and 1 infinite value(s) "
+        f"of {tensors[name].numel()}; converted as they are"
+    ]
+    from checkpoints import assert_bit_exact
+
+    assert_bit_exact(hf, exported)  # NaN == NaN bit for bit: converted as they are
+
+
+def largest_record(release: Path) -> tuple[Path, int, int]:
+    """The .distcp file, start and end of the largest record of its torch.save items, found
+    through the DCP index (item offsets) and each item's zip directory (the local headers of
+    torch's zips hold no sizes)."""
+    import io
+    import zipfile
+
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+
+    best = (Path(), 0, 0)
+    for info in FileSystemReader(str(release)).read_metadata().storage_data.values():
+        path = release / info.relative_path
+        item = path.read_bytes()[info.offset : info.offset + info.length]
+        for record in zipfile.ZipFile(io.BytesIO(item)).infolist():
+            name_length, extra_length = struct.unpack_from("<HH", item, record.header_offset + 26)
+            begin = info.offset + record.header_offset + 30 + name_length + extra_length
+            if record.compress_size > best[2] - best[1]:
+                best = (path, begin, begin + record.compress_size)
+    return best
+
+
+@pytest.mark.parametrize("layout", [[], ["--workers", "2"], ["--tp", "2"]])
+def test_a_flipped_bit_in_a_checkpoint_tensor_is_refused(
+    layout: list[str], checkpoint: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A .distcp item is a torch.save zip whose records carry CRC32s that torch's readers never
+    check: one flipped bit in a weight would export as a different model. The export (streamed,
+    on workers, or through a model at a layout) checks every record it reads and names the file,
+    the item and the record."""
+    broken = Path(shutil.copytree(checkpoint, tmp_path / "broken"))
+    distcp, begin, end = largest_record(broken / "release")
+    assert end - begin > 1000
+    raw = bytearray(distcp.read_bytes())
+    raw[(begin + end) // 2] ^= 0x04
+    distcp.write_bytes(bytes(raw))
+    out = tmp_path / "out"
+    assert_refused(  # capfd: a local rank writes its error to the terminal itself
+        ["export", "--megatron", str(broken), "--out", str(out), *layout],
+        capfd,
+        rf"{re.escape(str(distcp))}: item at bytes \d+-\d+: record '[^']+/data/\d+' fails its CRC32 check "
+        r"\(stored [0-9a-f]{8}, read [0-9a-f]{8}\); the checkpoint file is corrupt",
+        inputs=[broken],
+        out=out,
+    )
+
+
+def test_a_truncated_checkpoint_file_is_refused(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = Path(shutil.copytree(checkpoint, tmp_path / "broken"))
+    distcp = next((broken / "release").glob("*.distcp"))
+    distcp.write_bytes(distcp.read_bytes()[: distcp.stat().st_size // 2])
+    out = tmp_path / "out"
+    assert_refused(
+        ["export", "--megatron", str(broken), "--out", str(out)],
+        capsys,
+        rf"{re.escape(str(distcp))}: item at bytes \d+-\d+: (the file ends at byte \d+; the checkpoint file is "
+        r"truncated|is not a torch\.save archive)",
+        inputs=[broken],
+        out=out,
+    )
 
 
 def test_an_error_after_the_progress_bar_started_is_the_last_thing_shown(

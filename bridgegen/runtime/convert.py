@@ -296,6 +296,7 @@ class ModelBridge:
             mtp_block_spec=mtp_spec,
             **{k: v for k, v in model_kwargs.items() if k != "vocab_size"},
         )
+        _parameters_in(model, config.params_dtype)
         for module, value in selected:
             if module in modules.MODEL_MODULES:
                 modules.MODEL_MODULES[module](model, value)
@@ -331,16 +332,17 @@ class ModelBridge:
         self, model: torch.nn.Module, dtype: str | torch.dtype | None = None
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """Stream (HF name, tensor) pairs from a single-process model, e.g. to refit an
-        inference engine in process. Tensors are views of the model where possible."""
-        target = parse_dtype(dtype) or _model_dtype(model)
-        yield from iter_hf_from_full(self.weight_map(), model_tensors(model), dtype=target)
+        inference engine in process. Tensors are views of the model where possible; each keeps
+        its own dtype unless ``dtype`` is given."""
+        yield from iter_hf_from_full(self.weight_map(), model_tensors(model), dtype=parse_dtype(dtype))
 
     def hf_config(self) -> dict[str, Any]:
         return self.bridge.to_hf_config(self.config)
 
-    def planned_hf_tensors(self, model: torch.nn.Module, dtype: torch.dtype) -> list[PlannedTensor]:
+    def planned_hf_tensors(self, model: torch.nn.Module, dtype: torch.dtype | None) -> list[PlannedTensor]:
         """Every HF tensor (name, dtype, shape) an export of ``model`` writes, in order,
-        worked out on meta copies: nothing is read."""
+        worked out on meta copies: nothing is read. Each keeps its Megatron tensor's dtype
+        (a router's fp32 expert bias in a bf16 model stays fp32) unless ``dtype`` is given."""
         meta = [
             (name, torch.empty(t.shape, dtype=t.dtype, device="meta")) for name, t in model_tensors(model)
         ]
@@ -373,9 +375,10 @@ class ModelBridge:
         """Write ``model`` as an HF folder: config, side files from the source, sharded
         safetensors with an index. Atomic: the folder appears only when complete. With
         ``values``, ``model`` may be a meta-device model that only plans the files, and
-        ``values`` yields each of its tensors' real value in ``model_tensors`` order."""
-        target = parse_dtype(dtype) or _model_dtype(model)
-        hf_config = self.export_config(target)
+        ``values`` yields each of its tensors' real value in ``model_tensors`` order. Every
+        tensor keeps its own dtype unless ``dtype`` is given."""
+        target = parse_dtype(dtype)
+        hf_config = self.export_config(target or _model_dtype(model))
         tensors = list(model_tensors(model))
         weight_map = self.weight_map()
         planned = self.planned_hf_tensors(model, target)
@@ -403,6 +406,15 @@ def _extra_fields(bridge: type[Bridge]) -> frozenset[str]:
     from bridgegen.runtime.config import MODEL_FIELDS
 
     return frozenset(bridge.extra_fields) - MODEL_FIELDS
+
+
+def _parameters_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every floating-point parameter in ``dtype``, as Megatron-LM's Float16Module makes them
+    for a --bf16 / --fp16 run (torch norms are built in float32 whatever params_dtype says).
+    Buffers keep their own dtype: megatron-core keeps a router's expert bias in float32."""
+    for parameter in model.parameters():
+        if parameter.is_floating_point() and parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
 
 
 def _model_dtype(model: torch.nn.Module) -> torch.dtype:

@@ -237,8 +237,11 @@ def _local_tensors(bridge: ModelBridge, chunks: list[ModelChunk]) -> list[_Local
     return out
 
 
-def _planned(bridge: ModelBridge, tensors: list[_LocalTensor], dtype: torch.dtype) -> list[PlannedTensor]:
-    """The HF tensors (name, dtype, whole shape) this rank's tensors are part of."""
+def _planned(
+    bridge: ModelBridge, tensors: list[_LocalTensor], dtype: torch.dtype | None
+) -> list[PlannedTensor]:
+    """The HF tensors (name, dtype, whole shape) this rank's tensors are part of, in ``dtype``
+    or (None) their own."""
     weight_map = bridge.weight_map()
     layout = weight_map.layout()
     out = []
@@ -249,8 +252,8 @@ def _planned(bridge: ModelBridge, tensors: list[_LocalTensor], dtype: torch.dtyp
         experts = int(bridge.config.values.get("num_moe_experts") or 0)
         for hf_name, piece in zip(entry.hf_names, split_full(entry.kind, whole, layout), strict=True):
             shape = (experts, *piece.shape) if entry.matched.rule.hf_stacked_experts else tuple(piece.shape)
-            out.append(PlannedTensor(hf_name, dtype, shape))
-        out += [PlannedTensor(copy, dtype, out[-1].shape) for copy in entry.matched.hf_copies()]
+            out.append(PlannedTensor(hf_name, dtype or entry.dtype, shape))
+        out += [PlannedTensor(copy, dtype or entry.dtype, out[-1].shape) for copy in entry.matched.hf_copies()]
     return out
 
 
@@ -270,7 +273,7 @@ def export_hf(
     memory maps of those files, the inverse of the lazy import. Rank 0 then writes the index
     and config and moves the finished folder into place.
     """
-    target_dtype = parse_dtype(dtype) or chunks[0].model.config.params_dtype
+    target_dtype = parse_dtype(dtype)  # None: every tensor keeps its own dtype
     out = Path(out_dir)
     rank = dist.get_rank()
     tmp = shared_temp_dir(out, overwrite)
@@ -316,7 +319,7 @@ def export_hf(
         output.close()
         dist.barrier()
         if rank == 0:
-            _commit(bridge, tmp, out, plan, target_dtype, overwrite)
+            _commit(bridge, tmp, out, plan, target_dtype or chunks[0].model.config.params_dtype, overwrite)
         dist.barrier()
     except BaseException:
         # Rank 0 owns the shared temp folder: a failing rank removing it under the others would

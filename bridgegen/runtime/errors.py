@@ -15,3 +15,7 @@ class WeightError(BridgeError, ValueError):
 
 class UnsupportedModelError(BridgeError, LookupError):
     """No bridge serves the given architecture / model type."""
+
+
+class BridgeWarning(UserWarning):
+    """Something a user should know about a conversion that still completes."""

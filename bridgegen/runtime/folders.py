@@ -14,7 +14,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from bridgegen.runtime.errors import WeightError
+from bridgegen.runtime.errors import BridgeWarning, WeightError
 
 TEMP_MARK = ".tmp-"
 OLD_MARK = ".old-"
@@ -145,6 +145,7 @@ def publish_folder(tmp: Path, target: Path) -> None:
             warnings.warn(
                 f"{target}: written; the folder it replaced could not be removed completely and is left "
                 f"at {trash}",
+                BridgeWarning,
                 stacklevel=2,
             )
     else:

@@ -13,7 +13,23 @@ from typing import Any
 import torch.distributed as dist
 from torch.multiprocessing.spawn import start_processes
 
+from bridgegen.runtime.errors import BridgeError
 from bridgegen.runtime.supervise import current_watcher, die_with_parent, end_processes
+
+
+class RankErrors(BridgeError):
+    """Conversion errors raised on local ranks, by rank."""
+
+    def __init__(self, errors: dict[int, str]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"rank {rank}: {message}" for rank, message in sorted(errors.items())))
+
+    def by_message(self) -> dict[str, list[int]]:
+        """Each distinct message with the ranks that raised it, in rank order."""
+        grouped: dict[str, list[int]] = {}
+        for rank, message in sorted(self.errors.items()):
+            grouped.setdefault(message, []).append(rank)
+        return grouped
 
 
 def _entry(
@@ -31,6 +47,9 @@ def _entry(
     try:
         result = fn(*args)
         Path(result_dir, f"{rank}.pkl").write_bytes(pickle.dumps(result))
+    except BridgeError as exc:
+        Path(result_dir, f"{rank}.error").write_text(str(exc))
+        raise SystemExit(2) from None  # said by the parent (RankErrors), no traceback here
     finally:
         dist.destroy_process_group()
 
@@ -39,7 +58,8 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> list[An
     """Call ``fn(*args)`` on ``world_size`` spawned processes; returns each rank's result.
 
     ``fn`` must be importable (a module-level function). If any rank raises, the others are
-    stopped and the error is raised here (torch.multiprocessing.ProcessRaisedException). If
+    stopped and the error is raised here: ``RankErrors`` for conversion errors (every failed
+    rank's), torch.multiprocessing.ProcessRaisedException for any other. If
     this process is interrupted (``supervise.Stopped``, KeyboardInterrupt, any error), every
     rank is ended before the exception leaves; a rank dies with this process if it is killed.
     """
@@ -67,9 +87,12 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> list[An
             # handler only when the main thread next runs Python code.
             while not context.join(timeout=0.2, grace_period=3.0):
                 pass
-        except BaseException:
+        except BaseException as exc:
             end_processes([process.pid for process in context.processes if process.pid is not None])
             for process in context.processes:
                 process.join()
+            said = {int(path.stem): path.read_text() for path in Path(scratch).glob("*.error")}
+            if said:
+                raise RankErrors(said) from exc
             raise
         return [pickle.loads(Path(scratch, f"{rank}.pkl").read_bytes()) for rank in range(world_size)]

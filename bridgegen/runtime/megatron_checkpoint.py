@@ -301,22 +301,23 @@ def load_megatron(
 ) -> None:
     """Fill the model (all ranks call this) from a dist checkpoint saved at any layout. Every
     key the model asks for must be there, and every model tensor of the checkpoint must be
-    asked for (optimizer and RNG state are never read)."""
+    asked for (optimizer and RNG state are never read). Each rank reads the regions of its own
+    tensors, through the streaming export's reader (every item checked against its CRC32s)."""
     from bridgegen.runtime.cpu_support import enable_cpu_execution
+    from bridgegen.runtime.stream import checkpoint_values
+    from bridgegen.runtime.weights import model_tensors
 
     enable_cpu_execution()
     found = megatron_lm.find_checkpoint(checkpoint_dir, iteration)
     chunks = models if isinstance(models, list) else [models]
     present = set(dist_checkpoint.model_keys(found.path))
-    request = sharded_state_dict(chunks, any(PER_LAYER_KEY.match(key) for key in present))
-    _check_keys(request, found.path, present)
-    state = dist_checkpoint.load_tensors(request, found.path)
-    for index, model in enumerate(chunks):
-        part = state["model" if len(chunks) == 1 else f"model{index}"]
-        result = model.load_state_dict(part, strict=False)
-        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-        if missing:
-            raise WeightError(f"{found.path}: checkpoint lacks {', '.join(missing[:5])}")
+    per_layer_keys = any(PER_LAYER_KEY.match(key) for key in present)
+    _check_keys(sharded_state_dict(chunks, per_layer_keys), found.path, present)
+    for model in chunks:
+        tensors = dict(model_tensors(model))
+        with torch.no_grad():
+            for name, value in checkpoint_values(model, found.path, per_layer_keys=per_layer_keys, check_keys=False):
+                tensors[name].copy_(value)
 
 
 def requested_keys(request: dict[str, Any]) -> set[str]:

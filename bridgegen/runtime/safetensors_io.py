@@ -24,6 +24,7 @@ import torch
 
 from bridgegen.runtime.errors import WeightError
 from bridgegen.runtime.folders import make_temp_folder, publish_folder
+from bridgegen.runtime.values import checked_cast, warn_if_not_finite
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -342,6 +343,7 @@ def write_safetensors(
                     f"{path}: produced {name!r} {tensor.dtype} {list(tensor.shape)} where the plan has "
                     f"{entry.name!r} {entry.dtype} {list(entry.shape)}"
                 )
+            warn_if_not_finite(tensor, f"HF {name!r}")
             flat = tensor.detach().contiguous().reshape(-1)
             if flat.numel():
                 handle.write(flat.view(torch.uint8).numpy().data)
@@ -430,7 +432,9 @@ class PlannedFiles:
             raise WeightError(
                 f"{name}: writing shape {list(data.shape)} into a slice of shape {list(view.shape)}"
             )
-        flat = data.detach().to(entry.dtype).contiguous().reshape(-1).cpu()
+        cast = checked_cast(data.detach(), entry.dtype, True, f"HF {name!r}")
+        warn_if_not_finite(cast, f"HF {name!r}")
+        flat = cast.contiguous().reshape(-1).cpu()
         raw = flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")
         size = entry.dtype.itemsize
         fd = self._fds[file]

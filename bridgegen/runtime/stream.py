@@ -74,14 +74,14 @@ class Piece:
 
 
 def parameter_pieces(sharded_state_dict: Any, names: dict[int, str]) -> list[Piece]:
-    """Every ShardedTensor of a (factories applied) sharded state dict of a meta-device model
-    whose data is a parameter, or a view of one, named in ``names`` (by ``id``)."""
+    """Every ShardedTensor of a (factories applied) sharded state dict of a model whose data
+    is one of its tensors, or a view of one, named in ``names`` (by ``id``)."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     pieces = []
     for item in nested_values(sharded_state_dict):
-        if not isinstance(item, ShardedTensor) or not item.data.is_meta:
+        if not isinstance(item, ShardedTensor):
             continue
         data = item.data
         base = data._base if data._base is not None else data
@@ -395,22 +395,25 @@ def checkpoint_values(
     batch_bytes: int = 256 * 2**20,
     progress: Callable[[int], object] | None = None,
     only: set[str] | None = None,
+    check_keys: bool = True,
 ) -> Any:
-    """Yield (name, tensor) for every tensor of a meta-device ``model``, read from the dist
-    checkpoint in ``folder`` a batch of parameters at a time. megatron-core's sharded state
+    """Yield (name, tensor) for every tensor of ``model`` (on the meta device, or a rank's part
+    of a parallel model), read from the dist checkpoint in ``folder`` a batch of parameters at
+    a time; every item read is checked against its CRC32s (``dist_checkpoint.verifying_reader``). megatron-core's sharded state
     dict of the single-process model says where each parameter lies in which saved global
     tensor (a layer of a stacked key, the halves of a fused fc1, an expert); torch reads those
     regions from the chunks of whatever layout the checkpoint was saved at."""
     from megatron.core.dist_checkpointing.mapping import apply_factories
-    from torch.distributed.checkpoint.filesystem import FileSystemReader
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+    from bridgegen.runtime.formats import dist_checkpoint
     from bridgegen.runtime.megatron_checkpoint import _check_keys, sharded_state_dict
 
     tensors = dict(model_tensors(model))
     names = {id(tensor): name for name, tensor in tensors.items()}
     request = sharded_state_dict([model], per_layer_keys)
-    _check_keys(request, folder)
+    if check_keys:
+        _check_keys(request, folder)
     apply_factories(request)
     pieces: dict[str, list[Piece]] = {}
     for piece in parameter_pieces(request, names):
@@ -422,9 +425,9 @@ def checkpoint_values(
     ]
     # One reader, its metadata read once: torch reads .metadata on every load otherwise, and a
     # large model's index is big and its batches many.
-    reader = FileSystemReader(str(folder))
+    reader = dist_checkpoint.verifying_reader(folder)
     metadata = reader.read_metadata()
-    reader.read_metadata = lambda *args, **kwargs: metadata  # type: ignore[method-assign]
+    reader.read_metadata = lambda *args, **kwargs: metadata
 
     def read(batch: list[str]) -> dict[str, torch.Tensor]:
         real = {name: torch.empty(tensors[name].shape, dtype=tensors[name].dtype) for name in batch}
@@ -556,7 +559,7 @@ def _export_on_ranks(
     from bridgegen.runtime.weights import iter_hf_from_full
 
     saved: torch.dtype = getattr(model, "config").params_dtype  # noqa: B009 - GPTModel has a config
-    target = parse_dtype(dtype) or saved
+    target = parse_dtype(dtype)  # None: every tensor keeps its own dtype
     weight_map = bridge.weight_map()
     rank = dist.get_rank()
     out = Path(out_dir)
@@ -579,7 +582,7 @@ def _export_on_ranks(
         output.close()
         dist.barrier()
         if rank == 0:
-            _commit(bridge, tmp, out, holder[0], target, overwrite)
+            _commit(bridge, tmp, out, holder[0], target or saved, overwrite)
         dist.barrier()
     except BaseException:
         if rank == 0:  # the temp folder is shared; see distributed.export_hf

@@ -13,6 +13,7 @@ from bridgegen.runtime.fp8 import FP8_DTYPES, scale_name
 from bridgegen.runtime.plan import TensorPlan, WeightMap, plan_tensor, plan_tensors
 from bridgegen.runtime.safetensors_io import Checkpoint
 from bridgegen.runtime.transforms import load_shard, split_full
+from bridgegen.runtime.values import checked_cast, warn_if_not_finite
 
 
 def model_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -91,31 +92,6 @@ def check_sources(
             raise WeightError(f"{checkpoint.folder}: {exc} (loading Megatron {entry.megatron_name!r})") from None
 
 
-def checked_cast(value: torch.Tensor, dtype: torch.dtype, allow_lossy: bool, what: str) -> torch.Tensor:
-    """``value`` cast to ``dtype``, which may not overflow (a finite value becoming inf) and
-    unless ``allow_lossy`` must give back every value exactly."""
-    cast = value.to(dtype)
-    if value.is_meta or value.dtype == dtype or not value.dtype.is_floating_point or not dtype.is_floating_point:
-        return cast
-    overflowed = int(torch.isinf(cast).sum()) - int(torch.isinf(value).sum())
-    if overflowed > 0:
-        raise WeightError(
-            f"{what}: {overflowed} value(s) of this {value.dtype} tensor overflow to inf in {dtype} "
-            f"(largest magnitude {value.abs().max().item():g})"
-        )
-    if allow_lossy:
-        return cast
-    back = cast.to(value.dtype)
-    exact = (back == value) | (torch.isnan(back) & torch.isnan(value))
-    if not bool(exact.all()):
-        changed = int((~exact).sum())
-        raise WeightError(
-            f"{what}: stored as {value.dtype}, {changed} value(s) change when cast to the model's {dtype}; "
-            "pass --dtype to choose the model's dtype (a lossy cast is then what you asked for)"
-        )
-    return cast
-
-
 def fill_parameter(
     entry: TensorPlan,
     target: torch.Tensor,
@@ -149,6 +125,7 @@ def fill_parameter(
             )
     except WeightError as exc:
         raise WeightError(f"{checkpoint.folder}: {exc} (loading Megatron {entry.megatron_name!r})") from None
+    warn_if_not_finite(target, f"{checkpoint.folder}: Megatron {entry.megatron_name!r} (from {what})")
     for hf_name in hf_names:
         checkpoint.release(hf_name)
 

@@ -13,9 +13,13 @@ names enums 0.16 does not have).
 from __future__ import annotations
 
 import io
+import os
 import pickle
+import struct
+import zipfile
+import zlib
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -138,21 +142,100 @@ def common_load_strategy() -> Any:
     return CommonStateLoadStrategy()
 
 
-def load_tensors(
-    sharded_state_dict: dict[str, Any], folder: Path, *, partial: bool = False
-) -> dict[str, Any]:
-    """``dist_checkpointing.load`` of the model's tensors, with this module's common-state
-    reader where megatron-core takes one (0.16-0.18; 0.19 reads both formats itself).
-    ``partial``: the request covers only some pieces of some keys (a batch of a streamed
-    export), which megatron-core's whole-tensor access check would refuse."""
-    import inspect
+# ------------------------------------------------------------------------ checksums
+#
+# Every item of a .distcp file that torch writes for a tensor (and for a pickled object) is a
+# torch.save archive: a zip whose records (data.pkl, the tensor's bytes, ...) each carry a CRC32,
+# whoever wrote the checkpoint (us, Megatron-LM, Megatron-Bridge). torch's own readers never
+# check those CRCs (PyTorch builds its zip reader with the CRC check disabled), so a flipped
+# byte in a tensor would load as a different weight. ``VerifyingReader`` checks every record of
+# every item it reads. Not covered: the ``.metadata`` index (a pickle without a checksum; a
+# corrupt one fails to unpickle or to match the model's keys and shapes).
 
-    from megatron.core import dist_checkpointing
+_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
+_LOCAL_SIGNATURE = b"PK\x03\x04"
+CRC_CHUNK = 8 * 2**20
 
-    kwargs: dict[str, Any] = {"validate_access_integrity": not partial}
-    if "common_strategy" in inspect.signature(dist_checkpointing.load).parameters:
-        kwargs["common_strategy"] = common_load_strategy()
+
+class _Window(io.RawIOBase):
+    """Bytes ``start`` to ``start + length`` of an open file, as a file of their own."""
+
+    def __init__(self, file: Any, start: int, length: int) -> None:
+        super().__init__()
+        self.file, self.start, self.length, self.position = file, start, length, 0
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence]
+        self.position = min(max(base + offset, 0), self.length)
+        return self.position
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")[: self.length - self.position]
+        self.file.seek(self.start + self.position)
+        count = self.file.readinto(view) or 0
+        self.position += count
+        return count
+
+
+def archive_problem(file: Any, start: int, length: int) -> str | None:
+    """What is wrong with the zip archive (a torch.save item) at bytes ``start`` to ``start +
+    length`` of ``file``: a record whose bytes do not match its CRC32, or an archive that does
+    not parse. None if every record checks. Reads the records in chunks: an item is never held
+    in memory whole."""
+    window = _Window(file, start, length)
+    if window.read(4) != _LOCAL_SIGNATURE:
+        return "is not a torch.save archive (no zip signature)"
     try:
-        return dict(dist_checkpointing.load(sharded_state_dict, str(folder), **kwargs))
-    except KeyError as exc:
-        raise WeightError(f"{folder}: the checkpoint lacks {exc.args[0]}") from None
+        with zipfile.ZipFile(window) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError) as exc:
+        return f"is not a readable torch.save archive ({exc})"
+    buffer = memoryview(bytearray(min(CRC_CHUNK, length)))
+    for record in records:
+        window.seek(record.header_offset)
+        header = window.read(_LOCAL_HEADER.size)
+        if len(header) < _LOCAL_HEADER.size:
+            return f"record {record.filename!r} lies outside the item"
+        fields = _LOCAL_HEADER.unpack(header)
+        if fields[0] != _LOCAL_SIGNATURE or record.compress_type != zipfile.ZIP_STORED:
+            return f"record {record.filename!r} has a damaged header"
+        window.seek(record.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10])
+        left, found = record.compress_size, 0
+        while left:
+            count = window.readinto(buffer[: min(left, len(buffer))])
+            if not count:
+                return f"record {record.filename!r} lies outside the item"
+            found = zlib.crc32(buffer[:count], found)
+            left -= count
+        if found != record.CRC:
+            return f"record {record.filename!r} fails its CRC32 check (stored {record.CRC:08x}, read {found:08x})"
+    return None
+
+
+def verifying_reader(folder: str | Path) -> Any:
+    """A torch DCP FileSystemReader for ``folder`` that checks each item before torch reads it
+    (``archive_problem``) and raises a WeightError naming the file and the item's place."""
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+
+    class VerifyingReader(FileSystemReader):
+        def _slice_file(self, file: Any, sinfo: Any) -> IO[bytes]:
+            where = f"{Path(folder) / sinfo.relative_path}: item at bytes {sinfo.offset}-{sinfo.offset + sinfo.length}"
+            size = os.fstat(file.fileno()).st_size
+            if sinfo.offset + sinfo.length > size:
+                raise WeightError(f"{where}: the file ends at byte {size}; the checkpoint file is truncated")
+            if not getattr(sinfo, "transform_descriptors", None):
+                problem = archive_problem(file, sinfo.offset, sinfo.length)
+                if problem is not None:
+                    raise WeightError(f"{where}: {problem}; the checkpoint file is corrupt")
+            return super()._slice_file(file, sinfo)
+
+    return VerifyingReader(str(folder))

@@ -1,0 +1,58 @@
+"""Checks on the values a conversion carries: casts that lose or overflow, and NaN / Inf."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from bridgegen.runtime.errors import BridgeWarning, WeightError
+
+# Dtypes whose NaN / Inf are looked for (float8 sources are dequantized before they are checked).
+CHECKED_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+COUNT_CHUNK = 1 << 24
+
+
+def checked_cast(value: torch.Tensor, dtype: torch.dtype, allow_lossy: bool, what: str) -> torch.Tensor:
+    """``value`` cast to ``dtype``, which may not overflow (a finite value becoming inf) and
+    unless ``allow_lossy`` must give back every value exactly."""
+    cast = value.to(dtype)
+    if value.is_meta or value.dtype == dtype or not value.dtype.is_floating_point or not dtype.is_floating_point:
+        return cast
+    overflowed = int(torch.isinf(cast).sum()) - int(torch.isinf(value).sum())
+    if overflowed > 0:
+        raise WeightError(
+            f"{what}: {overflowed} value(s) of this {value.dtype} tensor overflow to inf in {dtype} "
+            f"(largest magnitude {value.abs().max().item():g})"
+        )
+    if allow_lossy:
+        return cast
+    back = cast.to(value.dtype)
+    exact = (back == value) | (torch.isnan(back) & torch.isnan(value))
+    if not bool(exact.all()):
+        changed = int((~exact).sum())
+        raise WeightError(
+            f"{what}: stored as {value.dtype}, {changed} value(s) change when cast to the model's {dtype}; "
+            "pass --dtype to choose the model's dtype (a lossy cast is then what you asked for)"
+        )
+    return cast
+
+
+def warn_if_not_finite(tensor: torch.Tensor, what: str) -> None:
+    """Warn (``BridgeWarning``), naming ``what``, if ``tensor`` holds NaN or infinite values:
+    they are converted as they are, but a user should know. One vectorised min/max pass (NaN
+    and +-inf show in it); the values are counted only when there is something to count."""
+    if tensor.is_meta or tensor.dtype not in CHECKED_DTYPES or tensor.numel() == 0:
+        return
+    low, high = torch.aminmax(tensor.detach())
+    if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
+        return
+    nan = infinite = 0
+    for chunk in torch.split(tensor.detach().reshape(-1), COUNT_CHUNK):
+        nan += int(torch.isnan(chunk).sum())
+        infinite += int(torch.isinf(chunk).sum())
+    warnings.warn(
+        f"{what} holds {nan} NaN and {infinite} infinite value(s) of {tensor.numel()}; converted as they are",
+        BridgeWarning,
+        stacklevel=2,
+    )
