@@ -84,8 +84,8 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 def end_processes(pids: list[int], grace_s: float = 3.0) -> None:
-    """SIGTERM, then after ``grace_s`` SIGKILL, each process still alive; returns when all
-    have ended (the caller reaps its own children)."""
+    """SIGTERM each process, then SIGKILL those still alive after ``grace_s`` (the caller
+    reaps its own children)."""
     for pid in pids:
         _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
