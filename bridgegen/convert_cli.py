@@ -189,7 +189,9 @@ def quiet_third_party() -> None:
         return
     for module in (r"megatron(\..*)?", r"torch(\..*)?", r"transformers(\..*)?"):
         warnings.filterwarnings("ignore", module=module)
-    for logger in ("megatron", "megatron.core", "torch.distributed"):
+    # torch.utils.cpp_extension: "No CUDA runtime is found" from torch's CUDA build on a CPU
+    # machine, once per process (so once per local rank).
+    for logger in ("megatron", "megatron.core", "torch.distributed", "torch.utils.cpp_extension"):
         logging.getLogger(logger).setLevel(logging.ERROR)
 
 
