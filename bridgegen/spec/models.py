@@ -131,7 +131,8 @@ class ConfigSection(Strict):
         default_factory=dict, description="hf_name: megatron_name (null removes an inherited rename)"
     )
     hf_optional: dict[Name, YamlValue] = Field(
-        default_factory=dict, description="HF fields that may be absent, with the value assumed then"
+        default_factory=dict,
+        description="HF fields that may be absent, with the value assumed then (null is None here, not a removal)",
     )
     hf_aliases: dict[Name, list[Name]] = Field(
         default_factory=dict,
@@ -141,10 +142,12 @@ class ConfigSection(Strict):
         default_factory=list, description="HF fields used only in expressions that must be present"
     )
     to_megatron: dict[Name, Expression | None] = Field(
-        default_factory=dict, description="megatron_name: expression over HF fields"
+        default_factory=dict,
+        description="megatron_name: expression over HF fields (null removes an inherited one)",
     )
     to_hf: dict[Name, Expression | None] = Field(
-        default_factory=dict, description="hf_name: expression over Megatron fields"
+        default_factory=dict,
+        description="hf_name: expression over Megatron fields (null removes an inherited one)",
     )
     extra_fields: list[Name] = Field(
         default_factory=list,
@@ -156,10 +159,14 @@ class ConfigSection(Strict):
         description="conditions an HF config must meet; conversion fails with the message",
     )
     megatron_defaults: dict[Name, YamlValue] = Field(
-        default_factory=dict, description="fixed Megatron values for this family"
+        default_factory=dict,
+        description="fixed Megatron values for this family (null removes an inherited one; set None with "
+        'the to_megatron expression "None")',
     )
     hf_defaults: dict[Name, YamlValue] = Field(
-        default_factory=dict, description="fixed HF values written on export"
+        default_factory=dict,
+        description="fixed HF values written on export (null removes an inherited one; write None with "
+        'the to_hf expression "None")',
     )
 
 
@@ -186,7 +193,8 @@ class SpecFile(Strict):
         default=None, description="HF activation assumed when the activation field is absent"
     )
     activations: dict[str, MegatronActivation | None] = Field(
-        default_factory=dict, description="HF activation name: Megatron activation"
+        default_factory=dict,
+        description="HF activation name: Megatron activation (null removes an inherited one)",
     )
     rope: RopeSection | None = None
     runtime_modules: list[RuntimeModule] = Field(

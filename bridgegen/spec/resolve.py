@@ -3,6 +3,19 @@
 The output, ``ResolvedSpec``, is shaped for generation: every expression is parsed and
 name-checked, every name is final, and nothing is left to look up. All errors of a run are
 collected; one bad spec never hides the errors of another.
+
+Inheritance (``extends``) merges each spec's sections over what it inherits, base first:
+
+* An entry replaces the inherited entry of the same key, and ``null`` deletes it, in every
+  keyed section but ``hf_optional`` (where null is the value None that an absent field takes).
+  A null with nothing inherited to delete is an error. A field is set to None by the expression
+  ``"None"`` in ``to_megatron`` or ``to_hf``.
+* A field takes its value from the most derived spec that sets it, whichever section does: a
+  rename, ``to_megatron`` or ``megatron_defaults`` entry for a Megatron field; a rename,
+  ``to_hf`` or ``hf_defaults`` entry for an HF field. So a family may map a field its base fixes,
+  or fix one its base maps; the inherited entry goes. A rename sets one field of each side, so
+  setting either again drops the inherited rename whole.
+* Two entries of one spec setting the same field are a conflict, inherited or not.
 """
 
 from __future__ import annotations
@@ -23,7 +36,7 @@ from bridgegen.spec.errors import SpecError, SpecErrors
 from bridgegen.spec.expr import ExpressionError, check_names, emit_python, parse_expression, variable_name
 from bridgegen.spec.loader import FieldPath, LoadedSpec
 from bridgegen.spec.megatron_fields import config_fields
-from bridgegen.spec.models import SpecFile
+from bridgegen.spec.models import ConfigSection, SpecFile
 
 # Anything between braces is a placeholder, so that a misspelt one ({Layer}, {0}) is an error
 # rather than literal text in a tensor name that no checkpoint ever has.
@@ -31,7 +44,7 @@ PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 KNOWN_PLACEHOLDERS = frozenset({"layer", "expert"})
 # hf_copies may also number the multi-token prediction layers each copy is written for.
 COPY_PLACEHOLDERS = KNOWN_PLACEHOLDERS | {"mtp_layer"}
-# "Did you mean" suggestions per spec; see claim_megatron.
+# "Did you mean" suggestions per spec, for unknown Megatron fields.
 MAX_SUGGESTIONS = 20
 
 
@@ -236,53 +249,132 @@ class _Merged:
 
 
 def _merge_section(
-    target: dict[str, tuple[Any, _Origin]], entries: dict[str, Any], loaded: LoadedSpec, base: FieldPath
+    target: dict[str, tuple[Any, _Origin]],
+    entries: dict[str, Any],
+    loaded: LoadedSpec,
+    base: FieldPath,
+    errors: list[SpecError],
 ) -> None:
+    """Add one spec's entries to a merged section; a null entry deletes the inherited one."""
     for key, value in entries.items():
-        if value is None:
-            target.pop(key, None)
-        else:
-            target[key] = (value, _Origin(loaded, (*base, key)))
+        origin = _Origin(loaded, (*base, key))
+        if value is not None:
+            target[key] = (value, origin)
+        elif target.pop(key, None) is None:
+            # A null that deletes nothing is a misspelt key, or an override its base outgrew.
+            errors.append(origin.error("null deletes an inherited entry, and there is none to delete"))
 
 
-def _merge_chain(chain: list[tuple[LoadedSpec, SpecFile]]) -> _Merged:
+@dataclass(frozen=True)
+class _Claim:
+    """A config entry setting a field: ``side`` is "Megatron" (set on import) or "HF" (written
+    on export). A rename makes two claims, one per side."""
+
+    side: str
+    name: str
+    origin: _Origin
+
+
+def _claims(loaded: LoadedSpec, cfg: ConfigSection) -> list[_Claim]:
+    """The fields one spec file's config sets, in the order its conflicts are reported: renames,
+    then expressions, then fixed values, each by key. Null entries delete and set nothing."""
+
+    def set_by(entries: dict[str, Any]) -> dict[str, str]:
+        return {key: key for key, value in entries.items() if value is not None}
+
+    renames = {hf: megatron for hf, megatron in cfg.renames.items() if megatron is not None}
+    sections = (  # (side, section, {entry key: field it sets})
+        ("Megatron", "renames", renames),
+        ("Megatron", "to_megatron", set_by(cfg.to_megatron)),
+        ("Megatron", "megatron_defaults", set_by(cfg.megatron_defaults)),
+        ("HF", "renames", set_by(renames)),
+        ("HF", "to_hf", set_by(cfg.to_hf)),
+        ("HF", "hf_defaults", set_by(cfg.hf_defaults)),
+    )
+    return [
+        _Claim(side, name, _Origin(loaded, ("config", section, key)))
+        for side, section, fields in sections
+        for key, name in sorted(fields.items())
+    ]
+
+
+def _conflicts(claims: list[_Claim]) -> list[SpecError]:
+    """Fields one spec sets twice: within a file neither entry can replace the other."""
+    first: dict[tuple[str, str], _Origin] = {}
+    errors: list[SpecError] = []
+    for claim in claims:
+        earlier = first.setdefault((claim.side, claim.name), claim.origin)
+        if earlier is not claim.origin:
+            errors.append(
+                claim.origin.error(
+                    f"conflicting definitions of {claim.side} field {claim.name!r}: "
+                    f"also set at {earlier.loaded.location_of(earlier.path)}"
+                )
+            )
+    return errors
+
+
+def _drop_replaced(merged: _Merged, claims: list[_Claim], loaded: LoadedSpec) -> None:
+    """Delete the inherited entries for the fields ``loaded`` sets, whatever section they are in:
+    a family that maps a field its base fixes (or fixes one its base maps) replaces the base's
+    entry. A rename is one entry for two fields, so setting either of them again drops it whole;
+    its other field is then set only where some other entry sets it."""
+    megatron = {claim.name for claim in claims if claim.side == "Megatron"}
+    hf = {claim.name for claim in claims if claim.side == "HF"}
+    merged.renames = {
+        hf_name: (megatron_name, origin)
+        for hf_name, (megatron_name, origin) in merged.renames.items()
+        if origin.loaded is loaded or (hf_name not in hf and megatron_name not in megatron)
+    }
+    sections = (
+        (merged.to_megatron, megatron),
+        (merged.megatron_defaults, megatron),
+        (merged.to_hf, hf),
+        (merged.hf_defaults, hf),
+    )
+    for section, names in sections:
+        for name in names & section.keys():
+            if section[name][1].loaded is not loaded:
+                del section[name]
+
+
+def _merge_chain(chain: list[tuple[LoadedSpec, SpecFile]]) -> tuple[_Merged, list[SpecError]]:
     merged = _Merged({}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, [], None, None, None, None, "")
+    errors: list[SpecError] = []
     for depth, (loaded, spec) in enumerate(chain):
         merged.depth[loaded.path] = depth
         cfg = spec.config
-        _merge_section(merged.renames, cfg.renames, loaded, ("config", "renames"))
+        _merge_section(merged.renames, cfg.renames, loaded, ("config", "renames"), errors)
+        # null is a value here (the field's value when absent), so wrap values to keep it.
         _merge_section(
             merged.hf_optional,
             {k: ("__present__", v) for k, v in cfg.hf_optional.items()},
             loaded,
             ("config", "hf_optional"),
+            errors,
         )
         for index, name in enumerate(cfg.hf_required):
             merged.hf_required[name] = _Origin(loaded, ("config", "hf_required", index))
-        _merge_section(merged.to_megatron, cfg.to_megatron, loaded, ("config", "to_megatron"))
-        _merge_section(merged.to_hf, cfg.to_hf, loaded, ("config", "to_hf"))
+        _merge_section(merged.to_megatron, cfg.to_megatron, loaded, ("config", "to_megatron"), errors)
+        _merge_section(merged.to_hf, cfg.to_hf, loaded, ("config", "to_hf"), errors)
         _merge_section(
-            merged.megatron_defaults,
-            {k: ("__present__", v) for k, v in cfg.megatron_defaults.items()},
-            loaded,
-            ("config", "megatron_defaults"),
+            merged.megatron_defaults, cfg.megatron_defaults, loaded, ("config", "megatron_defaults"), errors
         )
-        _merge_section(
-            merged.hf_defaults,
-            {k: ("__present__", v) for k, v in cfg.hf_defaults.items()},
-            loaded,
-            ("config", "hf_defaults"),
-        )
+        _merge_section(merged.hf_defaults, cfg.hf_defaults, loaded, ("config", "hf_defaults"), errors)
+        claims = _claims(loaded, cfg)
+        errors += _conflicts(claims)
+        _drop_replaced(merged, claims, loaded)
         _merge_section(
             merged.activations,
             {k: (v.value if v is not None else None) for k, v in spec.activations.items()},
             loaded,
             ("activations",),
+            errors,
         )
-        _merge_section(merged.weights, dict(spec.weights), loaded, ("weights",))
+        _merge_section(merged.weights, dict(spec.weights), loaded, ("weights",), errors)
         for index, name in enumerate(spec.hf_ignore):
             merged.hf_ignore[name] = _Origin(loaded, ("hf_ignore", index))
-        _merge_section(merged.hf_aliases, dict(cfg.hf_aliases), loaded, ("config", "hf_aliases"))
+        _merge_section(merged.hf_aliases, dict(cfg.hf_aliases), loaded, ("config", "hf_aliases"), errors)
         for index, name in enumerate(cfg.extra_fields):
             merged.extra_fields[name] = _Origin(loaded, ("config", "extra_fields", index))
         for index, module in enumerate(spec.runtime_modules):
@@ -301,11 +393,9 @@ def _merge_chain(chain: list[tuple[LoadedSpec, SpecFile]]) -> _Merged:
             merged.rope_types = tuple(t.value for t in spec.rope.supported)
         if spec.description:
             merged.description = spec.description
-    # Unwrap the ("__present__", value) pairs used to keep null literal values.
-    for section in (merged.hf_optional, merged.megatron_defaults, merged.hf_defaults):
-        for key, (wrapped, origin) in list(section.items()):
-            section[key] = (wrapped[1], origin)
-    return merged
+    for key, (wrapped, origin) in list(merged.hf_optional.items()):
+        merged.hf_optional[key] = (wrapped[1], origin)
+    return merged, errors
 
 
 # ---------------------------------------------------------------- resolution (per concrete spec)
@@ -370,11 +460,16 @@ def _resolve_one(
             )
         )
 
-    # Megatron side: every field has exactly one source.
+    # Megatron side: where each field is set. Entries of one spec setting the same field were
+    # reported on merging; an inherited entry for a field set again is gone by now.
     megatron_source: dict[str, _Origin] = {}
     unknown_megatron: set[str] = set()
-
-    def claim_megatron(name: str, origin: _Origin) -> None:
+    megatron_claims = [
+        (megatron_name, origin) for _, (megatron_name, origin) in sorted(merged.renames.items())
+    ]
+    megatron_claims += [(name, origin) for name, (_, origin) in sorted(merged.to_megatron.items())]
+    megatron_claims += [(name, origin) for name, (_, origin) in sorted(merged.megatron_defaults.items())]
+    for name, origin in merged.in_chain_order(megatron_claims):
         if name not in megatron_known:
             unknown_megatron.add(name)
             # difflib takes about a millisecond per name: a spec naming thousands of unknown
@@ -386,23 +481,7 @@ def _resolve_one(
                     f"nor a model setting){hint}"
                 )
             )
-        if name in megatron_source:
-            first = megatron_source[name]
-            errors.append(
-                origin.error(
-                    f"conflicting definitions of Megatron field {name!r}: also set at {first.loaded.location_of(first.path)}"
-                )
-            )
-        else:
-            megatron_source[name] = origin
-
-    megatron_claims = [
-        (megatron_name, origin) for _, (megatron_name, origin) in sorted(merged.renames.items())
-    ]
-    megatron_claims += [(name, origin) for name, (_, origin) in sorted(merged.to_megatron.items())]
-    megatron_claims += [(name, origin) for name, (_, origin) in sorted(merged.megatron_defaults.items())]
-    for megatron_name, origin in merged.in_chain_order(megatron_claims):
-        claim_megatron(megatron_name, origin)
+        megatron_source.setdefault(name, origin)
     for field_name, module in sorted(module_fields.items()):
         if field_name not in megatron_source:
             errors.append(
@@ -412,31 +491,15 @@ def _resolve_one(
                 )
             )
 
-    # HF side: every written field has exactly one source.
-    hf_source: dict[str, _Origin] = {}
-
-    def claim_hf(name: str, origin: _Origin) -> None:
-        if name in hf_source:
-            first = hf_source[name]
-            errors.append(
-                origin.error(
-                    f"conflicting definitions of HF field {name!r}: also set at {first.loaded.location_of(first.path)}"
-                )
-            )
-        else:
-            hf_source[name] = origin
-
-    hf_claims = [
-        (name, origin)
+    # HF side: export writes the activation field from the activation, so no entry may.
+    activation_entries = [
+        section[merged.activation_field][1]
         for section in (merged.renames, merged.to_hf, merged.hf_defaults)
-        for name, (_, origin) in sorted(section.items())
+        if merged.activation_field is not None and merged.activation_field in section
     ]
-    for hf_name, origin in merged.in_chain_order(hf_claims):
-        claim_hf(hf_name, origin)
-    if merged.activation_field is not None and merged.activation_field in hf_source:
-        origin = hf_source[merged.activation_field]
+    if activation_entries:
         errors.append(
-            origin.error(
+            activation_entries[0].error(
                 f"HF field {merged.activation_field!r} is the activation field; it cannot be mapped too"
             )
         )
@@ -712,8 +775,9 @@ def resolve_all(
         loaded, spec = valid[name]
         if spec.abstract:
             continue
-        result, spec_errors = _resolve_one(loaded, spec, _merge_chain(chain))
-        errors.extend(spec_errors)
+        merged, merge_errors = _merge_chain(chain)
+        result, spec_errors = _resolve_one(loaded, spec, merged)
+        errors += merge_errors + spec_errors
         if result is not None:
             resolved.append(result)
     if errors:
