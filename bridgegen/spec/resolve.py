@@ -103,7 +103,7 @@ class ResolvedSpec:
     rope_types: tuple[str, ...]
     hf_inputs: tuple[HFInput, ...]
     megatron_values: tuple[Assignment, ...]  # megatron_name = python over hf_* variables
-    megatron_inputs: tuple[tuple[str, str], ...]  # (variable, megatron_name) read on export
+    megatron_inputs: tuple[tuple[str, str], ...]  # (variable, megatron_name) hf_values reads
     hf_values: tuple[Assignment, ...]  # hf_name = python over m_* variables
     weights: tuple[ResolvedWeight, ...]
     hf_ignore: tuple[str, ...]
@@ -635,7 +635,8 @@ def _resolve_one(
             try:
                 checked = parse_expression(weight.when)
                 check_names(checked, megatron_fields_set, "Megatron")
-                used_megatron |= checked.names
+                # The condition reads the config itself, in its own function: its names are
+                # no inputs of hf_values, where a variable read only here would be unused.
                 when_python = emit_python(checked, lambda n: f"config.value({n!r})")
             except ExpressionError as exc:
                 errors.append(origin.error(str(exc), ("when",)))
