@@ -17,7 +17,8 @@ from bridgegen.spec.generate import render_project
 REPO = Path(__file__).resolve().parent.parent
 
 # qk_layernorm (a fixed value) and add_qkv_bias (an expression) are read by weight conditions
-# only: no HF field is written from them.
+# only: no HF field is written from them. The two k_norm rules map one HF tensor under
+# conditions that exclude each other.
 WHEN_ONLY_SPEC = """\
 extends: _base
 architectures: [TinyForCausalLM]
@@ -41,6 +42,14 @@ weights:
       - model.layers.{layer}.self_attn.v_proj.bias
     kind: qkv
     when: add_qkv_bias and not qk_layernorm
+  decoder.layers.{layer}.self_attention.k_layernorm.weight:
+    hf: model.layers.{layer}.self_attn.k_norm.weight
+    kind: replicated
+    when: qk_layernorm
+  decoder.layers.{layer}.self_attention.k_norm_unused.weight:
+    hf: model.layers.{layer}.self_attn.k_norm.weight
+    kind: replicated
+    when: not qk_layernorm
 """
 
 
@@ -71,6 +80,11 @@ def test_conditions_read_the_config_and_hf_values_does_not(generated: Path) -> N
     hf_values = text[text.index("def hf_values") :]
     assert "qk_layernorm" not in hf_values
     assert "add_qkv_bias" not in hf_values
+
+
+def test_one_tensor_may_be_mapped_under_exclusive_conditions(generated: Path) -> None:
+    text = generated.read_text(encoding="utf-8")
+    assert text.count('hf_names=("model.layers.{layer}.self_attn.k_norm.weight",)') == 2
 
 
 def test_ruff_finds_nothing(generated: Path) -> None:

@@ -146,6 +146,31 @@ def _first_carried_clash(carried: str, prefix: str, sorted_names: list[str]) -> 
     return None
 
 
+def _double_mappings(weights: list[ResolvedWeight]) -> list[tuple[ResolvedWeight, str, str, bool]]:
+    """Rules mapping an HF tensor that an earlier rule maps too, where both can apply at once:
+    (rule, HF tensor, the earlier rule's Megatron name, whether both have the same condition).
+
+    Two rules clash when either has no condition or both have the same one (compared as the
+    emitted Python, so spacing and parentheses do not matter). Different conditions are taken
+    to exclude each other (``q_lora_rank is None`` / ``q_lora_rank is not None``): whether two
+    of them can hold together depends on values only a config has."""
+    # HF tensor -> condition (None: unconditional) -> the first rule mapping it under that condition.
+    first: dict[str, dict[str | None, str]] = {}
+    found: list[tuple[ResolvedWeight, str, str, bool]] = []
+    for weight in weights:
+        for hf_name in (*weight.hf_names, *weight.hf_copies):
+            earlier = first.setdefault(hf_name, {})
+            condition = weight.when_python
+            if condition is None and earlier:
+                found.append((weight, hf_name, next(iter(earlier.values())), False))
+            elif None in earlier:
+                found.append((weight, hf_name, earlier[None], False))
+            elif condition in earlier:
+                found.append((weight, hf_name, earlier[condition], True))
+            earlier.setdefault(condition, weight.megatron_name)
+    return found
+
+
 def class_name_for(family: str) -> str:
     return "".join(part.capitalize() for part in re.split(r"[_\-]", family) if part) + "Bridge"
 
@@ -652,18 +677,18 @@ def _resolve_one(
                 tuple(weight.hf_copies),
             )
         )
-    seen_hf: dict[str, str] = {}
-    for weight in weights:
-        for hf_name in (*weight.hf_names, *weight.hf_copies):
-            if hf_name in seen_hf and weight.when_python is None:
-                _, origin = merged.weights[weight.megatron_name]
-                errors.append(
-                    origin.error(f"HF tensor {hf_name!r} is also mapped by {seen_hf[hf_name]!r}", ("hf",))
-                )
-            seen_hf.setdefault(hf_name, weight.megatron_name)
+    for weight, hf_name, other, same_condition in _double_mappings(weights):
+        _, origin = merged.weights[weight.megatron_name]
+        errors.append(
+            origin.error(
+                f"HF tensor {hf_name!r} is also mapped by {other!r}"
+                + (", under the same condition" if same_condition else ""),
+                ("hf",),
+            )
+        )
     for name, origin in sorted(merged.hf_ignore.items()):
         errors += [origin.error(problem) for problem in placeholder_problems(name, KNOWN_PLACEHOLDERS)]
-    sorted_hf = sorted(seen_hf)
+    sorted_hf = sorted({hf_name for weight in weights for hf_name in (*weight.hf_names, *weight.hf_copies)})
     for architecture, wrapper in spec.wrappers.items():
         for index, carried in enumerate(wrapper.carried_weights):
             clash = _first_carried_clash(carried, wrapper.weight_prefix, sorted_hf)
