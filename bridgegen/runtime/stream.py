@@ -438,8 +438,16 @@ def checkpoint_values(
             for piece in pieces[name]:
                 regions[(piece.key, piece.offset)] = piece.of(real[name])
         planner = _region_planner(regions)
-        with first_error_of_torch_checkpoint():
-            _load_state_dict({}, reader, planner=planner, no_dist=True)
+        try:
+            with first_error_of_torch_checkpoint():
+                _load_state_dict({}, reader, planner=planner, no_dist=True)
+            reader.checks.finish()
+        except Exception:
+            # A failed CRC check raised inside torch's zip reader comes out wrapped.
+            problem = reader.checks.problem()
+            if problem is not None:
+                raise problem from None
+            raise
         planner.regions = {}
         return real
 

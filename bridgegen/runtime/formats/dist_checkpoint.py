@@ -18,8 +18,9 @@ import pickle
 import struct
 import zipfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import torch
 
@@ -148,13 +149,123 @@ def common_load_strategy() -> Any:
 # torch.save archive: a zip whose records (data.pkl, the tensor's bytes, ...) each carry a CRC32,
 # whoever wrote the checkpoint (us, Megatron-LM, Megatron-Bridge). torch's own readers never
 # check those CRCs (PyTorch builds its zip reader with the CRC check disabled), so a flipped
-# byte in a tensor would load as a different weight. ``VerifyingReader`` checks every record of
-# every item it reads. Not covered: the ``.metadata`` index (a pickle without a checksum; a
-# corrupt one fails to unpickle or to match the model's keys and shapes).
+# byte in a tensor would load as a different weight. ``verifying_reader`` hands torch each item
+# through ``CheckedItem``, which checks every record against its CRC32 as torch reads it: every
+# byte torch uses is checked, and read once. Not covered: the ``.metadata`` index (a pickle
+# without a checksum; a corrupt one fails to unpickle or to match the model's keys and shapes).
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 _LOCAL_SIGNATURE = b"PK\x03\x04"
-CRC_CHUNK = 8 * 2**20
+
+
+@dataclass
+class _Record:
+    """One record of a zip archive: where its bytes lie in the item, their CRC32, and how far a
+    reader has come through them in order (``checked``, with the CRC of those bytes)."""
+
+    name: str
+    start: int
+    size: int
+    crc: int
+    checked: int = 0
+    running: int = 0
+    touched: bool = False  # read out of order (e.g. the zip directory search at the item's end)
+
+
+class CheckedItem(io.RawIOBase):
+    """An item (bytes ``start`` to ``start + length`` of ``file``) as a file of its own, whose
+    reads are checked against the CRC32 of the record they fall in. A record read in order
+    (whole, or in pieces) is checked as its last byte passes; one read out of order is read
+    again whole and checked then. A mismatch raises WeightError (and is kept in ``problem``:
+    torch may wrap what a read raises)."""
+
+    def __init__(self, file: Any, start: int, length: int, where: str) -> None:
+        super().__init__()
+        self.file, self.start, self.length, self.where = file, start, length, where
+        self.position = 0
+        self.problem: WeightError | None = None
+        self.records = self._records()
+
+    def _records(self) -> list[_Record]:
+        if self._pread(0, 4) != _LOCAL_SIGNATURE:
+            raise self._corrupt("is not a torch.save archive (no zip signature)")
+        try:
+            with zipfile.ZipFile(_Window(self.file, self.start, self.length)) as archive:
+                infos = archive.infolist()
+        except (zipfile.BadZipFile, ValueError, EOFError, OSError) as exc:
+            raise self._corrupt(f"is not a readable torch.save archive ({exc})") from None
+        records = []
+        for info in infos:
+            header = self._pread(info.header_offset, _LOCAL_HEADER.size)
+            if len(header) < _LOCAL_HEADER.size:
+                raise self._corrupt(f"record {info.filename!r} lies outside the item")
+            fields = _LOCAL_HEADER.unpack(header)
+            if fields[0] != _LOCAL_SIGNATURE or info.compress_type != zipfile.ZIP_STORED:
+                raise self._corrupt(f"record {info.filename!r} has a damaged header")
+            begin = info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
+            if begin + info.compress_size > self.length:
+                raise self._corrupt(f"record {info.filename!r} lies outside the item")
+            records.append(_Record(info.filename, begin, info.compress_size, info.CRC))
+        return records
+
+    def _corrupt(self, problem: str) -> WeightError:
+        self.problem = WeightError(f"{self.where}: {problem}; the checkpoint file is corrupt")
+        return self.problem
+
+    def _pread(self, position: int, count: int) -> bytes:
+        self.file.seek(self.start + position)
+        return bytes(self.file.read(count))
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence]
+        self.position = min(max(base + offset, 0), self.length)
+        return self.position
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")[: self.length - self.position]
+        self.file.seek(self.start + self.position)
+        count = self.file.readinto(view) or 0
+        self._check(self.position, view[:count])
+        self.position += count
+        return count
+
+    def _check(self, position: int, data: memoryview) -> None:
+        end = position + len(data)
+        for record in self.records:
+            if record.checked == record.size or end <= record.start or position >= record.start + record.size:
+                continue
+            first = max(position, record.start)
+            if first != record.start + record.checked:
+                record.touched = True  # checked when read in order, or by ``finish``
+                continue
+            last = min(end, record.start + record.size)
+            record.running = zlib.crc32(data[first - position : last - position], record.running)
+            record.checked = last - record.start
+            if record.checked == record.size:
+                self._compare(record)
+
+    def _compare(self, record: _Record) -> None:
+        if record.running != record.crc:
+            raise self._corrupt(
+                f"record {record.name!r} fails its CRC32 check (stored {record.crc:08x}, read {record.running:08x})"
+            )
+
+    def finish(self) -> None:
+        """Check the records torch read only out of order: read again whole."""
+        for record in self.records:
+            if record.touched and record.checked < record.size:
+                record.running = zlib.crc32(self._pread(record.start, record.size))
+                record.checked = record.size
+                self._compare(record)
 
 
 class _Window(io.RawIOBase):
@@ -186,56 +297,52 @@ class _Window(io.RawIOBase):
         return count
 
 
-def archive_problem(file: Any, start: int, length: int) -> str | None:
-    """What is wrong with the zip archive (a torch.save item) at bytes ``start`` to ``start +
-    length`` of ``file``: a record whose bytes do not match its CRC32, or an archive that does
-    not parse. None if every record checks. Reads the records in chunks: an item is never held
-    in memory whole."""
-    window = _Window(file, start, length)
-    if window.read(4) != _LOCAL_SIGNATURE:
-        return "is not a torch.save archive (no zip signature)"
-    try:
-        with zipfile.ZipFile(window) as archive:
-            records = archive.infolist()
-    except (zipfile.BadZipFile, ValueError, EOFError, OSError) as exc:
-        return f"is not a readable torch.save archive ({exc})"
-    buffer = memoryview(bytearray(min(CRC_CHUNK, length)))
-    for record in records:
-        window.seek(record.header_offset)
-        header = window.read(_LOCAL_HEADER.size)
-        if len(header) < _LOCAL_HEADER.size:
-            return f"record {record.filename!r} lies outside the item"
-        fields = _LOCAL_HEADER.unpack(header)
-        if fields[0] != _LOCAL_SIGNATURE or record.compress_type != zipfile.ZIP_STORED:
-            return f"record {record.filename!r} has a damaged header"
-        window.seek(record.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10])
-        left, found = record.compress_size, 0
-        while left:
-            count = window.readinto(buffer[: min(left, len(buffer))])
-            if not count:
-                return f"record {record.filename!r} lies outside the item"
-            found = zlib.crc32(buffer[:count], found)
-            left -= count
-        if found != record.CRC:
-            return f"record {record.filename!r} fails its CRC32 check (stored {record.CRC:08x}, read {found:08x})"
-    return None
+class ItemChecks:
+    """The items a verifying reader handed torch: each is finished (``CheckedItem.finish``)
+    when the next is handed and at ``finish``; ``problem`` is the error a failed read should be
+    reported as."""
+
+    def __init__(self) -> None:
+        self.current: CheckedItem | None = None
+        self.failed: WeightError | None = None
+
+    def hand(self, item: CheckedItem) -> CheckedItem:
+        self.finish()
+        self.current = item
+        return item
+
+    def finish(self) -> None:
+        item, self.current = self.current, None
+        if item is not None:
+            try:
+                item.finish()
+            finally:
+                self.failed = self.failed or item.problem
+
+    def problem(self) -> WeightError | None:
+        current = self.current.problem if self.current is not None else None
+        return self.failed or current
 
 
 def verifying_reader(folder: str | Path) -> Any:
-    """A torch DCP FileSystemReader for ``folder`` that checks each item before torch reads it
-    (``archive_problem``) and raises a WeightError naming the file and the item's place."""
+    """A torch DCP FileSystemReader for ``folder`` whose items are read through
+    ``CheckedItem``. After each load call ``reader.checks.finish()``; when a load fails,
+    ``reader.checks.problem()`` is the WeightError to report (naming the file, the item's bytes
+    and the record), if a check caused it."""
     from torch.distributed.checkpoint.filesystem import FileSystemReader
 
     class VerifyingReader(FileSystemReader):
+        checks: ItemChecks
+
         def _slice_file(self, file: Any, sinfo: Any) -> IO[bytes]:
             where = f"{Path(folder) / sinfo.relative_path}: item at bytes {sinfo.offset}-{sinfo.offset + sinfo.length}"
             size = os.fstat(file.fileno()).st_size
             if sinfo.offset + sinfo.length > size:
                 raise WeightError(f"{where}: the file ends at byte {size}; the checkpoint file is truncated")
-            if not getattr(sinfo, "transform_descriptors", None):
-                problem = archive_problem(file, sinfo.offset, sinfo.length)
-                if problem is not None:
-                    raise WeightError(f"{where}: {problem}; the checkpoint file is corrupt")
-            return super()._slice_file(file, sinfo)
+            if getattr(sinfo, "transform_descriptors", None):
+                return super()._slice_file(file, sinfo)  # not a plain torch.save archive
+            return cast(IO[bytes], self.checks.hand(CheckedItem(file, sinfo.offset, sinfo.length, where)))
 
-    return VerifyingReader(str(folder))
+    reader = VerifyingReader(str(folder))
+    reader.checks = ItemChecks()
+    return reader
