@@ -172,17 +172,45 @@ class _Record:
     touched: bool = False  # read out of order (e.g. the zip directory search at the item's end)
 
 
-class CheckedItem(io.RawIOBase):
+class _Window(io.RawIOBase):
+    """Bytes ``start`` to ``start + length`` of an open file, as a file of their own."""
+
+    def __init__(self, file: Any, start: int, length: int) -> None:
+        super().__init__()
+        self.file, self.start, self.length, self.position = file, start, length, 0
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence]
+        self.position = min(max(base + offset, 0), self.length)
+        return self.position
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")[: self.length - self.position]
+        self.file.seek(self.start + self.position)
+        count = self.file.readinto(view) or 0
+        self.position += count
+        return count
+
+
+class CheckedItem(_Window):
     """An item (bytes ``start`` to ``start + length`` of ``file``) as a file of its own, whose
     reads are checked against the CRC32 of the record they fall in. A record read in order
-    (whole, or in pieces) is checked as its last byte passes; one read out of order is read
-    again whole and checked then. A mismatch raises WeightError (and is kept in ``problem``:
-    torch may wrap what a read raises)."""
+    (whole, or in pieces) is checked as its last byte passes; one read only out of order is read
+    again whole at ``finish``. A mismatch raises WeightError (and is kept in ``problem``: torch
+    may wrap what a read raises)."""
 
     def __init__(self, file: Any, start: int, length: int, where: str) -> None:
-        super().__init__()
-        self.file, self.start, self.length, self.where = file, start, length, where
-        self.position = 0
+        super().__init__(file, start, length)
+        self.where = where
         self.problem: WeightError | None = None
         self.records = self._records()
 
@@ -216,26 +244,10 @@ class CheckedItem(io.RawIOBase):
         self.file.seek(self.start + position)
         return bytes(self.file.read(count))
 
-    def seekable(self) -> bool:
-        return True
-
-    def readable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence]
-        self.position = min(max(base + offset, 0), self.length)
-        return self.position
-
     def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")[: self.length - self.position]
-        self.file.seek(self.start + self.position)
-        count = self.file.readinto(view) or 0
-        self._check(self.position, view[:count])
-        self.position += count
+        position = self.position
+        count = super().readinto(buffer)
+        self._check(position, memoryview(buffer).cast("B")[:count])
         return count
 
     def _check(self, position: int, data: memoryview) -> None:
@@ -266,35 +278,6 @@ class CheckedItem(io.RawIOBase):
                 record.running = zlib.crc32(self._pread(record.start, record.size))
                 record.checked = record.size
                 self._compare(record)
-
-
-class _Window(io.RawIOBase):
-    """Bytes ``start`` to ``start + length`` of an open file, as a file of their own."""
-
-    def __init__(self, file: Any, start: int, length: int) -> None:
-        super().__init__()
-        self.file, self.start, self.length, self.position = file, start, length, 0
-
-    def seekable(self) -> bool:
-        return True
-
-    def readable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence]
-        self.position = min(max(base + offset, 0), self.length)
-        return self.position
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")[: self.length - self.position]
-        self.file.seek(self.start + self.position)
-        count = self.file.readinto(view) or 0
-        self.position += count
-        return count
 
 
 class ItemChecks:
