@@ -302,10 +302,10 @@ def load_megatron(
     """Fill the model (all ranks call this) from a dist checkpoint saved at any layout. Every
     key the model asks for must be there, and every model tensor of the checkpoint must be
     asked for (optimizer and RNG state are never read). Each rank reads the regions of its own
-    tensors, through the streaming export's reader (every item checked against its CRC32s)."""
+    tensors straight into them, through the streaming export's reader (every item checked
+    against its CRC32s)."""
     from bridgegen.runtime.cpu_support import enable_cpu_execution
     from bridgegen.runtime.stream import checkpoint_values
-    from bridgegen.runtime.weights import model_tensors
 
     enable_cpu_execution()
     found = megatron_lm.find_checkpoint(checkpoint_dir, iteration)
@@ -314,10 +314,8 @@ def load_megatron(
     per_layer_keys = any(PER_LAYER_KEY.match(key) for key in present)
     _check_keys(sharded_state_dict(chunks, per_layer_keys), found.path, present)
     for model in chunks:
-        tensors = dict(model_tensors(model))
-        with torch.no_grad():
-            for name, value in checkpoint_values(model, found.path, per_layer_keys=per_layer_keys, check_keys=False):
-                tensors[name].copy_(value)
+        for _ in checkpoint_values(model, found.path, per_layer_keys=per_layer_keys, check_keys=False):
+            pass  # each tensor is read into the model
 
 
 def requested_keys(request: dict[str, Any]) -> set[str]:

@@ -397,12 +397,13 @@ def checkpoint_values(
     only: set[str] | None = None,
     check_keys: bool = True,
 ) -> Any:
-    """Yield (name, tensor) for every tensor of ``model`` (on the meta device, or a rank's part
-    of a parallel model), read from the dist checkpoint in ``folder`` a batch of parameters at
-    a time; every item read is checked against its CRC32s (``dist_checkpoint.verifying_reader``). megatron-core's sharded state
-    dict of the single-process model says where each parameter lies in which saved global
-    tensor (a layer of a stacked key, the halves of a fused fc1, an expert); torch reads those
-    regions from the chunks of whatever layout the checkpoint was saved at."""
+    """Yield (name, tensor) for every tensor of ``model``, read from the dist checkpoint in
+    ``folder`` a batch of parameters at a time; every item read is checked against its CRC32s
+    (``dist_checkpoint.verifying_reader``). megatron-core's sharded state dict of the model says
+    where each parameter lies in which saved global tensor (a layer of a stacked key, the halves
+    of a fused fc1, an expert); torch reads those regions from the chunks of whatever layout the
+    checkpoint was saved at. A meta-device model gets new tensors; a real one (a rank's part of
+    a parallel model) is filled in place, and the tensors yielded are its own."""
     from megatron.core.dist_checkpointing.mapping import apply_factories
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
@@ -430,7 +431,12 @@ def checkpoint_values(
     reader.read_metadata = lambda *args, **kwargs: metadata
 
     def read(batch: list[str]) -> dict[str, torch.Tensor]:
-        real = {name: torch.empty(tensors[name].shape, dtype=tensors[name].dtype) for name in batch}
+        real = {
+            name: torch.empty(tensors[name].shape, dtype=tensors[name].dtype)
+            if tensors[name].is_meta
+            else tensors[name].detach()  # filled in place (this thread has no no_grad)
+            for name in batch
+        }
         regions: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
         for name in batch:
             if name not in pieces:
