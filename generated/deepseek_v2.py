@@ -102,6 +102,7 @@ class DeepseekV2Bridge(Bridge):
     runtime_modules = ()
     hf_aliases = {}
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
+    example_config = {}
     weight_rules = (
         WeightRule(
             megatron_name="decoder.final_layernorm.weight",

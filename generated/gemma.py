@@ -57,6 +57,7 @@ class GemmaBridge(Bridge):
     runtime_modules = ("embedding_scale",)
     hf_aliases = {}
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
+    example_config = {}
     weight_rules = (
         WeightRule(
             megatron_name="decoder.final_layernorm.weight",

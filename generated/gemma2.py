@@ -71,6 +71,7 @@ class Gemma2Bridge(Bridge):
     )
     hf_aliases = {}
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
+    example_config = {}
     weight_rules = (
         WeightRule(
             megatron_name="decoder.final_layernorm.weight",

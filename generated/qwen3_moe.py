@@ -70,6 +70,7 @@ class Qwen3MoeBridge(Bridge):
     runtime_modules = ()
     hf_aliases = {"num_experts": ("num_local_experts",)}
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
+    example_config = {}
     weight_rules = (
         WeightRule(
             megatron_name="decoder.final_layernorm.weight",

@@ -50,6 +50,7 @@ class Bridge:
     hf_aliases: ClassVar[Mapping[str, tuple[str, ...]]]
     weight_rules: ClassVar[tuple[WeightRule, ...]]
     hf_ignore: ClassVar[tuple[str, ...]]
+    example_config: ClassVar[Mapping[str, Any]]  # HF config fields of a tiny model of the family
 
     @staticmethod
     def megatron_values(hf: HFConfigReader) -> dict[str, Any]:

@@ -210,3 +210,9 @@ class SpecFile(Strict):
     hf_ignore: list[TensorTemplate] = Field(
         default_factory=list, description="HF tensor templates that exist in checkpoints but carry no weights"
     )
+    example_config: dict[Name, YamlValue] = Field(
+        default_factory=dict,
+        description="the HF config fields of a tiny model of this family (architectures and model_type "
+        "come from the spec): built on the meta device by `bridgegen check` and run by the family tests; "
+        "not inherited",
+    )

@@ -110,6 +110,7 @@ class ResolvedSpec:
     extra_fields: tuple[str, ...]
     runtime_modules: tuple[str, ...]
     hf_aliases: tuple[tuple[str, tuple[str, ...]], ...]
+    example_config: tuple[tuple[str, Any], ...] = ()
 
 
 def placeholders_of(template: str) -> frozenset[str]:
@@ -730,6 +731,7 @@ def _resolve_one(
             extra_fields=tuple(sorted(set(merged.extra_fields) | set(module_fields))),
             runtime_modules=tuple(sorted(merged.runtime_modules)),
             hf_aliases=tuple(sorted((k, tuple(v)) for k, (v, _) in merged.hf_aliases.items())),
+            example_config=tuple(spec.example_config.items()),
         ),
         [],
     )

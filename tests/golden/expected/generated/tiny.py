@@ -60,6 +60,7 @@ class TinyBridge(Bridge):
     runtime_modules = ("embedding_scale",)
     hf_aliases = {}
     hf_ignore = ("lm_head.bias", "model.layers.{layer}.self_attn.rotary_emb.inv_freq")
+    example_config = {}
     weight_rules = (
         WeightRule(
             megatron_name="decoder.final_layernorm.weight",
