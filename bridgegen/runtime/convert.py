@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,10 @@ import torch
 
 from bridgegen.runtime.bridge import Bridge, Wrapper
 from bridgegen.runtime.config import MegatronConfig
-from bridgegen.runtime.errors import ConfigError, WeightError
+from bridgegen.runtime.errors import BridgeWarning, ConfigError, WeightError
 from bridgegen.runtime.formats.key_names import KeyNames
 from bridgegen.runtime.fp8 import block_size
-from bridgegen.runtime.plan import WeightMap
+from bridgegen.runtime.plan import WeightMap, hf_layer_numbers, mtp_layer_numbers
 from bridgegen.runtime.progress import progress_bar
 from bridgegen.runtime.quirks import MODULE_FIELD, RuntimeModule
 from bridgegen.runtime.safetensors_io import Checkpoint, HFDirWriter, PlannedTensor, stream_tensors
@@ -106,7 +107,7 @@ class ModelBridge:
         data = read_hf_config(hf_dir)
         found = ModelBridge.from_hf_config(data, source=str(Path(hf_dir) / "config.json"))
         found.hf_dir = Path(hf_dir)
-        return found
+        return found.without_absent_mtp()
 
     # ----------------------------------------------------------------- building
 
@@ -195,6 +196,31 @@ class ModelBridge:
         return dataclasses.replace(
             self, config=dataclasses.replace(self.config, values=values), drop_mtp=True
         )
+
+    def without_absent_mtp(self) -> ModelBridge:
+        """Without the multi-token prediction layers the config declares when the source
+        checkpoint holds no tensor of any of them, with a warning (transformers writes
+        DeepSeek-V3 configs with one MTP layer by default, and its model has none). Layers
+        partly present are left to the weight check, which names the missing tensors."""
+        numbers = mtp_layer_numbers(self.config)
+        if not numbers or self.hf_dir is None:
+            return self
+        try:
+            names = Checkpoint.open(self.hf_dir).names()
+        except WeightError:
+            return self  # no weights here (a config-only folder): nothing to compare with
+        if hf_layer_numbers(names) & set(numbers):
+            return self
+        layers = ", ".join(str(n) for n in numbers)
+        warnings.warn(
+            BridgeWarning(
+                f"{self.hf_dir / 'config.json'}: declares {len(numbers)} multi-token prediction "
+                f"layer(s) (HF layer {layers}) but the checkpoint holds no tensor of them; converting "
+                "without them (as --drop-mtp does; an export will declare 0)"
+            ),
+            stacklevel=2,
+        )
+        return self.without_mtp()
 
     def default_dtype(self) -> torch.dtype:
         if self.hf_dir is not None:
