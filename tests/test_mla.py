@@ -12,6 +12,7 @@ import dist_cases
 import pytest
 import torch
 from checkpoints import tensors_of
+from routing import hf_expert_sets, megatron_expert_sets, tokens_routed_differently
 from safetensors.torch import load_file
 
 VOCAB = 250
@@ -88,9 +89,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def build(
-    folder: Path, name: str, dtype: torch.dtype = torch.float32, **overrides: Any
-) -> tuple[Path, Any]:
+def build(folder: Path, name: str, dtype: torch.dtype = torch.float32, **overrides: Any) -> tuple[Path, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = dict(COMMON) | dict(VARIANTS[name]) | overrides
@@ -185,24 +184,13 @@ def test_bf16_routing_matches_transformers(name: str, tmp_path: Path) -> None:
     layer = COMMON["first_k_dense_replace"]
     hf_gate = hf.model.layers[layer].mlp.gate
     router = model.decoder.layers[layer].mlp.router
-    tokens = torch.randn(16384, COMMON["hidden_size"], generator=torch.Generator().manual_seed(3))
-    hidden = tokens.to(torch.bfloat16)
-    with torch.no_grad():
-        _, hf_weights, hf_indices = hf_gate(hidden)
-        hf_sets = torch.zeros(len(hidden), experts["n_routed_experts"], dtype=torch.bool)
-        hf_sets.scatter_(1, hf_indices, True)
-
-        def route() -> tuple[torch.Tensor, torch.Tensor]:
-            probs, routing_map = router(hidden.unsqueeze(1))
-            return probs.float(), routing_map.bool()
-
-        probs, chosen = route()
-        assert torch.equal(chosen, hf_sets)
-        weights = torch.zeros_like(probs).scatter_(1, hf_indices, hf_weights.float())
-        assert torch.allclose(probs, weights, atol=1e-6, rtol=0)
-        router.config.moe_router_dtype = None  # megatron-core's default: the model's dtype
-        _, chosen_bf16 = route()
-    differing = int((chosen_bf16 != hf_sets).any(dim=1).sum())
+    hidden = torch.randn(16384, COMMON["hidden_size"], generator=torch.Generator().manual_seed(3))
+    hidden = hidden.to(torch.bfloat16)
+    hf_chosen, hf_weights = hf_expert_sets(hf_gate, hidden, experts["n_routed_experts"])
+    chosen, weights = megatron_expert_sets(router, hidden)
+    assert torch.equal(chosen, hf_chosen)
+    assert torch.allclose(weights, hf_weights, atol=1e-6, rtol=0)
+    differing = tokens_routed_differently(router, hidden, hf_chosen, None)  # megatron-core's default
     print(f"{name}: bf16 routing differs from transformers on {differing} of {len(hidden)} tokens")
     assert differing >= 5
 
