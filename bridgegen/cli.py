@@ -79,7 +79,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     for orphan in result.orphans:
         print(f"{orphan}: orphan generated file (no spec produces it)")
     if not result.ok:
-        again = "`make generate`" if external is None else "`bridgegen generate` with the same --specs / --out"
+        again = (
+            "`make generate`" if external is None else "`bridgegen generate` with the same --specs / --out"
+        )
         print(f"generated code is stale: run {again} and commit the result", file=sys.stderr)
         return 1
     print("specs valid; generated code up to date")
@@ -134,12 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     def add_generating(name: str, help_text: str) -> argparse.ArgumentParser:
         p = add(name, help_text)
         p.add_argument("--specs", help="a folder of specs kept outside this project (with --out)")
-        p.add_argument("--out", help="the folder their bridges go to, a Python package (see BRIDGEGEN_BRIDGES)")
+        p.add_argument(
+            "--out", help="the folder their bridges go to, a Python package (see BRIDGEGEN_BRIDGES)"
+        )
         return p
 
-    add_generating("generate", "regenerate generated/ and the spec JSON Schema from specs/*.yaml").set_defaults(
-        func=_cmd_generate
-    )
+    add_generating(
+        "generate", "regenerate generated/ and the spec JSON Schema from specs/*.yaml"
+    ).set_defaults(func=_cmd_generate)
     add_generating("check", "fail with a diff if generated/ differs from what specs/ produce").set_defaults(
         func=_cmd_check
     )

@@ -294,9 +294,8 @@ def _project_copy(root: Path) -> Path:
 def _tiny_acme_model(folder: Path) -> None:
     """A random tiny Llama saved by transformers, relabelled as the private architecture."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     import yaml
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     fields = yaml.safe_load(ACME_SPEC)["example_config"]
     torch.manual_seed(0)
@@ -329,8 +328,12 @@ def test_non_editable_install_generates_and_converts_an_external_family(tmp_path
     run(*pip, "wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", tmp_path / "dist", source)
     (wheel,) = (tmp_path / "dist").glob("bridgegen-*.whl")
     shipped = set(zipfile.ZipFile(wheel).namelist())
-    expected = {f"bridgegen/specs/{p.name}" for p in (REPO / "specs").iterdir() if p.suffix in (".yaml", ".json")}
-    expected |= {f"bridgegen/spec/templates/{p.name}" for p in (REPO / "bridgegen/spec/templates").glob("*.j2")}
+    expected = {
+        f"bridgegen/specs/{p.name}" for p in (REPO / "specs").iterdir() if p.suffix in (".yaml", ".json")
+    }
+    expected |= {
+        f"bridgegen/spec/templates/{p.name}" for p in (REPO / "bridgegen/spec/templates").glob("*.j2")
+    }
     expected |= {f"bridgegen/generated/{p.name}" for p in (REPO / "generated").glob("*.py")}
     expected |= {"bridgegen/py.typed", "bridgegen/generated/py.typed"}
     assert expected <= shipped, sorted(expected - shipped)

@@ -246,7 +246,9 @@ def bridge_for_checkpoint(
         config = MegatronConfig.from_json(json.dumps(record["megatron_config"]))
         chosen = bridge_for_family(config.family)
         if chosen is None:
-            raise WeightError(f"{record_path}: family {config.family!r} has no bridge in this version nor in BRIDGEGEN_BRIDGES")
+            raise WeightError(
+                f"{record_path}: family {config.family!r} has no bridge in this version nor in BRIDGEGEN_BRIDGES"
+            )
         bridge = ModelBridge(chosen, config)
     elif hf_dir is not None:
         bridge = ModelBridge.from_hf_config(read_hf_config(hf_dir), source=str(hf_dir / "config.json"))
