@@ -71,7 +71,8 @@ def format_python(source: str, display_path: str) -> str:
         installed = metadata.version("ruff")
     except metadata.PackageNotFoundError:
         raise FormatterError(
-            f"ruff {RUFF_VERSION} is needed to format generated code; it is not installed"
+            f"ruff {RUFF_VERSION} is needed to format generated code; it is not installed "
+            "(pip install 'bridgegen[generate]')"
         ) from None
     if installed != RUFF_VERSION:
         raise FormatterError(
