@@ -58,7 +58,9 @@ def _generate(specs: Path, out: Path, command: str = "generate") -> int:
 
 @pytest.fixture
 def bridges_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """BRIDGEGEN_BRIDGES unset; the folders a test adds to sys.path leave with it."""
     monkeypatch.delenv(BRIDGES_ENV, raising=False)
+    monkeypatch.setattr(sys, "path", list(sys.path))
     yield monkeypatch
 
 
