@@ -171,6 +171,13 @@ def test_bridges_folder_found_by_the_python_api_and_list(
     bridge = bridge_for_config(config)
     assert bridge.__name__ == "AcmeBridge" and bridge.__module__ == f"{out.name}.acme"
     assert bridge.example_config["hidden_size"] == 64
+    from transformers import LlamaConfig
+
+    from bridgegen.runtime.convert import ModelBridge
+
+    hf_config = {**LlamaConfig(**bridge.example_config).to_dict(), **config}
+    model_bridge = ModelBridge.from_hf_config(hf_config)
+    assert model_bridge.bridge is bridge and model_bridge.config.family == "acme"
     # Built-in bridges stay: a folder adds to them.
     assert bridge_for_config({"architectures": ["LlamaForCausalLM"]}).family == "llama"
     capsys.readouterr()
