@@ -97,7 +97,7 @@ class ModelBridge:
 
     @staticmethod
     def from_hf_config(hf_config: dict[str, Any], source: str = "config.json") -> ModelBridge:
-        from bridgegen.generated import bridge_for_config
+        from bridgegen.runtime.registry import bridge_for_config
 
         bridge = bridge_for_config(hf_config)
         return ModelBridge(bridge, bridge.to_megatron_config(hf_config, source=source))

@@ -741,9 +741,12 @@ def _resolve_one(
 
 
 def resolve_all(
-    loaded_specs: list[LoadedSpec], known_names: frozenset[str] = frozenset()
+    loaded_specs: list[LoadedSpec], known_names: frozenset[str] = frozenset(), spec_listing: str = ""
 ) -> list[ResolvedSpec]:
-    """Validate, cross-check and resolve every spec; raise SpecErrors with all problems found."""
+    """Validate, cross-check and resolve every spec; raise SpecErrors with all problems found.
+
+    ``spec_listing`` ends the message of an ``extends`` naming no spec (the specs there are).
+    Claims on one architecture are reported at the spec given later in ``loaded_specs``."""
     errors: list[SpecError] = []
     valid: dict[str, tuple[LoadedSpec, SpecFile]] = {}
     for loaded in loaded_specs:
@@ -775,7 +778,8 @@ def resolve_all(
                     if origin_loaded is loaded:
                         errors.append(
                             loaded.error(
-                                ("extends",), f"extends unknown spec {parent!r}{_suggest(parent, all_names)}"
+                                ("extends",),
+                                f"extends unknown spec {parent!r}{_suggest(parent, all_names)}{spec_listing}",
                             )
                         )
                 ok = False
@@ -787,7 +791,7 @@ def resolve_all(
             chains[name] = list(reversed(chain))
 
     claimed: dict[tuple[str, str], LoadedSpec] = {}
-    for _name, (loaded, spec) in sorted(valid.items()):
+    for loaded, spec in valid.values():
         if spec.abstract:
             continue
         for key in ("architectures", "model_types"):
