@@ -420,7 +420,7 @@ def use_qk_norms_over_heads(block_spec: Any) -> None:
     """OLMo 2: q/k norms over the whole projection (NormOverHeads) in every layer."""
     for layer_spec in block_spec.layer_specs:
         attention = getattr(getattr(layer_spec.submodules, "self_attention", None), "submodules", None)
-        if attention is not None and hasattr(attention, "q_layernorm"):
+        if attention is not None and _is_norm(getattr(attention, "q_layernorm", None)):
             attention.q_layernorm = NormOverHeads
             attention.k_layernorm = KeyNormOverHeads
 
