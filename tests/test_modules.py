@@ -313,3 +313,17 @@ def test_an_extra_field_no_module_reads_is_refused_at_build() -> None:
         ConfigError, match=r"gemma2: the runtime cannot build a model with attn_logit_softcapping"
     ):
         ModelBridge(WithoutSoftcapping, config).build_model(torch.float32)
+
+
+@pytest.mark.parametrize("module", sorted(RuntimeModule, key=lambda m: m.value), ids=lambda m: m.value)
+def test_every_module_says_what_megatron_lm_lacks_with_its_values(module: RuntimeModule) -> None:
+    """Megatron-LM has no flag for any module so far (megatron/training/arguments.py): each
+    names its gap, with its parameters' values filled in."""
+    samples = {float: 1.5, bool: True}
+    declared = quirks.PARAMETERS[module].model_fields
+    parameters = quirks.PARAMETERS[module](**{name: samples[f.annotation] for name, f in declared.items()})
+    gap = parameters.megatron_lm_gap()
+    assert gap is not None and "{" not in gap
+    for name in declared:
+        if declared[name].annotation is float:
+            assert "1.5" in gap, (module, name)

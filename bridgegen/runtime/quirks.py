@@ -40,28 +40,35 @@ class ModuleParameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     # What a model built from Megatron-LM's arguments lacks without this module (printed with
-    # those arguments); None for a module whose effect lm_arguments writes as flags.
+    # those arguments, {parameter} replaced by its value); None for a module whose effect
+    # lm_arguments writes as flags.
     not_in_megatron_lm: ClassVar[str | None]
+
+    def megatron_lm_gap(self) -> str | None:
+        """``not_in_megatron_lm`` with this module's values."""
+        if self.not_in_megatron_lm is None:
+            return None
+        return self.not_in_megatron_lm.format(**self.model_dump())
 
 
 class EmbeddingScale(ModuleParameters):
     """Embeddings times a constant (Gemma: sqrt(hidden_size); Granite: embedding_multiplier)."""
 
-    not_in_megatron_lm: ClassVar[str | None] = "embedding output scaled by a constant"
+    not_in_megatron_lm: ClassVar[str | None] = "embedding output scaled by {scale}"
     scale: float
 
 
 class SoftcappedAttention(ModuleParameters):
     """Attention scores -> cap * tanh(scores / cap) (Gemma 2)."""
 
-    not_in_megatron_lm: ClassVar[str | None] = "attention logit softcapping"
+    not_in_megatron_lm: ClassVar[str | None] = "attention logit softcapping at {cap}"
     cap: float
 
 
 class FinalLogitSoftcapping(ModuleParameters):
     """Logits -> cap * tanh(logits / cap) (Gemma 2)."""
 
-    not_in_megatron_lm: ClassVar[str | None] = "final logit softcapping"
+    not_in_megatron_lm: ClassVar[str | None] = "final logit softcapping at {cap}"
     cap: float
 
 
@@ -76,21 +83,23 @@ class PostLayerNorms(ModuleParameters):
 class LocalRopeBase(ModuleParameters):
     """Sliding-window layers rotate with their own RoPE base (Gemma 3)."""
 
-    not_in_megatron_lm: ClassVar[str | None] = "a separate RoPE base on sliding-window layers"
+    not_in_megatron_lm: ClassVar[str | None] = "RoPE base {base} on sliding-window layers"
     base: float
 
 
 class ResidualMultiplier(ModuleParameters):
     """Attention and MLP outputs times a constant before each residual add (Granite)."""
 
-    not_in_megatron_lm: ClassVar[str | None] = "residual branch multiplier"
+    not_in_megatron_lm: ClassVar[str | None] = (
+        "attention and MLP outputs times {multiplier} before the residual add"
+    )
     multiplier: float
 
 
 class LogitsScaling(ModuleParameters):
     """Logits divided by a constant (Granite's logits_scaling)."""
 
-    not_in_megatron_lm: ClassVar[str | None] = "logits divided by a constant"
+    not_in_megatron_lm: ClassVar[str | None] = "logits divided by {divisor}"
     divisor: float
 
 

@@ -241,8 +241,9 @@ def lm_arguments(
             f"softmax scale {v['softmax_scale']} (Megatron-LM uses 1/sqrt(kv_channels))"
         )
     for parameters in runtime_modules:
-        if parameters.not_in_megatron_lm is not None:
-            args.not_expressible.append(parameters.not_in_megatron_lm)
+        gap = parameters.megatron_lm_gap()
+        if gap is not None:
+            args.not_expressible.append(gap)
     return args
 
 
