@@ -201,8 +201,8 @@ class SpecFile(Strict):
         default_factory=dict,
         description="runtime modules for quirks megatron-core's layer spec cannot express: module: "
         "{parameter: Megatron field} (every parameter the module declares in "
-        "bridgegen.runtime.quirks, each field set in config; null binds none). A module applies "
-        "when every field it reads has a value",
+        "bridgegen.runtime.quirks, each field set in config; {} for a module without parameters; "
+        "null removes an inherited one). A module applies when every field it reads has a value",
     )
     config: ConfigSection = Field(default_factory=ConfigSection)
     weights: dict[TensorTemplate, WeightSpec | None] = Field(

@@ -403,9 +403,13 @@ def _merge_chain(chain: list[tuple[LoadedSpec, SpecFile]]) -> tuple[_Merged, lis
         _merge_section(merged.hf_aliases, dict(cfg.hf_aliases), loaded, ("config", "hf_aliases"), errors)
         for index, name in enumerate(cfg.extra_fields):
             merged.extra_fields[name] = _Origin(loaded, ("config", "extra_fields", index))
-        for module, bindings in spec.runtime_modules.items():
-            origin = _Origin(loaded, ("runtime_modules", module.value))
-            merged.runtime_modules[module.value] = (dict(bindings or {}), origin)
+        _merge_section(
+            merged.runtime_modules,
+            {module.value: bindings for module, bindings in spec.runtime_modules.items()},
+            loaded,
+            ("runtime_modules",),
+            errors,
+        )
         for index, check in enumerate(cfg.hf_checks):
             merged.hf_checks.append(
                 (check.expect, check.message, _Origin(loaded, ("config", "hf_checks", index, "expect")))
