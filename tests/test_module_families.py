@@ -185,3 +185,16 @@ def test_olmo2_dist_checkpoint_at_tp2_round_trips(
 def bridge_width(bridge: type[Bridge], heads_field: str) -> int:
     config = bridge.example_config
     return int(config[heads_field]) * (int(config["hidden_size"]) // int(config["num_attention_heads"]))
+
+
+def test_olmo2_refuses_tp_wider_than_its_key_value_heads(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """megatron-core would repeat one key/value head on both ranks; a norm over all heads of a
+    repeated head is not OLMo 2's, so import at TP=2 with one key/value head is refused."""
+    from bridgegen.cli import main
+
+    save_tiny(MODULE_FAMILIES["olmo2"], tmp_path / "hf", num_key_value_heads=1)
+    code = main(["import", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt"), "--tp", "2"])
+    assert code == 2
+    assert "num_query_groups 1 does not split over tensor parallel size 2" in capfd.readouterr().err

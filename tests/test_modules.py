@@ -198,7 +198,9 @@ def test_norm_over_heads_refuses_heads_that_do_not_split_over_tensor_parallel_ra
     config = SimpleNamespace(
         num_attention_heads=4, num_query_groups=1, tensor_model_parallel_size=2, params_dtype=torch.float32
     )
-    with pytest.raises(ValueError, match="num_query_groups 1 does not split over tensor parallel size 2"):
+    from bridgegen.runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="num_query_groups 1 does not split over tensor parallel size 2"):
         modules.KeyNormOverHeads(config, 8)
 
 
@@ -327,3 +329,20 @@ def test_every_module_says_what_megatron_lm_lacks_with_its_values(module: Runtim
     for name in declared:
         if declared[name].annotation is float:
             assert "1.5" in gap, (module, name)
+
+
+def test_a_module_value_of_the_wrong_type_is_refused_naming_field_and_module() -> None:
+    import dataclasses
+
+    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.runtime.errors import ConfigError
+
+    bridge = ModelBridge.from_hf_config(_gemma2_config())
+    values = dict(bridge.config.values, post_layer_norms=1.5)
+    wrong = dataclasses.replace(bridge, config=dataclasses.replace(bridge.config, values=values))
+    with pytest.raises(
+        ConfigError,
+        match=r"^gemma2: Megatron field 'post_layer_norms' feeds parameter 'enabled' of runtime module "
+        r"'post_layer_norms': 1.5 is not a bool",
+    ):
+        wrong.runtime_modules()

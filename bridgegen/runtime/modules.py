@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from bridgegen.runtime.errors import ConfigError
 from bridgegen.runtime.quirks import RuntimeModule
 
 
@@ -378,8 +379,9 @@ class NormOverHeads(torch.nn.Module):
         heads = getattr(config, self.heads_field) or config.num_attention_heads
         ranks = config.tensor_model_parallel_size
         if heads % ranks:
-            raise ValueError(
-                f"q/k norm over heads: {self.heads_field} {heads} does not split over tensor parallel size {ranks}"
+            raise ConfigError(
+                f"q/k norm over all heads: {self.heads_field} {heads} does not split over tensor "
+                f"parallel size {ranks} (each rank normalises whole heads)"
             )
         self.eps = eps
         self.ranks = ranks
