@@ -170,7 +170,8 @@ def test_olmo2_dist_checkpoint_at_tp2_round_trips(
     olmo2_folder: tuple[Path, torch.Tensor], tmp_path: Path
 ) -> None:
     """CLI import at TP=2 writes each rank's half of q_norm / k_norm into the dist checkpoint;
-    export at TP=1 puts the halves back together, bit-exact."""
+    export at TP=1 puts the halves back together, bit-exact; models at TP=2 and TP=1 load the
+    checkpoint (megatron-core's sharded_state_dict of the norms) and match HF's logits."""
     from bridgegen.cli import main
 
     folder, _ = olmo2_folder
@@ -180,6 +181,9 @@ def test_olmo2_dist_checkpoint_at_tp2_round_trips(
     assert_bit_exact(folder, out)
     q_norm = tensors_of(out)["model.layers.0.self_attn.q_norm.weight"]
     assert q_norm.shape == (bridge_width(MODULE_FAMILIES["olmo2"], "num_attention_heads"),)
+    for tp in ("2", "1"):
+        verify = ["verify", "--hf", str(folder), "--megatron", str(checkpoint), "--tp", tp, "--seq-len", "24"]
+        assert main(verify) == 0
 
 
 def bridge_width(bridge: type[Bridge], heads_field: str) -> int:
