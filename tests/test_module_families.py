@@ -80,12 +80,14 @@ def test_fp32_logits_match_transformers(family: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("family", sorted(MODULE_FAMILIES))
 def test_import_export_is_bit_exact_and_loads_in_transformers(family: str, tmp_path: Path) -> None:
-    """Through the CLI and a Megatron dist checkpoint; the export loads with transformers'
-    ``from_pretrained`` (transformers/modeling_utils.py, PreTrainedModel.from_pretrained) and
-    computes the original model's logits exactly."""
+    """Through the CLI and a Megatron dist checkpoint; the Megatron-LM arguments the import
+    prints list every module the model needs under "Not in Megatron-LM"; the export loads with
+    transformers 5.24's ``AutoModelForCausalLM.from_pretrained``
+    (transformers/models/auto/auto_factory.py:261, transformers/modeling_utils.py:3903) and computes the original model's logits exactly."""
     from transformers import AutoModelForCausalLM
 
     from bridgegen.cli import main
+    from bridgegen.runtime.convert import ModelBridge
 
     bridge = MODULE_FAMILIES[family]
     hf = save_tiny(bridge, tmp_path / "hf")
@@ -93,6 +95,9 @@ def test_import_export_is_bit_exact_and_loads_in_transformers(family: str, tmp_p
     assert main(["import", "--hf", str(tmp_path / "hf"), "--out", str(checkpoint)]) == 0
     assert main(["export", "--megatron", str(checkpoint), "--out", str(out)]) == 0
     assert_bit_exact(tmp_path / "hf", out)
+    arguments = (checkpoint / "megatron_lm_args.txt").read_text()
+    for _, parameters in ModelBridge.from_hf_dir(tmp_path / "hf").runtime_modules():
+        assert f"#   - {parameters.megatron_lm_gap()}\n" in arguments
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     exported.train(False)
     assert type(exported) is type(hf)
