@@ -144,8 +144,3 @@ def parameter_type_error(module: RuntimeModule, parameter: str, value: Any) -> s
         name = getattr(annotation, "__name__", str(annotation))
         return f"{value!r} is not a {name} ({error.errors()[0]['msg']})"
     return None
-
-
-def module_parameters(module: RuntimeModule, values: dict[str, Any]) -> ModuleParameters:
-    """The parameters of ``module`` from the values of the fields they are bound to."""
-    return PARAMETERS[module](**values)
