@@ -10,7 +10,9 @@ built. The modules themselves live in ``bridgegen.runtime.modules``.
 
 To add one: a member of ``RuntimeModule``, a parameter class below (its docstring says what the
 module does; ``not_in_megatron_lm`` says what Megatron-LM's arguments cannot express, or is
-None where ``formats.megatron_lm.lm_arguments`` writes its flags), its entry in ``PARAMETERS``, and its implementation in ``modules.py``.
+None where ``formats.megatron_lm.lm_arguments`` writes its flags), its entry in
+``PARAMETERS``, and its implementation with its entry in ``modules.py`` (README: Runtime
+modules).
 """
 
 from __future__ import annotations
