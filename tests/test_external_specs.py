@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from bridgegen.generated.qwen3 import Qwen3Bridge
 
 from bridgegen.cli import main
-from bridgegen.generated.qwen3 import Qwen3Bridge
 from bridgegen.runtime.registry import BRIDGES_ENV, BridgesFolderError, all_bridges, bridge_for_config
 from bridgegen.spec.generate import builtin_specs_dir
 

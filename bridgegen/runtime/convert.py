@@ -21,7 +21,7 @@ from bridgegen.runtime.formats.key_names import KeyNames
 from bridgegen.runtime.fp8 import block_size
 from bridgegen.runtime.plan import WeightMap, hf_layer_numbers, mtp_layer_numbers
 from bridgegen.runtime.progress import progress_bar
-from bridgegen.runtime.quirks import MODULE_FIELD, RuntimeModule
+from bridgegen.runtime.quirks import PARAMETERS, ModuleParameters, RuntimeModule, parameter_type_error
 from bridgegen.runtime.safetensors_io import Checkpoint, HFDirWriter, PlannedTensor, stream_tensors
 from bridgegen.runtime.weights import LoadStats, iter_hf_from_full, load_into, model_tensors
 
@@ -184,7 +184,7 @@ class ModelBridge:
             key_names=self.key_names,
             dtype=dtype,
             tokenizer_model=tokenizer_model,
-            runtime_modules=[module.value for module, _ in self.runtime_modules()],
+            runtime_modules=[parameters for _, parameters in self.runtime_modules()],
         )
 
     def without_mtp(self) -> ModelBridge:
@@ -234,16 +234,29 @@ class ModelBridge:
             self.config, params_dtype=parse_dtype(dtype) or self.default_dtype(), **parallel
         )
 
-    def runtime_modules(self) -> list[tuple[RuntimeModule, Any]]:
-        """The spec's runtime modules that apply to this config, with the value each reads."""
-        selected = [RuntimeModule(name) for name in self.bridge.runtime_modules]
-        values = [(module, self.config.values.get(MODULE_FIELD[module])) for module in selected]
-        return [(module, value) for module, value in values if value is not None and value is not False]
+    def runtime_modules(self) -> list[tuple[RuntimeModule, ModuleParameters]]:
+        """The spec's runtime modules that apply to this config (every field a module reads has
+        a value), with their parameters, each checked against the type the module declares."""
+        applied = []
+        for name, bindings in sorted(self.bridge.runtime_modules.items()):
+            module = RuntimeModule(name)
+            values = {parameter: self.config.values.get(field) for parameter, field in bindings.items()}
+            if any(value is None or value is False for value in values.values()):
+                continue
+            for parameter, value in sorted(values.items()):
+                reason = parameter_type_error(module, parameter, value)
+                if reason is not None:
+                    raise ConfigError(
+                        f"{self.config.family}: Megatron field {bindings[parameter]!r} feeds parameter "
+                        f"{parameter!r} of runtime module {name!r}: {reason}"
+                    )
+            applied.append((module, PARAMETERS[module](**values)))
+        return applied
 
     def _refuse_unimplemented(self) -> None:
         """An extra Megatron field with a value that no runtime module reads is a quirk the
         model would silently lack: refuse to build it."""
-        read = {MODULE_FIELD[RuntimeModule(name)] for name in self.bridge.runtime_modules}
+        read = {field for bindings in self.bridge.runtime_modules.values() for field in bindings.values()}
         pending = sorted(
             name
             for name, value in self.config.values.items()
@@ -291,9 +304,9 @@ class ModelBridge:
         selected = self.runtime_modules()
         if config.layernorm_zero_centered_gamma:
             modules.use_zero_centered_norms(spec)
-        for module, value in selected:
+        for module, parameters in selected:
             if module in modules.BLOCK_SPEC_MODULES:
-                modules.BLOCK_SPEC_MODULES[module](spec, value)
+                modules.BLOCK_SPEC_MODULES[module](spec, parameters)
         mtp_spec = None
         if self.config.values.get("mtp_num_layers"):
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
@@ -323,9 +336,9 @@ class ModelBridge:
             **{k: v for k, v in model_kwargs.items() if k != "vocab_size"},
         )
         _parameters_in(model, config.params_dtype)
-        for module, value in selected:
+        for module, parameters in selected:
             if module in modules.MODEL_MODULES:
-                modules.MODEL_MODULES[module](model, value)
+                modules.MODEL_MODULES[module](model, parameters)
         if self.config.rope.needs_runtime_rope():
             modules.use_hf_rope(
                 model,
