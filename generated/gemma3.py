@@ -186,9 +186,6 @@ class Gemma3Bridge(Bridge):
             "HF Gemma biases q, k, v and o but not the MLP, which megatron-core cannot express",
         )
         hf.require_neutral(
-            "hidden_act", ("gelu_pytorch_tanh", "gelu"), "Gemma's MLP uses the tanh-approximated GELU"
-        )
-        hf.require_neutral(
             "partial_rotary_factor", (1.0,), "a rotary embedding on part of each head is not mapped"
         )
         hf.require_neutral("use_bidirectional_attention", (False,), "bidirectional attention is not mapped")
