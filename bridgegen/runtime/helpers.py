@@ -60,7 +60,5 @@ def full_attention_every(layer_types: Sequence[str] | None, declared: int) -> in
     if layer_types is None:
         return declared
     wanted = list(layer_types)
-    for every in (declared, *range(1, len(wanted) + 2)):
-        if sliding_layer_types(len(wanted), every) == wanted:
-            return every
-    return None
+    candidates: list[int] = [declared, *range(1, len(wanted) + 2)]
+    return next((every for every in candidates if sliding_layer_types(len(wanted), every) == wanted), None)

@@ -449,7 +449,7 @@ def _line_of(loaded: LoadedSpec, path: FieldPath) -> str:
 
 
 def _unread_fields(
-    merged: _Merged, loaded: LoadedSpec, read: set[str | None]
+    merged: _Merged, loaded: LoadedSpec, read: set[str]
 ) -> tuple[tuple[tuple[str, tuple[Any, ...], str], ...], tuple[str, ...], list[SpecError]]:
     """The HF fields accounted for without being read: (hf_neutral entries, hf_behaviour_free
     names, errors). A field the bridge reads needs neither; an inherited entry for it goes (the
@@ -644,7 +644,9 @@ def _resolve_one(
     hf_values.sort(key=lambda a: a.target)
 
     hf_neutral, hf_behaviour_free, unread_errors = _unread_fields(
-        merged, loaded, {f.hf_name for f in hf_inputs} | {v.target for v in hf_values} | {merged.activation_field}
+        merged,
+        loaded,
+        {f.hf_name for f in hf_inputs} | {v.target for v in hf_values} | {merged.activation_field or ""},
     )
     errors += unread_errors
 
