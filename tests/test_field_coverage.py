@@ -126,7 +126,9 @@ def write_toy_spec(root: Path, config: str) -> None:
 
 def test_a_field_the_spec_reads_cannot_be_neutral_or_behaviour_free(tmp_path: Path) -> None:
     write_toy_spec(tmp_path / "a", "  hf_behaviour_free: [vocab_size]\n")
-    with pytest.raises(SpecErrors, match="'vocab_size' is read by this bridge; it cannot be behaviour-free too"):
+    with pytest.raises(
+        SpecErrors, match="'vocab_size' is read by this bridge; it cannot be behaviour-free too"
+    ):
         load_specs(tmp_path / "a")
     write_toy_spec(tmp_path / "b", "  hf_neutral:\n    vocab_size: {value: 8, why: toy}\n")
     with pytest.raises(SpecErrors, match="'vocab_size' is read by this bridge; it cannot be neutral too"):
@@ -139,7 +141,11 @@ def test_a_family_reading_a_field_its_base_refuses_drops_the_refusal(tmp_path: P
     (toy,) = load_specs(tmp_path)
     assert "partial_rotary_factor" not in {name for name, _, _ in toy.hf_neutral}
     (llama,) = [spec for spec in load_specs(REPO) if spec.family == "llama"]
-    assert ("partial_rotary_factor", (1.0,), "a rotary embedding on part of each head is not mapped") in llama.hf_neutral
+    assert (
+        "partial_rotary_factor",
+        (1.0,),
+        "a rotary embedding on part of each head is not mapped",
+    ) in llama.hf_neutral
 
 
 # ------------------------------------------------------------------ refused on import
@@ -160,34 +166,54 @@ def test_a_family_reading_a_field_its_base_refuses_drops_the_refusal(tmp_path: P
         ),
         (
             LlamaBridge,
-            {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+            {
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "rope_theta": 10000.0,
+                    "partial_rotary_factor": 0.5,
+                }
+            },
             r"'partial_rotary_factor' is 0.5; the llama bridge supports only 1.0",
         ),
         (
             LlamaBridge,
-            {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
-                              "attention_factor": 1.5}},
+            {
+                "rope_scaling": {
+                    "rope_type": "yarn",
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                    "attention_factor": 1.5,
+                }
+            },
             r"rope_scaling 'attention_factor' is 1.5; the llama bridge supports only no value",
         ),
     ],
 )
-def test_llama_fields_that_change_the_model_are_refused(bridge: Any, fields: dict[str, Any], message: str) -> None:
+def test_llama_fields_that_change_the_model_are_refused(
+    bridge: Any, fields: dict[str, Any], message: str
+) -> None:
     with pytest.raises(ConfigError, match=message):
         bridge.to_megatron_config(with_fields(llama_fields(), **fields))
 
 
 def test_neutral_values_name_file_field_value_and_reason() -> None:
-    gemma = with_fields(llama_fields(), architectures=["GemmaForCausalLM"], model_type="gemma", hidden_act="gelu")
+    gemma = with_fields(
+        llama_fields(), architectures=["GemmaForCausalLM"], model_type="gemma", hidden_act="gelu"
+    )
     with pytest.raises(ConfigError) as caught:
         GemmaBridge.to_megatron_config(with_fields(gemma, attention_bias=True), source="hf/config.json")
     assert str(caught.value) == (
         "hf/config.json: 'attention_bias' is true; the gemma bridge supports only false (HF Gemma biases "
         "q, k, v and o but not the MLP, which megatron-core cannot express)"
     )
-    with pytest.raises(ConfigError, match="'use_bidirectional_attention' is true; the gemma bridge supports only false"):
+    with pytest.raises(
+        ConfigError, match="'use_bidirectional_attention' is true; the gemma bridge supports only false"
+    ):
         GemmaBridge.to_megatron_config(with_fields(gemma, use_bidirectional_attention=True))
-    with pytest.raises(ConfigError, match="'hidden_act' is \"relu\"; the gemma bridge supports only "
-                       "\"gelu_pytorch_tanh\" or \"gelu\""):
+    with pytest.raises(
+        ConfigError,
+        match='\'hidden_act\' is "relu"; the gemma bridge supports only "gelu_pytorch_tanh" or "gelu"',
+    ):
         GemmaBridge.to_megatron_config(with_fields(gemma, hidden_act="relu"))
     # The neutral value itself, its other spelling and an absent field all convert.
     for value in ("gelu", "gelu_pytorch_tanh"):
@@ -231,7 +257,9 @@ def test_gemma2_layer_types_decide_the_window_pattern() -> None:
     assert default.value("window_attn_skip_freq") == 2
     # Written on export, as transformers writes it.
     assert Gemma2Bridge.to_hf_config(default)["layer_types"] == [sliding, full, sliding, full]
-    every_fourth = Gemma2Bridge.to_megatron_config(gemma2_fields(layer_types=[sliding, sliding, sliding, full]))
+    every_fourth = Gemma2Bridge.to_megatron_config(
+        gemma2_fields(layer_types=[sliding, sliding, sliding, full])
+    )
     assert every_fourth.value("window_attn_skip_freq") == 4
     with pytest.raises(ConfigError, match="layer_types is not one full-attention layer after every n - 1"):
         Gemma2Bridge.to_megatron_config(gemma2_fields(layer_types=[full, sliding, sliding, full]))
@@ -242,7 +270,10 @@ def test_gemma3_layer_types_win_over_sliding_window_pattern() -> None:
     builds the default ones."""
     sliding, full = "sliding_attention", "full_attention"
     fields = with_fields(
-        gemma2_fields(), architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", sliding_window_pattern=6
+        gemma2_fields(),
+        architectures=["Gemma3ForCausalLM"],
+        model_type="gemma3_text",
+        sliding_window_pattern=6,
     )
     assert Gemma3Bridge.to_megatron_config(fields).value("window_attn_skip_freq") == 6
     two = Gemma3Bridge.to_megatron_config(with_fields(fields, layer_types=[sliding, full, sliding, full]))
@@ -261,7 +292,9 @@ def test_deepseek_v3_rope_interleave_false_is_refused() -> None:
 
     config = test_config_reference.reference_config("DeepSeek-V3")
     DeepseekV3Bridge.to_megatron_config(with_fields(config, rope_interleave=True))
-    with pytest.raises(ConfigError, match="'rope_interleave' is false; the deepseek_v3 bridge supports only true"):
+    with pytest.raises(
+        ConfigError, match="'rope_interleave' is false; the deepseek_v3 bridge supports only true"
+    ):
         DeepseekV3Bridge.to_megatron_config(with_fields(config, rope_interleave=False))
 
 
@@ -275,7 +308,9 @@ def test_yarn_truncate_false_is_mapped_on_gpt_and_refused_on_mla() -> None:
 
     deepseek = test_config_reference.reference_config("DeepSeek-V3")
     source = {**deepseek["rope_scaling"], "truncate": False}
-    with pytest.raises(ConfigError, match="rope_scaling 'truncate' is false; the deepseek_v3 bridge supports only true"):
+    with pytest.raises(
+        ConfigError, match="rope_scaling 'truncate' is false; the deepseek_v3 bridge supports only true"
+    ):
         DeepseekV3Bridge.to_megatron_config(with_fields(deepseek, rope_scaling=source))
 
 
@@ -359,7 +394,11 @@ def test_yarn_without_truncation_has_logits_parity(tmp_path: Path) -> None:
         reference = hf(tokens).logits.float()
         moved = (truncated(tokens).logits.float() - reference).abs().max().item()
     _, parity = megatron_parity(tmp_path / "hf", reference, tokens)
-    _, truncated_parity = megatron_parity(tmp_path / "truncated", truncated(tokens).logits.float().detach(), tokens)
-    print(f"yarn truncate false: {parity}; truncate true: {truncated_parity} (truncation moves logits by {moved:.2e})")
+    _, truncated_parity = megatron_parity(
+        tmp_path / "truncated", truncated(tokens).logits.float().detach(), tokens
+    )
+    print(
+        f"yarn truncate false: {parity}; truncate true: {truncated_parity} (truncation moves logits by {moved:.2e})"
+    )
     assert moved > 5 * LOGIT_ATOL, "truncation must change the result, or parity proves nothing"
     assert parity.max_abs_diff <= LOGIT_ATOL and parity.argmax_agreement == 1.0

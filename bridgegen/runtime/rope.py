@@ -41,12 +41,25 @@ TRANSFORMERS_ROPE_KEYS: dict[str, tuple[str, ...]] = {
         "mscale_all_dim",
         "truncate",
     ),
-    "longrope": ("short_factor", "long_factor", "factor", "attention_factor", "original_max_position_embeddings"),
+    "longrope": (
+        "short_factor",
+        "long_factor",
+        "factor",
+        "attention_factor",
+        "original_max_position_embeddings",
+    ),
 }
 
 # The keys our RoPE handling reads, per megatron model and type (RopeScaling below, and the
 # runtime's rotary module for llama3 and dynamic).
-_YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+_YARN_KEYS = (
+    "factor",
+    "original_max_position_embeddings",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+)
 RUNTIME_ROPE_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
     "gpt": {
         "default": (),
@@ -78,7 +91,9 @@ def unhandled_rope_keys(megatron_model: str, rope_type: str) -> tuple[str, ...]:
     if handled is None:
         return TRANSFORMERS_ROPE_KEYS.get(rope_type, ())
     neutral = ROPE_NEUTRAL.get(megatron_model, {}).get(rope_type, {})
-    return tuple(k for k in TRANSFORMERS_ROPE_KEYS.get(rope_type, ()) if k not in handled and k not in neutral)
+    return tuple(
+        k for k in TRANSFORMERS_ROPE_KEYS.get(rope_type, ()) if k not in handled and k not in neutral
+    )
 
 
 # megatron-core's RotaryEmbedding applies llama3 scaling with these constants (only the factor

@@ -459,7 +459,9 @@ def _unread_fields(
     for name, (entry, origin) in sorted(merged.hf_neutral.items()):
         if name in read:
             if origin.loaded is loaded:
-                errors.append(origin.error(f"HF field {name!r} is read by this bridge; it cannot be neutral too"))
+                errors.append(
+                    origin.error(f"HF field {name!r} is read by this bridge; it cannot be neutral too")
+                )
         elif name in merged.hf_behaviour_free:
             errors.append(origin.error(f"HF field {name!r} is also declared behaviour-free"))
         else:
