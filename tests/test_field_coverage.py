@@ -185,7 +185,7 @@ def test_a_family_reading_a_field_its_base_refuses_drops_the_refusal(tmp_path: P
                     "attention_factor": 1.5,
                 }
             },
-            r"rope_scaling 'attention_factor' is 1.5; the llama bridge supports only no value",
+            r"rope_scaling 'attention_factor' is 1.5; the llama bridge supports it only absent",
         ),
     ],
 )
