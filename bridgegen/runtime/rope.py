@@ -218,9 +218,9 @@ def rope_from_hf(
     for key, (neutral, why) in ROPE_NEUTRAL.get(megatron_model, {}).get(str(rope_type), {}).items():
         value = source.get(key)
         if value is not None and value != neutral:
-            supported = "it only absent" if neutral is None else f"only {json.dumps(neutral)}"
+            allowed = "it only absent" if neutral is None else f"only {json.dumps(neutral)}"
             raise ConfigError(
                 f"{source_name}: rope_scaling {key!r} is {json.dumps(value)}; the {family} bridge supports "
-                f"{supported} ({why})"
+                f"{allowed} ({why})"
             )
     return RopeScaling(str(rope_type), dict(source))
