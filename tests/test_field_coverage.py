@@ -221,7 +221,7 @@ def test_neutral_values_name_file_field_value_and_reason() -> None:
 
 
 def test_qwen3_attention_bias_is_refused() -> None:
-    """HF Qwen3 biases o_proj too (modeling_qwen3.py, Qwen3Attention: o_proj bias=config.attention_bias)."""
+    """HF Qwen3 biases o_proj too (transformers 5.24 models/qwen3/modeling_qwen3.py:227)."""
     qwen3 = with_fields(llama_fields(), architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=16)
     with pytest.raises(ConfigError, match="'attention_bias' is true; the qwen3 bridge supports only false"):
         Qwen3Bridge.to_megatron_config(with_fields(qwen3, attention_bias=True))
@@ -285,9 +285,9 @@ def test_gemma3_layer_types_win_over_sliding_window_pattern() -> None:
 
 def test_deepseek_v3_rope_interleave_false_is_refused() -> None:
     """transformers' DeepseekV3Attention de-interleaves the rope dimensions only when
-    rope_interleave; megatron-core's multi-latent attention always does
-    (megatron/core/models/common/embeddings/rope_utils.py, _apply_rotary_pos_emb_bshd with
-    multi_latent_attention)."""
+    rope_interleave (transformers 5.24 models/deepseek_v3/modeling_deepseek_v3.py:453);
+    megatron-core's multi-latent attention always does (megatron-core 0.16.1
+    models/common/embeddings/rope_utils.py:115-117)."""
     import test_config_reference
 
     config = test_config_reference.reference_config("DeepSeek-V3")
@@ -363,7 +363,8 @@ def megatron_parity(folder: Path, reference: torch.Tensor, tokens: torch.Tensor)
 
 
 def test_llama_with_every_bias_converts_with_logits_parity(tmp_path: Path) -> None:
-    """attention_bias and mlp_bias together bias every linear layer: add_bias_linear."""
+    """attention_bias and mlp_bias together bias every linear layer (transformers 5.24
+    models/llama/modeling_llama.py:158-160 and 220-229), as megatron-core's add_bias_linear."""
     hf = hf_llama(tmp_path / "hf", attention_bias=True, mlp_bias=True)
     tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -382,8 +383,9 @@ def test_llama_with_every_bias_converts_with_logits_parity(tmp_path: Path) -> No
 
 
 def test_yarn_without_truncation_has_logits_parity(tmp_path: Path) -> None:
-    """YaRN with truncate false (transformers' find_correction_range without rounding) maps to
-    GPTModel's yarn_correction_range_round_to_int=False."""
+    """YaRN with truncate false (transformers 5.24 modeling_rope_utils.py:475, find_correction_range
+    without rounding) maps to GPTModel's yarn_correction_range_round_to_int=False (megatron-core
+    0.16.1 models/gpt/gpt_model.py:187)."""
     # Head dim 16 and 1024 original positions: the correction range (1.41, 4.42) is rounded to
     # (1, 5) with truncation (a shorter original length rounds to the same ramp).
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}
