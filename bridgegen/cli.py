@@ -85,6 +85,23 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"generated code is stale: run {again} and commit the result", file=sys.stderr)
         return 1
     print("specs valid; generated code up to date")
+    return _check_field_coverage(root)
+
+
+def _check_field_coverage(root: Path) -> int:
+    """Every field of transformers' config classes is accounted for by the specs."""
+    from bridgegen.spec.coverage import field_coverage
+    from bridgegen.spec.generate import load_specs
+
+    problems, notes = field_coverage(load_specs(root))
+    for note in notes:
+        print(f"note: {note}")
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} HF config field(s) not accounted for by the specs", file=sys.stderr)
+        return 1
+    print("every HF config field accounted for")
     return 0
 
 

@@ -64,6 +64,7 @@ class DeepseekV3Bridge(Bridge):
     hf_fields = (
         "architectures",
         "attention_bias",
+        "attention_dropout",
         "aux_loss_alpha",
         "first_k_dense_replace",
         "hidden_act",
@@ -257,6 +258,7 @@ class DeepseekV3Bridge(Bridge):
     @staticmethod
     def megatron_values(hf: HFConfigReader) -> dict[str, Any]:
         hf_attention_bias = hf.optional("attention_bias", False)
+        hf_attention_dropout = hf.optional("attention_dropout", 0.0)
         hf_aux_loss_alpha = hf.optional("aux_loss_alpha", 0.001)
         hf_first_k_dense_replace = hf.require("first_k_dense_replace")
         hf_hidden_size = hf.require("hidden_size")
@@ -287,6 +289,15 @@ class DeepseekV3Bridge(Bridge):
         hf_topk_method = hf.optional("topk_method", "noaux_tc")
         hf_v_head_dim = hf.require("v_head_dim")
         hf_vocab_size = hf.require("vocab_size")
+        hf.require_neutral("mlp_bias", (False,), "bias on the MLP projections is not mapped")
+        hf.require_neutral(
+            "partial_rotary_factor", (1.0,), "a rotary embedding on part of each head is not mapped"
+        )
+        hf.require_neutral(
+            "rope_interleave",
+            (True,),
+            "megatron-core's multi-latent attention reads the rope dimensions as interleaved pairs",
+        )
         hf.check(hf_moe_layer_freq == 1, "moe_layer_freq other than 1 is not supported")
         hf.check(
             hf_topk_method != "group_limited_greedy" or hf_num_experts_per_tok // hf_topk_group == 1,
@@ -303,6 +314,7 @@ class DeepseekV3Bridge(Bridge):
         hf.check(not hf_attention_bias, "attention_bias is true; MLA projections with bias are not supported")
         return {
             "add_bias_linear": False,
+            "attention_dropout": hf_attention_dropout,
             "ffn_hidden_size": hf_intermediate_size,
             "gated_linear_unit": True,
             "hidden_size": hf_hidden_size,
@@ -350,6 +362,7 @@ class DeepseekV3Bridge(Bridge):
 
     @staticmethod
     def hf_values(config: MegatronConfig) -> dict[str, Any]:
+        m_attention_dropout = config.value("attention_dropout")
         m_ffn_hidden_size = config.value("ffn_hidden_size")
         m_hidden_size = config.value("hidden_size")
         m_init_method_std = config.value("init_method_std")
@@ -381,6 +394,7 @@ class DeepseekV3Bridge(Bridge):
         m_vocab_size = config.value("vocab_size")
         return {
             "attention_bias": False,
+            "attention_dropout": m_attention_dropout,
             "aux_loss_alpha": m_moe_aux_loss_coeff,
             "first_k_dense_replace": helpers.first_index(m_moe_layer_freq, 1),
             "hidden_size": m_hidden_size,

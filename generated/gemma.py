@@ -35,7 +35,7 @@ class GemmaBridge(Bridge):
     rope_types = ("default", "linear", "dynamic")
     hf_fields = (
         "architectures",
-        "attention_bias",
+        "attention_dropout",
         "head_dim",
         "hidden_activation",
         "hidden_size",
@@ -117,7 +117,7 @@ class GemmaBridge(Bridge):
 
     @staticmethod
     def megatron_values(hf: HFConfigReader) -> dict[str, Any]:
-        hf_attention_bias = hf.optional("attention_bias", False)
+        hf_attention_dropout = hf.optional("attention_dropout", 0.0)
         hf_head_dim = hf.optional("head_dim", None)
         hf_hidden_size = hf.require("hidden_size")
         hf_initializer_range = hf.optional("initializer_range", 0.02)
@@ -130,9 +130,21 @@ class GemmaBridge(Bridge):
         hf_rope_theta = hf.optional("rope_theta", 10000.0)
         hf_tie_word_embeddings = hf.optional("tie_word_embeddings", True)
         hf_vocab_size = hf.require("vocab_size")
+        hf.require_neutral(
+            "attention_bias",
+            (False,),
+            "HF Gemma biases q, k, v and o but not the MLP, which megatron-core cannot express",
+        )
+        hf.require_neutral(
+            "hidden_act", ("gelu_pytorch_tanh", "gelu"), "Gemma's MLP uses the tanh-approximated GELU"
+        )
+        hf.require_neutral(
+            "partial_rotary_factor", (1.0,), "a rotary embedding on part of each head is not mapped"
+        )
+        hf.require_neutral("use_bidirectional_attention", (False,), "bidirectional attention is not mapped")
         return {
             "add_bias_linear": False,
-            "add_qkv_bias": hf_attention_bias,
+            "attention_dropout": hf_attention_dropout,
             "embedding_scale": hf_hidden_size**0.5,
             "ffn_hidden_size": hf_intermediate_size,
             "gated_linear_unit": True,
@@ -156,7 +168,7 @@ class GemmaBridge(Bridge):
 
     @staticmethod
     def hf_values(config: MegatronConfig) -> dict[str, Any]:
-        m_add_qkv_bias = config.value("add_qkv_bias")
+        m_attention_dropout = config.value("attention_dropout")
         m_ffn_hidden_size = config.value("ffn_hidden_size")
         m_hidden_size = config.value("hidden_size")
         m_init_method_std = config.value("init_method_std")
@@ -170,7 +182,7 @@ class GemmaBridge(Bridge):
         m_share_embeddings_and_output_weights = config.value("share_embeddings_and_output_weights")
         m_vocab_size = config.value("vocab_size")
         return {
-            "attention_bias": m_add_qkv_bias,
+            "attention_dropout": m_attention_dropout,
             "head_dim": m_kv_channels,
             "hidden_size": m_hidden_size,
             "initializer_range": m_init_method_std,

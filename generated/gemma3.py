@@ -41,7 +41,7 @@ class Gemma3Bridge(Bridge):
     rope_types = ("default", "linear")
     hf_fields = (
         "architectures",
-        "attention_bias",
+        "attention_dropout",
         "attn_logit_softcapping",
         "final_logit_softcapping",
         "head_dim",
@@ -49,6 +49,7 @@ class Gemma3Bridge(Bridge):
         "hidden_size",
         "initializer_range",
         "intermediate_size",
+        "layer_types",
         "max_position_embeddings",
         "model_type",
         "num_attention_heads",
@@ -159,13 +160,14 @@ class Gemma3Bridge(Bridge):
 
     @staticmethod
     def megatron_values(hf: HFConfigReader) -> dict[str, Any]:
-        hf_attention_bias = hf.optional("attention_bias", False)
+        hf_attention_dropout = hf.optional("attention_dropout", 0.0)
         hf_attn_logit_softcapping = hf.optional("attn_logit_softcapping", None)
         hf_final_logit_softcapping = hf.optional("final_logit_softcapping", None)
         hf_head_dim = hf.optional("head_dim", 256)
         hf_hidden_size = hf.optional("hidden_size", 2304)
         hf_initializer_range = hf.optional("initializer_range", 0.02)
         hf_intermediate_size = hf.optional("intermediate_size", 9216)
+        hf_layer_types = hf.optional("layer_types", None)
         hf_max_position_embeddings = hf.optional("max_position_embeddings", 131072)
         hf_num_attention_heads = hf.optional("num_attention_heads", 8)
         hf_num_hidden_layers = hf.optional("num_hidden_layers", 26)
@@ -178,9 +180,22 @@ class Gemma3Bridge(Bridge):
         hf_sliding_window_pattern = hf.optional("sliding_window_pattern", 6)
         hf_tie_word_embeddings = hf.optional("tie_word_embeddings", True)
         hf_vocab_size = hf.optional("vocab_size", 262208)
+        hf.require_neutral(
+            "attention_bias",
+            (False,),
+            "HF Gemma biases q, k, v and o but not the MLP, which megatron-core cannot express",
+        )
+        hf.require_neutral(
+            "partial_rotary_factor", (1.0,), "a rotary embedding on part of each head is not mapped"
+        )
+        hf.require_neutral("use_bidirectional_attention", (False,), "bidirectional attention is not mapped")
+        hf.check(
+            helpers.full_attention_every(hf_layer_types, 2) is not None,
+            "layer_types is not one full-attention layer after every n - 1 sliding ones, the only pattern megatron-core's window_attn_skip_freq expresses",
+        )
         return {
             "add_bias_linear": False,
-            "add_qkv_bias": hf_attention_bias,
+            "attention_dropout": hf_attention_dropout,
             "attn_logit_softcapping": hf_attn_logit_softcapping,
             "embedding_scale": hf_hidden_size**0.5,
             "ffn_hidden_size": hf_intermediate_size,
@@ -206,13 +221,13 @@ class Gemma3Bridge(Bridge):
             "share_embeddings_and_output_weights": hf_tie_word_embeddings,
             "softmax_scale": None if hf_query_pre_attn_scalar is None else hf_query_pre_attn_scalar ** (-0.5),
             "vocab_size": hf_vocab_size,
-            "window_attn_skip_freq": hf_sliding_window_pattern,
+            "window_attn_skip_freq": helpers.full_attention_every(hf_layer_types, hf_sliding_window_pattern),
             "window_size": None if hf_sliding_window is None else [hf_sliding_window - 1, 0],
         }
 
     @staticmethod
     def hf_values(config: MegatronConfig) -> dict[str, Any]:
-        m_add_qkv_bias = config.value("add_qkv_bias")
+        m_attention_dropout = config.value("attention_dropout")
         m_attn_logit_softcapping = config.value("attn_logit_softcapping")
         m_ffn_hidden_size = config.value("ffn_hidden_size")
         m_final_logit_softcapping = config.value("final_logit_softcapping")
@@ -232,13 +247,14 @@ class Gemma3Bridge(Bridge):
         m_window_attn_skip_freq = config.value("window_attn_skip_freq")
         m_window_size = config.value("window_size")
         return {
-            "attention_bias": m_add_qkv_bias,
+            "attention_dropout": m_attention_dropout,
             "attn_logit_softcapping": m_attn_logit_softcapping,
             "final_logit_softcapping": m_final_logit_softcapping,
             "head_dim": m_kv_channels,
             "hidden_size": m_hidden_size,
             "initializer_range": m_init_method_std,
             "intermediate_size": m_ffn_hidden_size,
+            "layer_types": helpers.sliding_layer_types(m_num_layers, m_window_attn_skip_freq),
             "max_position_embeddings": m_max_sequence_length,
             "num_attention_heads": m_num_attention_heads,
             "num_hidden_layers": m_num_layers,

@@ -36,6 +36,7 @@ class GraniteBridge(Bridge):
     hf_fields = (
         "architectures",
         "attention_bias",
+        "attention_dropout",
         "attention_multiplier",
         "embedding_multiplier",
         "head_dim",
@@ -139,6 +140,7 @@ class GraniteBridge(Bridge):
     @staticmethod
     def megatron_values(hf: HFConfigReader) -> dict[str, Any]:
         hf_attention_bias = hf.optional("attention_bias", False)
+        hf_attention_dropout = hf.optional("attention_dropout", 0.0)
         hf_attention_multiplier = hf.optional("attention_multiplier", 1.0)
         hf_embedding_multiplier = hf.optional("embedding_multiplier", 1.0)
         hf_head_dim = hf.optional("head_dim", None)
@@ -156,12 +158,16 @@ class GraniteBridge(Bridge):
         hf_rope_theta = hf.optional("rope_theta", 10000.0)
         hf_tie_word_embeddings = hf.optional("tie_word_embeddings", False)
         hf_vocab_size = hf.require("vocab_size")
+        hf.require_neutral(
+            "partial_rotary_factor", (1.0,), "a rotary embedding on part of each head is not mapped"
+        )
         hf.check(
             not hf_attention_bias and (not hf_mlp_bias),
             "attention_bias / mlp_bias is true; Granite with biased projections is not supported",
         )
         return {
             "add_bias_linear": False,
+            "attention_dropout": hf_attention_dropout,
             "embedding_scale": hf_embedding_multiplier,
             "ffn_hidden_size": hf_intermediate_size,
             "gated_linear_unit": True,
@@ -187,6 +193,7 @@ class GraniteBridge(Bridge):
 
     @staticmethod
     def hf_values(config: MegatronConfig) -> dict[str, Any]:
+        m_attention_dropout = config.value("attention_dropout")
         m_embedding_scale = config.value("embedding_scale")
         m_ffn_hidden_size = config.value("ffn_hidden_size")
         m_hidden_size = config.value("hidden_size")
@@ -205,6 +212,7 @@ class GraniteBridge(Bridge):
         m_vocab_size = config.value("vocab_size")
         return {
             "attention_bias": False,
+            "attention_dropout": m_attention_dropout,
             "attention_multiplier": m_softmax_scale,
             "embedding_multiplier": m_embedding_scale,
             "head_dim": m_kv_channels,

@@ -11,8 +11,20 @@ from bridgegen.runtime.config import HFConfigReader, MegatronConfig
 from bridgegen.runtime.weight_rules import WeightKind, WeightRule
 
 
+def _when_decoder_layers_layer_mlp_linear_fc1_bias(config: MegatronConfig) -> bool:
+    return bool(config.value("add_bias_linear"))
+
+
+def _when_decoder_layers_layer_mlp_linear_fc2_bias(config: MegatronConfig) -> bool:
+    return bool(config.value("add_bias_linear"))
+
+
+def _when_decoder_layers_layer_self_attention_linear_proj_bias(config: MegatronConfig) -> bool:
+    return bool(config.value("add_bias_linear"))
+
+
 def _when_decoder_layers_layer_self_attention_linear_qkv_bias(config: MegatronConfig) -> bool:
-    return bool(config.value("add_qkv_bias"))
+    return bool(config.value("add_bias_linear"))
 
 
 def _when_output_layer_weight(config: MegatronConfig) -> bool:
@@ -40,12 +52,14 @@ class LlamaBridge(Bridge):
     hf_fields = (
         "architectures",
         "attention_bias",
+        "attention_dropout",
         "head_dim",
         "hidden_act",
         "hidden_size",
         "initializer_range",
         "intermediate_size",
         "max_position_embeddings",
+        "mlp_bias",
         "model_type",
         "num_attention_heads",
         "num_hidden_layers",
@@ -75,9 +89,21 @@ class LlamaBridge(Bridge):
             te_megatron_name="decoder.layers.{layer}.self_attention.linear_qkv.layer_norm_weight",
         ),
         WeightRule(
+            megatron_name="decoder.layers.{layer}.mlp.linear_fc1.bias",
+            hf_names=("model.layers.{layer}.mlp.gate_proj.bias", "model.layers.{layer}.mlp.up_proj.bias"),
+            kind=WeightKind.gate_up,
+            when=_when_decoder_layers_layer_mlp_linear_fc1_bias,
+        ),
+        WeightRule(
             megatron_name="decoder.layers.{layer}.mlp.linear_fc1.weight",
             hf_names=("model.layers.{layer}.mlp.gate_proj.weight", "model.layers.{layer}.mlp.up_proj.weight"),
             kind=WeightKind.gate_up,
+        ),
+        WeightRule(
+            megatron_name="decoder.layers.{layer}.mlp.linear_fc2.bias",
+            hf_names=("model.layers.{layer}.mlp.down_proj.bias",),
+            kind=WeightKind.replicated,
+            when=_when_decoder_layers_layer_mlp_linear_fc2_bias,
         ),
         WeightRule(
             megatron_name="decoder.layers.{layer}.mlp.linear_fc2.weight",
@@ -89,6 +115,12 @@ class LlamaBridge(Bridge):
             hf_names=("model.layers.{layer}.post_attention_layernorm.weight",),
             kind=WeightKind.replicated,
             te_megatron_name="decoder.layers.{layer}.mlp.linear_fc1.layer_norm_weight",
+        ),
+        WeightRule(
+            megatron_name="decoder.layers.{layer}.self_attention.linear_proj.bias",
+            hf_names=("model.layers.{layer}.self_attn.o_proj.bias",),
+            kind=WeightKind.replicated,
+            when=_when_decoder_layers_layer_self_attention_linear_proj_bias,
         ),
         WeightRule(
             megatron_name="decoder.layers.{layer}.self_attention.linear_proj.weight",
@@ -130,11 +162,13 @@ class LlamaBridge(Bridge):
     @staticmethod
     def megatron_values(hf: HFConfigReader) -> dict[str, Any]:
         hf_attention_bias = hf.optional("attention_bias", False)
+        hf_attention_dropout = hf.optional("attention_dropout", 0.0)
         hf_head_dim = hf.optional("head_dim", None)
         hf_hidden_size = hf.require("hidden_size")
         hf_initializer_range = hf.optional("initializer_range", 0.02)
         hf_intermediate_size = hf.require("intermediate_size")
         hf_max_position_embeddings = hf.require("max_position_embeddings")
+        hf_mlp_bias = hf.optional("mlp_bias", False)
         hf_num_attention_heads = hf.require("num_attention_heads")
         hf_num_hidden_layers = hf.require("num_hidden_layers")
         hf_num_key_value_heads = hf.optional("num_key_value_heads", None)
@@ -142,9 +176,16 @@ class LlamaBridge(Bridge):
         hf_rope_theta = hf.optional("rope_theta", 10000.0)
         hf_tie_word_embeddings = hf.optional("tie_word_embeddings", False)
         hf_vocab_size = hf.require("vocab_size")
+        hf.require_neutral(
+            "partial_rotary_factor", (1.0,), "a rotary embedding on part of each head is not mapped"
+        )
+        hf.check(
+            hf_attention_bias == hf_mlp_bias,
+            "attention_bias and mlp_bias differ; megatron-core biases every linear layer (add_bias_linear) or q, k and v only (add_qkv_bias), not HF Llama's q, k, v and o projections alone (attention_bias) nor its MLP alone (mlp_bias)",
+        )
         return {
-            "add_bias_linear": False,
-            "add_qkv_bias": hf_attention_bias,
+            "add_bias_linear": hf_attention_bias,
+            "attention_dropout": hf_attention_dropout,
             "ffn_hidden_size": hf_intermediate_size,
             "gated_linear_unit": True,
             "hidden_size": hf_hidden_size,
@@ -166,7 +207,8 @@ class LlamaBridge(Bridge):
 
     @staticmethod
     def hf_values(config: MegatronConfig) -> dict[str, Any]:
-        m_add_qkv_bias = config.value("add_qkv_bias")
+        m_add_bias_linear = config.value("add_bias_linear")
+        m_attention_dropout = config.value("attention_dropout")
         m_ffn_hidden_size = config.value("ffn_hidden_size")
         m_hidden_size = config.value("hidden_size")
         m_init_method_std = config.value("init_method_std")
@@ -180,12 +222,14 @@ class LlamaBridge(Bridge):
         m_share_embeddings_and_output_weights = config.value("share_embeddings_and_output_weights")
         m_vocab_size = config.value("vocab_size")
         return {
-            "attention_bias": m_add_qkv_bias,
+            "attention_bias": m_add_bias_linear,
+            "attention_dropout": m_attention_dropout,
             "head_dim": m_kv_channels,
             "hidden_size": m_hidden_size,
             "initializer_range": m_init_method_std,
             "intermediate_size": m_ffn_hidden_size,
             "max_position_embeddings": m_max_sequence_length,
+            "mlp_bias": m_add_bias_linear,
             "num_attention_heads": m_num_attention_heads,
             "num_hidden_layers": m_num_layers,
             "num_key_value_heads": m_num_query_groups,

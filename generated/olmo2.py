@@ -36,6 +36,7 @@ class Olmo2Bridge(Bridge):
     hf_fields = (
         "architectures",
         "attention_bias",
+        "attention_dropout",
         "head_dim",
         "hidden_act",
         "hidden_size",
@@ -139,6 +140,7 @@ class Olmo2Bridge(Bridge):
     @staticmethod
     def megatron_values(hf: HFConfigReader) -> dict[str, Any]:
         hf_attention_bias = hf.optional("attention_bias", False)
+        hf_attention_dropout = hf.optional("attention_dropout", 0.0)
         hf_head_dim = hf.optional("head_dim", None)
         hf_hidden_size = hf.require("hidden_size")
         hf_initializer_range = hf.optional("initializer_range", 0.02)
@@ -151,11 +153,15 @@ class Olmo2Bridge(Bridge):
         hf_rope_theta = hf.optional("rope_theta", 10000.0)
         hf_tie_word_embeddings = hf.optional("tie_word_embeddings", False)
         hf_vocab_size = hf.require("vocab_size")
+        hf.require_neutral(
+            "partial_rotary_factor", (1.0,), "a rotary embedding on part of each head is not mapped"
+        )
         hf.check(
             not hf_attention_bias, "attention_bias is true; OLMo 2 with biased projections is not supported"
         )
         return {
             "add_bias_linear": False,
+            "attention_dropout": hf_attention_dropout,
             "ffn_hidden_size": hf_intermediate_size,
             "gated_linear_unit": True,
             "hidden_size": hf_hidden_size,
@@ -179,6 +185,7 @@ class Olmo2Bridge(Bridge):
 
     @staticmethod
     def hf_values(config: MegatronConfig) -> dict[str, Any]:
+        m_attention_dropout = config.value("attention_dropout")
         m_ffn_hidden_size = config.value("ffn_hidden_size")
         m_hidden_size = config.value("hidden_size")
         m_init_method_std = config.value("init_method_std")
@@ -193,6 +200,7 @@ class Olmo2Bridge(Bridge):
         m_vocab_size = config.value("vocab_size")
         return {
             "attention_bias": False,
+            "attention_dropout": m_attention_dropout,
             "head_dim": m_kv_channels,
             "hidden_size": m_hidden_size,
             "initializer_range": m_init_method_std,

@@ -35,6 +35,7 @@ class Phi3Bridge(Bridge):
     rope_types = ("default",)
     hf_fields = (
         "architectures",
+        "attention_dropout",
         "head_dim",
         "hidden_act",
         "hidden_size",
@@ -46,6 +47,7 @@ class Phi3Bridge(Bridge):
         "num_hidden_layers",
         "num_key_value_heads",
         "partial_rotary_factor",
+        "resid_pdrop",
         "rms_norm_eps",
         "rope_parameters",
         "rope_scaling",
@@ -112,6 +114,7 @@ class Phi3Bridge(Bridge):
 
     @staticmethod
     def megatron_values(hf: HFConfigReader) -> dict[str, Any]:
+        hf_attention_dropout = hf.optional("attention_dropout", 0.0)
         hf_head_dim = hf.optional("head_dim", None)
         hf_hidden_size = hf.require("hidden_size")
         hf_initializer_range = hf.optional("initializer_range", 0.02)
@@ -121,6 +124,7 @@ class Phi3Bridge(Bridge):
         hf_num_hidden_layers = hf.require("num_hidden_layers")
         hf_num_key_value_heads = hf.optional("num_key_value_heads", None)
         hf_partial_rotary_factor = hf.optional("partial_rotary_factor", 1.0)
+        hf_resid_pdrop = hf.optional("resid_pdrop", 0.0)
         hf_rms_norm_eps = hf.optional("rms_norm_eps", 1e-06)
         hf_rope_theta = hf.optional("rope_theta", 10000.0)
         hf_sliding_window = hf.optional("sliding_window", None)
@@ -128,8 +132,10 @@ class Phi3Bridge(Bridge):
         hf_vocab_size = hf.require("vocab_size")
         return {
             "add_bias_linear": False,
+            "attention_dropout": hf_attention_dropout,
             "ffn_hidden_size": hf_intermediate_size,
             "gated_linear_unit": True,
+            "hidden_dropout": hf_resid_pdrop,
             "hidden_size": hf_hidden_size,
             "init_method_std": hf_initializer_range,
             "kv_channels": hf_hidden_size // hf_num_attention_heads if hf_head_dim is None else hf_head_dim,
@@ -151,7 +157,9 @@ class Phi3Bridge(Bridge):
 
     @staticmethod
     def hf_values(config: MegatronConfig) -> dict[str, Any]:
+        m_attention_dropout = config.value("attention_dropout")
         m_ffn_hidden_size = config.value("ffn_hidden_size")
+        m_hidden_dropout = config.value("hidden_dropout")
         m_hidden_size = config.value("hidden_size")
         m_init_method_std = config.value("init_method_std")
         m_kv_channels = config.value("kv_channels")
@@ -166,6 +174,7 @@ class Phi3Bridge(Bridge):
         m_vocab_size = config.value("vocab_size")
         m_window_size = config.value("window_size")
         return {
+            "attention_dropout": m_attention_dropout,
             "head_dim": m_kv_channels,
             "hidden_size": m_hidden_size,
             "initializer_range": m_init_method_std,
@@ -175,6 +184,7 @@ class Phi3Bridge(Bridge):
             "num_hidden_layers": m_num_layers,
             "num_key_value_heads": m_num_query_groups,
             "partial_rotary_factor": m_rotary_percent,
+            "resid_pdrop": m_hidden_dropout,
             "rms_norm_eps": m_layernorm_epsilon,
             "rope_theta": m_rotary_base,
             "sliding_window": None if m_window_size is None else m_window_size[0] + 1,

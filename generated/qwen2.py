@@ -35,11 +35,13 @@ class Qwen2Bridge(Bridge):
     rope_types = ("default", "linear", "dynamic", "yarn")
     hf_fields = (
         "architectures",
+        "attention_dropout",
         "head_dim",
         "hidden_act",
         "hidden_size",
         "initializer_range",
         "intermediate_size",
+        "layer_types",
         "max_position_embeddings",
         "model_type",
         "num_attention_heads",
@@ -124,10 +126,12 @@ class Qwen2Bridge(Bridge):
 
     @staticmethod
     def megatron_values(hf: HFConfigReader) -> dict[str, Any]:
+        hf_attention_dropout = hf.optional("attention_dropout", 0.0)
         hf_head_dim = hf.optional("head_dim", None)
         hf_hidden_size = hf.require("hidden_size")
         hf_initializer_range = hf.optional("initializer_range", 0.02)
         hf_intermediate_size = hf.require("intermediate_size")
+        hf_layer_types = hf.optional("layer_types", None)
         hf_max_position_embeddings = hf.require("max_position_embeddings")
         hf_num_attention_heads = hf.require("num_attention_heads")
         hf_num_hidden_layers = hf.require("num_hidden_layers")
@@ -137,13 +141,21 @@ class Qwen2Bridge(Bridge):
         hf_tie_word_embeddings = hf.optional("tie_word_embeddings", False)
         hf_use_sliding_window = hf.optional("use_sliding_window", False)
         hf_vocab_size = hf.require("vocab_size")
+        hf.require_neutral(
+            "partial_rotary_factor", (1.0,), "a rotary embedding on part of each head is not mapped"
+        )
         hf.check(
             not hf_use_sliding_window,
             "use_sliding_window is true; sliding windows on Qwen2's upper layers (max_window_layers) are not supported",
         )
+        hf.check(
+            hf_layer_types is None or helpers.all_equal(hf_layer_types, "full_attention"),
+            "layer_types has sliding-attention layers, which are not supported",
+        )
         return {
             "add_bias_linear": False,
             "add_qkv_bias": True,
+            "attention_dropout": hf_attention_dropout,
             "ffn_hidden_size": hf_intermediate_size,
             "gated_linear_unit": True,
             "hidden_size": hf_hidden_size,
@@ -165,6 +177,7 @@ class Qwen2Bridge(Bridge):
 
     @staticmethod
     def hf_values(config: MegatronConfig) -> dict[str, Any]:
+        m_attention_dropout = config.value("attention_dropout")
         m_ffn_hidden_size = config.value("ffn_hidden_size")
         m_hidden_size = config.value("hidden_size")
         m_init_method_std = config.value("init_method_std")
@@ -178,10 +191,12 @@ class Qwen2Bridge(Bridge):
         m_share_embeddings_and_output_weights = config.value("share_embeddings_and_output_weights")
         m_vocab_size = config.value("vocab_size")
         return {
+            "attention_dropout": m_attention_dropout,
             "head_dim": m_kv_channels,
             "hidden_size": m_hidden_size,
             "initializer_range": m_init_method_std,
             "intermediate_size": m_ffn_hidden_size,
+            "layer_types": helpers.sliding_layer_types(m_num_layers, 1),
             "max_position_embeddings": m_max_sequence_length,
             "num_attention_heads": m_num_attention_heads,
             "num_hidden_layers": m_num_layers,

@@ -285,6 +285,26 @@ def test_deepseek_attention_bias() -> None:
         DeepseekV3Bridge.to_megatron_config(config)
 
 
+def test_llama_mlp_bias_without_attention_bias() -> None:
+    """HF Llama biases the MLP alone; megatron-core biases every linear layer or q, k, v only."""
+    with raises_exactly(
+        ConfigError,
+        "Llama/config.json: attention_bias and mlp_bias differ; megatron-core biases every linear layer "
+        "(add_bias_linear) or q, k and v only (add_qkv_bias), not HF Llama's q, k, v and o projections "
+        "alone (attention_bias) nor its MLP alone (mlp_bias) (the llama bridge cannot convert this config)",
+    ):
+        LlamaBridge.to_megatron_config(llama_3_1_8b() | {"mlp_bias": True}, source="Llama/config.json")
+
+
+def test_deepseek_v3_rope_interleave_false() -> None:
+    with raises_exactly(
+        ConfigError,
+        "config.json: 'rope_interleave' is false; the deepseek_v3 bridge supports only true "
+        "(megatron-core's multi-latent attention reads the rope dimensions as interleaved pairs)",
+    ):
+        DeepseekV3Bridge.to_megatron_config(deepseek_v3() | {"rope_interleave": False})
+
+
 def test_nested_config_missing() -> None:
     config = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3"}
     with raises_exactly(

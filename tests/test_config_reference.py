@@ -246,7 +246,7 @@ def test_qwen3_30b_a3b_values(megatron_transformer_config: Callable[..., Any]) -
     assert m.value("moe_router_load_balancing_type") == "aux_loss"
     assert m.value("moe_aux_loss_coeff") == 0.001
     assert "moe_shared_expert_intermediate_size" not in m.values
-    assert m.value("add_qkv_bias") is False
+    assert m.value("add_bias_linear") is False and "add_qkv_bias" not in m.values
     assert m.value("rotary_base") == 1_000_000.0
     assert m.value("share_embeddings_and_output_weights") is False
     assert m.activation == "silu"
@@ -349,7 +349,7 @@ def test_llama_3_1_8b_values() -> None:
     assert m.value("kv_channels") == 128
     assert m.value("ffn_hidden_size") == 14336
     assert m.value("layernorm_epsilon") == 1e-05
-    assert m.value("add_qkv_bias") is False
+    assert m.value("add_bias_linear") is False and "add_qkv_bias" not in m.values
     assert m.model_values() == {
         "vocab_size": 128256,
         "max_sequence_length": 131072,
@@ -422,7 +422,7 @@ def test_qwen3_dense_values(name: str, hidden: int, kv_channels: int, tied: bool
     assert m.value("kv_channels") == kv_channels
     assert m.value("num_query_groups") == 8
     assert m.value("qk_layernorm") is True
-    assert m.value("add_qkv_bias") is False
+    assert m.value("add_bias_linear") is False and "add_qkv_bias" not in m.values
     assert m.value("share_embeddings_and_output_weights") is tied
     assert m.value("rotary_base") == 1_000_000
 
@@ -439,7 +439,7 @@ def test_gemma_7b_values() -> None:
     assert m.value("share_embeddings_and_output_weights") is True
     assert m.value("layernorm_zero_centered_gamma") is True
     assert m.value("embedding_scale") == pytest.approx(math.sqrt(3072))
-    assert m.value("add_qkv_bias") is False
+    assert m.value("add_bias_linear") is False and "add_qkv_bias" not in m.values
     exported = bridge.to_hf_config(m)
     assert exported["hidden_activation"] == "gelu_pytorch_tanh"
     assert exported["hidden_act"] == "gelu"

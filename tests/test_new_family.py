@@ -157,6 +157,7 @@ def test_hf_to_megatron(toy: type[Bridge]) -> None:
     assert dict(config.values) == {
         "add_bias_linear": False,
         "add_qkv_bias": True,
+        "attention_dropout": 0.0,
         "ffn_hidden_size": 688,
         "gated_linear_unit": True,
         "hidden_size": 256,
@@ -210,6 +211,7 @@ def test_megatron_to_hf_round_trip(toy: type[Bridge]) -> None:
     expected["head_dim"] = 32  # written on export (to_hf) although the source left it implicit
     expected["initializer_range"] = 0.02  # an absent optional field is written with its default
     expected["use_cache"] = True  # hf_defaults
+    expected["attention_dropout"] = 0.0  # an absent optional field is written with its default
     assert exported == expected
     assert list(exported) == sorted(exported)
 

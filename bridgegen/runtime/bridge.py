@@ -104,7 +104,7 @@ class Bridge:
                 f"{source}: {cls.activation_field} {hf_activation!r} is not a known activation for the "
                 f"{cls.family} bridge; known: {', '.join(sorted(cls.activations))}"
             )
-        rope = rope_from_hf(fields, cls.rope_types, cls.family, source)
+        rope = rope_from_hf(fields, cls.rope_types, cls.family, source, cls.megatron_model)
         passthrough = copy.deepcopy(data)
         for name in HF_VOLATILE_FIELDS:
             drop_path(passthrough, name)

@@ -131,6 +131,13 @@ def drop_path(data: dict[str, Any], path: str) -> None:
         node.pop(parts[-1], None)
 
 
+def _same_value(value: Any, neutral: Any) -> bool:
+    """Equal as JSON values: ``1`` and ``1.0`` are, ``true`` and ``1`` are not."""
+    if isinstance(value, bool) or isinstance(neutral, bool):
+        return isinstance(value, bool) and isinstance(neutral, bool) and value == neutral
+    return bool(value == neutral)
+
+
 class HFConfigReader:
     """Reads fields (dotted paths allowed) from an HF config dict with errors that name them."""
 
@@ -166,6 +173,16 @@ class HFConfigReader:
         if not condition:
             raise ConfigError(
                 f"{self.source}: {message} (the {self.family} bridge cannot convert this config)"
+            )
+
+    def require_neutral(self, path: str, neutral: tuple[Any, ...], why: str) -> None:
+        """Refuse a field this bridge supports at one value only (``neutral`` holds it and other
+        spellings of it; absent counts as it)."""
+        value = self._get(path)
+        if value is not None and not any(_same_value(value, supported) for supported in neutral):
+            raise ConfigError(
+                f"{self.source}: {path!r} is {json.dumps(value)}; the {self.family} bridge supports only "
+                f"{' or '.join(json.dumps(supported) for supported in neutral)} ({why})"
             )
 
     def optional(self, path: str, default: Any) -> Any:

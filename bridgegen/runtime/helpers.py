@@ -46,3 +46,19 @@ def dense_layers(pattern: Sequence[int], step: int) -> list[int]:
 def range_list(n: int) -> list[int]:
     """``[0, 1, ..., n - 1]``."""
     return list(range(n))
+
+
+def sliding_layer_types(num_layers: int, full_every: int) -> list[str]:
+    """HF ``layer_types`` with one full-attention layer after every ``full_every - 1`` sliding
+    ones (megatron-core's int ``window_attn_skip_freq``)."""
+    return ["full_attention" if (i + 1) % full_every == 0 else "sliding_attention" for i in range(num_layers)]
+
+
+def full_attention_every(layer_types: Sequence[str] | None, declared: int) -> int | None:
+    """The ``full_every`` whose ``sliding_layer_types`` are ``layer_types``: ``declared`` when it
+    fits (or there are no layer_types), else the smallest that fits; None when none does."""
+    if layer_types is None:
+        return declared
+    wanted = list(layer_types)
+    candidates: list[int] = [declared, *range(1, len(wanted) + 2)]
+    return next((every for every in candidates if sliding_layer_types(len(wanted), every) == wanted), None)

@@ -5,6 +5,7 @@ The source dictionary is kept verbatim so export writes exactly what the source 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,80 @@ REQUIRED_PARAMS: dict[str, tuple[str, ...]] = {
     "yarn": ("factor",),
     "longrope": ("short_factor", "long_factor"),
 }
+
+# The keys of a rope_scaling / rope_parameters block transformers reads for each type (5.24,
+# modeling_rope_utils.py: the _compute_*_parameters functions and the keys _validate_*_parameters
+# allow). rope_type / type name the type; rope_theta and partial_rotary_factor are config fields
+# (normalize_hf_config moves them out of the block).
+TRANSFORMERS_ROPE_KEYS: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": (
+        "factor",
+        "original_max_position_embeddings",
+        "attention_factor",
+        "beta_fast",
+        "beta_slow",
+        "mscale",
+        "mscale_all_dim",
+        "truncate",
+    ),
+    "longrope": (
+        "short_factor",
+        "long_factor",
+        "factor",
+        "attention_factor",
+        "original_max_position_embeddings",
+    ),
+}
+
+# The keys our RoPE handling reads, per megatron model and type (RopeScaling below, and the
+# runtime's rotary module for llama3 and dynamic).
+_YARN_KEYS = (
+    "factor",
+    "original_max_position_embeddings",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+)
+RUNTIME_ROPE_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
+    "gpt": {
+        "default": (),
+        "linear": ("factor",),
+        "dynamic": ("factor",),
+        "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+        "yarn": (*_YARN_KEYS, "truncate"),  # GPTModel's yarn_correction_range_round_to_int
+    },
+    "mla": {"default": (), "yarn": _YARN_KEYS},
+}
+
+# Keys transformers reads that we support at one value only: (value, why); None means absent.
+ROPE_NEUTRAL: dict[str, dict[str, dict[str, tuple[Any, str]]]] = {
+    "gpt": {
+        "yarn": {"attention_factor": (None, "an explicit YaRN attention factor is not mapped")},
+    },
+    "mla": {
+        "yarn": {
+            "attention_factor": (None, "an explicit YaRN attention factor is not mapped"),
+            "truncate": (True, "multi-latent attention's YaRN always rounds its correction range"),
+        },
+    },
+}
+
+
+def unhandled_rope_keys(megatron_model: str, rope_type: str) -> tuple[str, ...]:
+    """Keys transformers reads for ``rope_type`` that we neither read nor refuse off their neutral value."""
+    handled = RUNTIME_ROPE_KEYS.get(megatron_model, {}).get(rope_type)
+    if handled is None:
+        return TRANSFORMERS_ROPE_KEYS.get(rope_type, ())
+    neutral = ROPE_NEUTRAL.get(megatron_model, {}).get(rope_type, {})
+    return tuple(
+        k for k in TRANSFORMERS_ROPE_KEYS.get(rope_type, ()) if k not in handled and k not in neutral
+    )
+
 
 # megatron-core's RotaryEmbedding applies llama3 scaling with these constants (only the factor
 # is a parameter); other values need the runtime's own rotary embedding.
@@ -62,7 +137,7 @@ class RopeScaling:
                 "yarn_beta_slow": float(self.param("beta_slow", 1.0)),
                 "yarn_mscale": float(self.param("mscale", 1.0)),
                 "yarn_mscale_all_dim": float(self.param("mscale_all_dim", 0.0)),
-                "yarn_correction_range_round_to_int": True,
+                "yarn_correction_range_round_to_int": bool(self.param("truncate", True)),
             }
         return {"unsupported_rope_type": self.rope_type}
 
@@ -112,9 +187,14 @@ class RopeScaling:
 
 
 def rope_from_hf(
-    hf_config: Mapping[str, Any], supported: tuple[str, ...], family: str, source_name: str = "config.json"
+    hf_config: Mapping[str, Any],
+    supported: tuple[str, ...],
+    family: str,
+    source_name: str = "config.json",
+    megatron_model: str = "gpt",
 ) -> RopeScaling:
-    """The scaling an HF config asks for; an error if the family does not support it."""
+    """The scaling an HF config asks for; an error if the family does not support it, or if a
+    key transformers reads has a value we do not map (``ROPE_NEUTRAL``)."""
     source = hf_config.get("rope_scaling")
     if not source:
         return RopeScaling(explicit_null="rope_scaling" in hf_config and source is None)
@@ -135,4 +215,12 @@ def rope_from_hf(
     missing = [name for name in REQUIRED_PARAMS[rope_type] if name not in source]
     if missing:
         raise ConfigError(f"{source_name}: rope_scaling type {rope_type!r} lacks {', '.join(missing)}")
+    for key, (neutral, why) in ROPE_NEUTRAL.get(megatron_model, {}).get(str(rope_type), {}).items():
+        value = source.get(key)
+        if value is not None and value != neutral:
+            allowed = "it only absent" if neutral is None else f"only {json.dumps(neutral)}"
+            raise ConfigError(
+                f"{source_name}: rope_scaling {key!r} is {json.dumps(value)}; the {family} bridge supports "
+                f"{allowed} ({why})"
+            )
     return RopeScaling(str(rope_type), dict(source))

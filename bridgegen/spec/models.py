@@ -124,6 +124,16 @@ class HFCheck(Strict):
     message: StrictStr
 
 
+class NeutralValue(Strict):
+    """The one value of an HF field this family supports, and why no other is."""
+
+    value: YamlValue = Field(description="the supported value (an absent field counts as it)")
+    also: list[YamlValue] = Field(
+        default_factory=list, description="other values transformers takes as the same one"
+    )
+    why: StrictStr = Field(min_length=1, description="what another value would change that is not mapped")
+
+
 class ConfigSection(Strict):
     """HF <-> Megatron config fields. HF names may be dotted paths into nested configs."""
 
@@ -167,6 +177,16 @@ class ConfigSection(Strict):
         default_factory=dict,
         description="fixed HF values written on export (null removes an inherited one; write None with "
         'the to_hf expression "None")',
+    )
+    hf_neutral: dict[Name, NeutralValue | None] = Field(
+        default_factory=dict,
+        description="HF fields allowed only at one value (absent counts as it); a config with another "
+        "value is refused on import, naming the field, the value and why (null removes an inherited one)",
+    )
+    hf_behaviour_free: list[Name] = Field(
+        default_factory=list,
+        description="HF fields that do not change the computed model (token ids, use_cache, ...): "
+        "carried through unread",
     )
 
 

@@ -16,6 +16,9 @@ Inheritance (``extends``) merges each spec's sections over what it inherits, bas
   or fix one its base maps; the inherited entry goes. A rename sets one field of each side, so
   setting either again drops the inherited rename whole.
 * Two entries of one spec setting the same field are a conflict, inherited or not.
+* ``hf_neutral`` and ``hf_behaviour_free`` account for HF fields the bridge does not read. An
+  inherited entry for a field the family reads goes (it maps what its base refused or ignored);
+  an entry for a field its own spec reads is an error.
 """
 
 from __future__ import annotations
@@ -111,6 +114,9 @@ class ResolvedSpec:
     runtime_modules: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]  # module, (parameter, field)
     hf_aliases: tuple[tuple[str, tuple[str, ...]], ...]
     example_config: tuple[tuple[str, Any], ...] = ()
+    hf_neutral: tuple[tuple[str, tuple[Any, ...], str], ...] = ()  # (HF field, its supported values, why)
+    hf_behaviour_free: tuple[str, ...] = ()
+    model_type_lines: tuple[tuple[str, str], ...] = ()  # (model type, "spec file:line" declaring it)
 
 
 def placeholders_of(template: str) -> frozenset[str]:
@@ -267,6 +273,8 @@ class _Merged:
     rope_types: tuple[str, ...] | None
     description: str
     depth: dict[str, int] = field(default_factory=dict)  # spec file -> place in the extends chain
+    hf_neutral: dict[str, tuple[Any, _Origin]] = field(default_factory=dict)
+    hf_behaviour_free: dict[str, _Origin] = field(default_factory=dict)
 
     def in_chain_order(self, entries: Iterable[tuple[str, _Origin]]) -> list[tuple[str, _Origin]]:
         """Entries base spec first (keeping their order within a spec), so a conflict is
@@ -410,6 +418,9 @@ def _merge_chain(chain: list[tuple[LoadedSpec, SpecFile]]) -> tuple[_Merged, lis
             ("runtime_modules",),
             errors,
         )
+        _merge_section(merged.hf_neutral, dict(cfg.hf_neutral), loaded, ("config", "hf_neutral"), errors)
+        for index, name in enumerate(cfg.hf_behaviour_free):
+            merged.hf_behaviour_free[name] = _Origin(loaded, ("config", "hf_behaviour_free", index))
         for index, check in enumerate(cfg.hf_checks):
             merged.hf_checks.append(
                 (check.expect, check.message, _Origin(loaded, ("config", "hf_checks", index, "expect")))
@@ -471,6 +482,41 @@ def _module_binding_errors(merged: _Merged) -> list[SpecError]:
 def _suggest(name: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, sorted(choices), n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _line_of(loaded: LoadedSpec, path: FieldPath) -> str:
+    location = loaded.location_of(path)
+    return f"{location.path}:{location.line}"
+
+
+def _unread_fields(
+    merged: _Merged, loaded: LoadedSpec, read: set[str]
+) -> tuple[tuple[tuple[str, tuple[Any, ...], str], ...], tuple[str, ...], list[SpecError]]:
+    """The HF fields accounted for without being read: (hf_neutral entries, hf_behaviour_free
+    names, errors). A field the bridge reads needs neither; an inherited entry for it goes (the
+    family maps what its base refused or ignored), one in the spec itself is an error."""
+    errors: list[SpecError] = []
+    neutral: list[tuple[str, tuple[Any, ...], str]] = []
+    for name, (entry, origin) in sorted(merged.hf_neutral.items()):
+        if name in read:
+            if origin.loaded is loaded:
+                errors.append(
+                    origin.error(f"HF field {name!r} is read by this bridge; it cannot be neutral too")
+                )
+        elif name in merged.hf_behaviour_free:
+            errors.append(origin.error(f"HF field {name!r} is also declared behaviour-free"))
+        else:
+            neutral.append((name, (entry.value, *entry.also), entry.why))
+    behaviour_free: list[str] = []
+    for name, origin in sorted(merged.hf_behaviour_free.items()):
+        if name in read:
+            if origin.loaded is loaded:
+                errors.append(
+                    origin.error(f"HF field {name!r} is read by this bridge; it cannot be behaviour-free too")
+                )
+        else:
+            behaviour_free.append(name)
+    return tuple(neutral), tuple(behaviour_free), errors
 
 
 def _resolve_one(
@@ -645,6 +691,13 @@ def _resolve_one(
         hf_values.append(Assignment(hf_name, repr(value)))
     hf_values.sort(key=lambda a: a.target)
 
+    hf_neutral, hf_behaviour_free, unread_errors = _unread_fields(
+        merged,
+        loaded,
+        {f.hf_name for f in hf_inputs} | {v.target for v in hf_values} | {merged.activation_field or ""},
+    )
+    errors += unread_errors
+
     # Weights.
     weights: list[ResolvedWeight] = []
     for megatron_name, (weight, origin) in sorted(merged.weights.items()):
@@ -785,6 +838,12 @@ def _resolve_one(
             ),
             hf_aliases=tuple(sorted((k, tuple(v)) for k, (v, _) in merged.hf_aliases.items())),
             example_config=tuple(spec.example_config.items()),
+            hf_neutral=hf_neutral,
+            hf_behaviour_free=hf_behaviour_free,
+            model_type_lines=tuple(
+                (model_type, _line_of(loaded, ("model_types", index)))
+                for index, model_type in enumerate(spec.model_types)
+            ),
         ),
         [],
     )

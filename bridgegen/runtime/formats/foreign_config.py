@@ -51,6 +51,8 @@ SHARED_FIELDS = (
     "v_head_dim",
     "mtp_num_layers",
     "init_method_std",
+    "attention_dropout",
+    "hidden_dropout",
 )
 
 

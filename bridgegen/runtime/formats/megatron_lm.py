@@ -200,8 +200,8 @@ def lm_arguments(
         not v.get("share_embeddings_and_output_weights", False),
         "--untie-embeddings-and-output-weights",
     )
-    args.value("attention_dropout", 0.0, "--attention-dropout")
-    args.value("hidden_dropout", 0.0, "--hidden-dropout")
+    args.value("attention_dropout", float(v.get("attention_dropout") or 0.0), "--attention-dropout")
+    args.value("hidden_dropout", float(v.get("hidden_dropout") or 0.0), "--hidden-dropout")
     _rope(args, config)
     if v.get("window_size"):
         args.value("window_size", tuple(int(x) for x in v["window_size"]), "--window-size")
