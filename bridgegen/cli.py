@@ -65,15 +65,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from bridgegen.spec.generate import check, render_external_specs, render_project
+    from bridgegen.spec.generate import check, load_external_specs, load_specs, spec_schema
+    from bridgegen.spec.render import render_all, render_external
 
     external = _external_folders(args)
     if external is None:
         root = _project_root(args.root)
-        result = check(root, render_project(root))
+        specs = load_specs(root)
+        files = render_all(specs, spec_schema())
+        result = check(root, files)
     else:
         specs_dir, root = external
-        result = check(root, render_external_specs(specs_dir, root), generated_dir=".")
+        specs = load_external_specs(specs_dir, root)
+        files = render_external(specs, root.resolve().name)
+        result = check(root, files, generated_dir=".")
     for diff in result.diffs:
         sys.stdout.write(diff if diff.endswith("\n") else diff + "\n")
     for orphan in result.orphans:
@@ -84,6 +89,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
         )
         print(f"generated code is stale: run {again} and commit the result", file=sys.stderr)
         return 1
+    from bridgegen.spec.model_check import example_models_errors
+
+    model_errors = example_models_errors(specs, files)
+    if model_errors:
+        raise SpecErrors(model_errors)
     print("specs valid; generated code up to date")
     return 0
 

@@ -104,6 +104,7 @@ class DeepseekV2Bridge(Bridge):
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
     example_config = {
         "first_k_dense_replace": 1,
+        "hidden_act": "silu",
         "hidden_size": 64,
         "intermediate_size": 128,
         "kv_lora_rank": 16,

@@ -59,6 +59,7 @@ class Phi3Bridge(Bridge):
     hf_aliases = {}
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
     example_config = {
+        "hidden_act": "silu",
         "hidden_size": 64,
         "intermediate_size": 128,
         "max_position_embeddings": 256,

@@ -72,6 +72,7 @@ class Qwen3MoeBridge(Bridge):
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
     example_config = {
         "head_dim": 16,
+        "hidden_act": "silu",
         "hidden_size": 64,
         "intermediate_size": 128,
         "max_position_embeddings": 256,

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from bridgegen.runtime.config import MODEL_FIELDS
 from bridgegen.runtime.quirks import MODULE_FIELD, RuntimeModule
 from bridgegen.runtime.weight_rules import HF_ARITY, WeightKind
-from bridgegen.spec.errors import SpecError, SpecErrors
+from bridgegen.spec.errors import Location, SpecError, SpecErrors
 from bridgegen.spec.expr import ExpressionError, check_names, emit_python, parse_expression, variable_name
 from bridgegen.spec.loader import FieldPath, LoadedSpec
 from bridgegen.spec.megatron_fields import config_fields
@@ -76,6 +76,7 @@ class ResolvedWeight:
     norm_offset: float
     hf_stacked_experts: bool
     hf_copies: tuple[str, ...]
+    location: Location | None = None  # where the spec writes this weight
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ class ResolvedSpec:
     runtime_modules: tuple[str, ...]
     hf_aliases: tuple[tuple[str, tuple[str, ...]], ...]
     example_config: tuple[tuple[str, Any], ...] = ()
+    example_config_location: Location | None = None
 
 
 def placeholders_of(template: str) -> frozenset[str]:
@@ -676,6 +678,7 @@ def _resolve_one(
                 weight.norm_offset,
                 weight.hf_stacked_experts,
                 tuple(weight.hf_copies),
+                origin.loaded.location_of(origin.path),
             )
         )
     for weight, hf_name, other, same_condition in _double_mappings(weights):
@@ -732,6 +735,7 @@ def _resolve_one(
             runtime_modules=tuple(sorted(merged.runtime_modules)),
             hf_aliases=tuple(sorted((k, tuple(v)) for k, (v, _) in merged.hf_aliases.items())),
             example_config=tuple(spec.example_config.items()),
+            example_config_location=loaded.location_of(("example_config",)),
         ),
         [],
     )

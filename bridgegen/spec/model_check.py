@@ -1,0 +1,103 @@
+"""The example-model check of `bridgegen check`: each spec's ``example_config`` is built as a
+megatron-core model on the meta device (names and shapes, no storage) by the runtime's own build
+path, and every parameter must have a weight rule and every rule that applies a parameter.
+
+A spec whose rules miss a parameter (or name one that megatron-core does not build) fails here,
+when the spec is written, instead of at its first weight import. torch and megatron-core are
+imported only when this check runs.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from typing import Any
+
+from bridgegen.runtime.bridge import Bridge
+from bridgegen.spec.errors import Location, SpecError
+from bridgegen.spec.render import GENERATED_PACKAGE_DIR
+from bridgegen.spec.resolve import ResolvedSpec
+
+
+def example_hf_config(spec: ResolvedSpec) -> dict[str, Any]:
+    """The spec's example as an HF config.json dict (architecture and model type from the spec)."""
+    return {
+        **dict(spec.example_config),
+        "architectures": [spec.architectures[0]],
+        "model_type": spec.model_types[0],
+    }
+
+
+def rendered_bridge(spec: ResolvedSpec, files: dict[str, str]) -> type[Bridge]:
+    """The bridge class the spec renders to, from the rendered text (what `make generate`
+    would write), not from the generated/ folder on disk."""
+    path = f"{GENERATED_PACKAGE_DIR}/{spec.family}.py"
+    module = types.ModuleType(f"bridgegen.generated.{spec.family}")
+    exec(compile(files[path], path, "exec"), module.__dict__)
+    bridge: type[Bridge] = getattr(module, spec.class_name)
+    return bridge
+
+
+def _example_location(spec: ResolvedSpec) -> Location:
+    return spec.example_config_location or Location(spec.source, 1, 1)
+
+
+def example_model_errors(spec: ResolvedSpec, bridge: type[Bridge]) -> list[SpecError]:
+    """What is wrong between the spec's weight rules and the megatron-core model of its
+    example config: parameters without a rule, and rules (whose ``when:`` holds) that match no
+    parameter."""
+    import torch
+
+    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.runtime.errors import BridgeError, WeightError
+    from bridgegen.runtime.weights import model_tensors
+
+    where = _example_location(spec)
+    if not spec.example_config:
+        return [
+            SpecError(
+                where,
+                "example_config",
+                "missing: the HF config of a tiny model of the family, which `bridgegen check` "
+                "builds and the family tests run",
+            )
+        ]
+    try:
+        config = bridge.to_megatron_config(example_hf_config(spec), source=f"{spec.source} example_config")
+        model_bridge = ModelBridge(bridge, config)
+        # megatron-core warns about optional packages it falls back from: not the spec's concern.
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            model = model_bridge.build_model(torch.float32)
+    except BridgeError as exc:
+        return [SpecError(where, "example_config", f"the example model cannot be built: {exc}")]
+    weight_map = model_bridge.weight_map()
+    errors: list[SpecError] = []
+    matched: set[str] = set()
+    for name, _ in model_tensors(model):
+        try:
+            matched.add(weight_map.match(name).rule.megatron_name)
+        except WeightError:
+            errors.append(
+                SpecError(
+                    where,
+                    "example_config",
+                    f"Megatron parameter {name!r} of the example model has no weight rule",
+                )
+            )
+    locations = {weight.megatron_name: weight.location for weight in spec.weights}
+    for rule in weight_map.rules:
+        if rule.megatron_name not in matched:
+            errors.append(
+                SpecError(
+                    locations.get(rule.megatron_name) or Location(spec.source, 1, 1),
+                    f"weights[{rule.megatron_name}]",
+                    "matches no parameter of the example model (its when: holds for example_config)",
+                )
+            )
+    return errors
+
+
+def example_models_errors(specs: list[ResolvedSpec], files: dict[str, str]) -> list[SpecError]:
+    """``example_model_errors`` of every spec, from the rendered ``files``."""
+    return [error for spec in specs for error in example_model_errors(spec, rendered_bridge(spec, files))]
