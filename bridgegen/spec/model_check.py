@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import types
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bridgegen.runtime.bridge import Bridge
 from bridgegen.spec.errors import Location, SpecError
 from bridgegen.spec.render import GENERATED_PACKAGE_DIR
 from bridgegen.spec.resolve import ResolvedSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.runtime.plan import WeightMap
 
 
 def example_hf_config(spec: ResolvedSpec) -> dict[str, Any]:
@@ -38,21 +44,42 @@ def rendered_bridge(spec: ResolvedSpec, files: dict[str, str]) -> type[Bridge]:
     return bridge
 
 
-def _example_location(spec: ResolvedSpec) -> Location:
-    return spec.example_config_location or Location(spec.source, 1, 1)
+def build_example_model(spec: ResolvedSpec, bridge: type[Bridge]) -> tuple[ModelBridge, torch.nn.Module]:
+    """The megatron-core model of the spec's example config, on the meta device, through the
+    runtime's build path."""
+    import torch
+
+    from bridgegen.runtime.convert import ModelBridge
+
+    config = bridge.to_megatron_config(example_hf_config(spec), source=f"{spec.source} example_config")
+    model_bridge = ModelBridge(bridge, config)
+    # megatron-core warns about optional packages it falls back from: not the spec's concern.
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        return model_bridge, model_bridge.build_model(torch.float32)
+
+
+def rules_of_parameters(weight_map: WeightMap, model: torch.nn.Module) -> dict[str, str | None]:
+    """Each Megatron tensor a conversion fills: the Megatron name of its rule, None if none."""
+    from bridgegen.runtime.errors import WeightError
+    from bridgegen.runtime.weights import model_tensors
+
+    found: dict[str, str | None] = {}
+    for name, _ in model_tensors(model):
+        try:
+            found[name] = weight_map.match(name).rule.megatron_name
+        except WeightError:
+            found[name] = None
+    return found
 
 
 def example_model_errors(spec: ResolvedSpec, bridge: type[Bridge]) -> list[SpecError]:
     """What is wrong between the spec's weight rules and the megatron-core model of its
     example config: parameters without a rule, and rules (whose ``when:`` holds) that match no
     parameter."""
-    import torch
+    from bridgegen.runtime.errors import BridgeError
 
-    from bridgegen.runtime.convert import ModelBridge
-    from bridgegen.runtime.errors import BridgeError, WeightError
-    from bridgegen.runtime.weights import model_tensors
-
-    where = _example_location(spec)
+    where = spec.example_config_location or Location(spec.source, 1, 1)
     if not spec.example_config:
         return [
             SpecError(
@@ -63,38 +90,32 @@ def example_model_errors(spec: ResolvedSpec, bridge: type[Bridge]) -> list[SpecE
             )
         ]
     try:
-        config = bridge.to_megatron_config(example_hf_config(spec), source=f"{spec.source} example_config")
-        model_bridge = ModelBridge(bridge, config)
-        # megatron-core warns about optional packages it falls back from: not the spec's concern.
-        with warnings.catch_warnings(), torch.device("meta"):
-            warnings.simplefilter("ignore")
-            model = model_bridge.build_model(torch.float32)
+        model_bridge, model = build_example_model(spec, bridge)
     except BridgeError as exc:
         return [SpecError(where, "example_config", f"the example model cannot be built: {exc}")]
+    except Exception as exc:  # megatron-core refuses a config by any exception, assertions included
+        message = f"megatron-core cannot build the example model: {type(exc).__name__}: {exc}"
+        return [SpecError(where, "example_config", message)]
     weight_map = model_bridge.weight_map()
-    errors: list[SpecError] = []
-    matched: set[str] = set()
-    for name, _ in model_tensors(model):
-        try:
-            matched.add(weight_map.match(name).rule.megatron_name)
-        except WeightError:
-            errors.append(
-                SpecError(
-                    where,
-                    "example_config",
-                    f"Megatron parameter {name!r} of the example model has no weight rule",
-                )
-            )
+    rules = rules_of_parameters(weight_map, model)
+    errors = [
+        SpecError(
+            where, "example_config", f"Megatron parameter {name!r} of the example model has no weight rule"
+        )
+        for name, rule in rules.items()
+        if rule is None
+    ]
+    matched = set(rules.values())
     locations = {weight.megatron_name: weight.location for weight in spec.weights}
-    for rule in weight_map.rules:
-        if rule.megatron_name not in matched:
-            errors.append(
-                SpecError(
-                    locations.get(rule.megatron_name) or Location(spec.source, 1, 1),
-                    f"weights[{rule.megatron_name}]",
-                    "matches no parameter of the example model (its when: holds for example_config)",
-                )
-            )
+    errors += [
+        SpecError(
+            locations.get(rule.megatron_name) or Location(spec.source, 1, 1),
+            f"weights[{rule.megatron_name}]",
+            "matches no parameter of the example model (its when: holds for example_config)",
+        )
+        for rule in weight_map.rules
+        if rule.megatron_name not in matched
+    ]
     return errors
 
 
