@@ -50,16 +50,6 @@ class Family:
     exported: Path
 
 
-def example_hf_config(bridge: type[Bridge]) -> dict[str, Any]:
-    """The spec's example config as an HF config.json dict (architecture and model type from
-    the bridge)."""
-    return {
-        **dict(bridge.example_config),
-        "architectures": [bridge.architectures[0]],
-        "model_type": bridge.model_types[0],
-    }
-
-
 def randomize(model: torch.nn.Module, seed: int) -> None:
     """Seeded values everywhere the checkpoint stores: norm weights move by std 0.1 from where
     transformers starts them (1, or 0 for Gemma's 1 + w norms, where a wrong offset would not
@@ -77,7 +67,7 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 def build_hf_model(bridge: type[Bridge], folder: Path) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    fields = example_hf_config(bridge)
+    fields = bridge.example_hf_config()
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     randomize(model, seed=0)
@@ -128,7 +118,7 @@ FAMILIES = [bridge for bridge in BRIDGES if bridge.example_config]
 def test_example_config_is_served_by_its_bridge(bridge: type[Bridge]) -> None:
     from bridgegen.generated import bridge_for_config
 
-    assert bridge_for_config(example_hf_config(bridge)) is bridge
+    assert bridge_for_config(bridge.example_hf_config()) is bridge
 
 
 @pytest.mark.parametrize("bridge", FAMILIES, ids=_family)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import types
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from bridgegen.runtime.bridge import Bridge
 from bridgegen.spec.errors import Location, SpecError
@@ -23,15 +23,6 @@ if TYPE_CHECKING:
 
     from bridgegen.runtime.convert import ModelBridge
     from bridgegen.runtime.plan import WeightMap
-
-
-def example_hf_config(spec: ResolvedSpec) -> dict[str, Any]:
-    """The spec's example as an HF config.json dict (architecture and model type from the spec)."""
-    return {
-        **dict(spec.example_config),
-        "architectures": [spec.architectures[0]],
-        "model_type": spec.model_types[0],
-    }
 
 
 def rendered_bridge(spec: ResolvedSpec, files: dict[str, str]) -> type[Bridge]:
@@ -51,7 +42,7 @@ def build_example_model(spec: ResolvedSpec, bridge: type[Bridge]) -> tuple[Model
 
     from bridgegen.runtime.convert import ModelBridge
 
-    config = bridge.to_megatron_config(example_hf_config(spec), source=f"{spec.source} example_config")
+    config = bridge.to_megatron_config(bridge.example_hf_config(), source=f"{spec.source} example_config")
     model_bridge = ModelBridge(bridge, config)
     # megatron-core warns about optional packages it falls back from: not the spec's concern.
     with warnings.catch_warnings(), torch.device("meta"):
