@@ -89,8 +89,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
         )
         print(f"generated code is stale: run {again} and commit the result", file=sys.stderr)
         return 1
+    from bridgegen.convert_cli import quiet_third_party
     from bridgegen.spec.model_check import example_models_errors
 
+    quiet_third_party()
     model_errors = example_models_errors(specs, files)
     if model_errors:
         raise SpecErrors(model_errors)
