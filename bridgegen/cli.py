@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bridgegen.spec.errors import FolderError, SpecErrors
-from bridgegen.spec.render import FormatterError
+from bridgegen.spec.render import GENERATED_PACKAGE_DIR, FormatterError
 
 DESCRIPTION = """\
 bridgegen moves models between Hugging Face checkpoints and Megatron-Core.
@@ -74,11 +74,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
         specs = load_specs(root)
         files = render_all(specs, spec_schema())
         result = check(root, files)
+        generated_dir = GENERATED_PACKAGE_DIR
     else:
         specs_dir, root = external
         specs = load_external_specs(specs_dir, root)
         files = render_external(specs, root.resolve().name)
-        result = check(root, files, generated_dir=".")
+        generated_dir = "."
+        result = check(root, files, generated_dir=generated_dir)
     for diff in result.diffs:
         sys.stdout.write(diff if diff.endswith("\n") else diff + "\n")
     for orphan in result.orphans:
@@ -93,7 +95,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from bridgegen.spec.model_check import example_models_errors
 
     quiet_third_party()
-    model_errors = example_models_errors(specs, files)
+    model_errors = example_models_errors(specs, files, generated_dir)
     if model_errors:
         raise SpecErrors(model_errors)
     print("specs valid; generated code up to date")

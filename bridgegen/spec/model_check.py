@@ -9,6 +9,7 @@ imported only when this check runs.
 
 from __future__ import annotations
 
+import posixpath
 import types
 from typing import TYPE_CHECKING
 
@@ -24,11 +25,13 @@ if TYPE_CHECKING:
     from bridgegen.runtime.plan import WeightMap
 
 
-def rendered_bridge(spec: ResolvedSpec, files: dict[str, str]) -> type[Bridge]:
+def rendered_bridge(
+    spec: ResolvedSpec, files: dict[str, str], generated_dir: str = GENERATED_PACKAGE_DIR
+) -> type[Bridge]:
     """The bridge class the spec renders to, from the rendered text (what `make generate`
-    would write), not from the generated/ folder on disk."""
-    path = f"{GENERATED_PACKAGE_DIR}/{spec.family}.py"
-    module = types.ModuleType(f"bridgegen.generated.{spec.family}")
+    would write into ``generated_dir``), not from the folder on disk."""
+    path = posixpath.normpath(f"{generated_dir}/{spec.family}.py")
+    module = types.ModuleType(spec.family)
     exec(compile(files[path], path, "exec"), module.__dict__)
     bridge: type[Bridge] = getattr(module, spec.class_name)
     return bridge
@@ -107,6 +110,13 @@ def example_model_errors(spec: ResolvedSpec, bridge: type[Bridge]) -> list[SpecE
     return errors
 
 
-def example_models_errors(specs: list[ResolvedSpec], files: dict[str, str]) -> list[SpecError]:
-    """``example_model_errors`` of every spec, from the rendered ``files``."""
-    return [error for spec in specs for error in example_model_errors(spec, rendered_bridge(spec, files))]
+def example_models_errors(
+    specs: list[ResolvedSpec], files: dict[str, str], generated_dir: str = GENERATED_PACKAGE_DIR
+) -> list[SpecError]:
+    """``example_model_errors`` of every spec, from the rendered ``files`` (bridges in
+    ``generated_dir``; ``.`` for a folder of bridges of specs kept outside this project)."""
+    return [
+        error
+        for spec in specs
+        for error in example_model_errors(spec, rendered_bridge(spec, files, generated_dir))
+    ]
