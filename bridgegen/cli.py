@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bridgegen.spec.errors import FolderError, SpecErrors
-from bridgegen.spec.render import FormatterError
+from bridgegen.spec.render import GENERATED_PACKAGE_DIR, FormatterError
 
 DESCRIPTION = """\
 bridgegen moves models between Hugging Face checkpoints and Megatron-Core.
@@ -65,15 +65,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from bridgegen.spec.generate import check, render_external_specs, render_project
+    from bridgegen.spec.generate import check, load_external_specs, load_specs, spec_schema
+    from bridgegen.spec.render import render_all, render_external
 
     external = _external_folders(args)
     if external is None:
         root = _project_root(args.root)
-        result = check(root, render_project(root))
+        specs = load_specs(root)
+        files = render_all(specs, spec_schema())
+        result = check(root, files)
+        generated_dir = GENERATED_PACKAGE_DIR
     else:
         specs_dir, root = external
-        result = check(root, render_external_specs(specs_dir, root), generated_dir=".")
+        specs = load_external_specs(specs_dir, root)
+        files = render_external(specs, root.resolve().name)
+        generated_dir = "."
+        result = check(root, files, generated_dir=generated_dir)
     for diff in result.diffs:
         sys.stdout.write(diff if diff.endswith("\n") else diff + "\n")
     for orphan in result.orphans:
@@ -84,6 +91,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
         )
         print(f"generated code is stale: run {again} and commit the result", file=sys.stderr)
         return 1
+    from bridgegen.convert_cli import quiet_third_party
+    from bridgegen.spec.model_check import example_models_errors
+
+    quiet_third_party()
+    model_errors = example_models_errors(specs, files, generated_dir)
+    if model_errors:
+        raise SpecErrors(model_errors)
     print("specs valid; generated code up to date")
     return _check_field_coverage(root)
 

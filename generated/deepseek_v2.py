@@ -103,7 +103,33 @@ class DeepseekV2Bridge(Bridge):
     runtime_modules = {}
     hf_aliases = {}
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
-    example_config = {}
+    example_config = {
+        "first_k_dense_replace": 1,
+        "hidden_act": "silu",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "kv_lora_rank": 16,
+        "max_position_embeddings": 256,
+        "moe_intermediate_size": 32,
+        "n_group": 1,
+        "n_routed_experts": 4,
+        "n_shared_experts": 2,
+        "norm_topk_prob": False,
+        "num_attention_heads": 4,
+        "num_experts_per_tok": 2,
+        "num_hidden_layers": 3,
+        "num_key_value_heads": 4,
+        "q_lora_rank": None,
+        "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8,
+        "routed_scaling_factor": 1.0,
+        "scoring_func": "softmax",
+        "tie_word_embeddings": False,
+        "topk_group": 1,
+        "topk_method": "greedy",
+        "v_head_dim": 16,
+        "vocab_size": 250,
+    }
     weight_rules = (
         WeightRule(
             megatron_name="decoder.final_layernorm.weight",

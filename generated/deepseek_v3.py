@@ -39,6 +39,22 @@ def _when_decoder_layers_layer_self_attention_q_layernorm_weight(config: Megatro
     return bool(config.value("q_lora_rank") is not None)
 
 
+def _when_mtp_layers_layer_eh_proj_weight(config: MegatronConfig) -> bool:
+    return bool(config.value("mtp_num_layers") is not None)
+
+
+def _when_mtp_layers_layer_enorm_weight(config: MegatronConfig) -> bool:
+    return bool(config.value("mtp_num_layers") is not None)
+
+
+def _when_mtp_layers_layer_final_layernorm_weight(config: MegatronConfig) -> bool:
+    return bool(config.value("mtp_num_layers") is not None)
+
+
+def _when_mtp_layers_layer_hnorm_weight(config: MegatronConfig) -> bool:
+    return bool(config.value("mtp_num_layers") is not None)
+
+
 def _when_output_layer_weight(config: MegatronConfig) -> bool:
     return bool(not config.value("share_embeddings_and_output_weights"))
 
@@ -104,7 +120,32 @@ class DeepseekV3Bridge(Bridge):
     runtime_modules = {}
     hf_aliases = {}
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
-    example_config = {}
+    example_config = {
+        "first_k_dense_replace": 1,
+        "hidden_act": "silu",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "kv_lora_rank": 16,
+        "max_position_embeddings": 256,
+        "moe_intermediate_size": 32,
+        "n_group": 2,
+        "n_routed_experts": 4,
+        "n_shared_experts": 1,
+        "norm_topk_prob": True,
+        "num_attention_heads": 4,
+        "num_experts_per_tok": 2,
+        "num_hidden_layers": 3,
+        "num_key_value_heads": 4,
+        "num_nextn_predict_layers": 0,
+        "q_lora_rank": 32,
+        "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8,
+        "routed_scaling_factor": 2.5,
+        "tie_word_embeddings": False,
+        "topk_group": 1,
+        "v_head_dim": 16,
+        "vocab_size": 250,
+    }
     weight_rules = (
         WeightRule(
             megatron_name="decoder.final_layernorm.weight",
@@ -230,21 +271,25 @@ class DeepseekV3Bridge(Bridge):
             megatron_name="mtp.layers.{layer}.eh_proj.weight",
             hf_names=("model.layers.{layer}.eh_proj.weight",),
             kind=WeightKind.column,
+            when=_when_mtp_layers_layer_eh_proj_weight,
         ),
         WeightRule(
             megatron_name="mtp.layers.{layer}.enorm.weight",
             hf_names=("model.layers.{layer}.enorm.weight",),
             kind=WeightKind.replicated,
+            when=_when_mtp_layers_layer_enorm_weight,
         ),
         WeightRule(
             megatron_name="mtp.layers.{layer}.final_layernorm.weight",
             hf_names=("model.layers.{layer}.shared_head.norm.weight",),
             kind=WeightKind.replicated,
+            when=_when_mtp_layers_layer_final_layernorm_weight,
         ),
         WeightRule(
             megatron_name="mtp.layers.{layer}.hnorm.weight",
             hf_names=("model.layers.{layer}.hnorm.weight",),
             kind=WeightKind.replicated,
+            when=_when_mtp_layers_layer_hnorm_weight,
         ),
         WeightRule(
             megatron_name="output_layer.weight",

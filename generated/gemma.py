@@ -59,7 +59,16 @@ class GemmaBridge(Bridge):
     }
     hf_aliases = {}
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
-    example_config = {}
+    example_config = {
+        "head_dim": 32,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "max_position_embeddings": 256,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "num_key_value_heads": 1,
+        "vocab_size": 250,
+    }
     weight_rules = (
         WeightRule(
             megatron_name="decoder.final_layernorm.weight",

@@ -82,7 +82,21 @@ class Gemma3Bridge(Bridge):
     }
     hf_aliases = {}
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
-    example_config = {}
+    example_config = {
+        "head_dim": 16,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "max_position_embeddings": 256,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 4,
+        "num_key_value_heads": 2,
+        "query_pre_attn_scalar": 24,
+        "rope_local_base_freq": 10000.0,
+        "rope_theta": 1000000.0,
+        "sliding_window": 5,
+        "sliding_window_pattern": 2,
+        "vocab_size": 250,
+    }
     weight_rules = (
         WeightRule(
             megatron_name="decoder.final_layernorm.weight",

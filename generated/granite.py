@@ -70,6 +70,7 @@ class GraniteBridge(Bridge):
     example_config = {
         "attention_multiplier": 0.0625,
         "embedding_multiplier": 12.0,
+        "hidden_act": "silu",
         "hidden_size": 64,
         "initializer_range": 0.2,
         "intermediate_size": 128,

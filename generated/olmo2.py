@@ -64,6 +64,7 @@ class Olmo2Bridge(Bridge):
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
     example_config = {
         "eos_token_id": 2,
+        "hidden_act": "silu",
         "hidden_size": 64,
         "intermediate_size": 128,
         "max_position_embeddings": 128,

@@ -60,7 +60,22 @@ class Phi3Bridge(Bridge):
     runtime_modules = {}
     hf_aliases = {}
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
-    example_config = {}
+    example_config = {
+        "hidden_act": "silu",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "max_position_embeddings": 256,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "num_key_value_heads": 2,
+        "original_max_position_embeddings": 256,
+        "pad_token_id": 0,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 10000.0,
+        "sliding_window": 5,
+        "tie_word_embeddings": False,
+        "vocab_size": 250,
+    }
     weight_rules = (
         WeightRule(
             megatron_name="decoder.final_layernorm.weight",

@@ -67,7 +67,24 @@ class Qwen3MoeBridge(Bridge):
     runtime_modules = {}
     hf_aliases = {"num_experts": ("num_local_experts",)}
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
-    example_config = {}
+    example_config = {
+        "head_dim": 16,
+        "hidden_act": "silu",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "max_position_embeddings": 256,
+        "mlp_only_layers": [0],
+        "moe_intermediate_size": 32,
+        "norm_topk_prob": True,
+        "num_attention_heads": 4,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "num_hidden_layers": 3,
+        "num_key_value_heads": 2,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": False,
+        "vocab_size": 250,
+    }
     weight_rules = (
         WeightRule(
             megatron_name="decoder.final_layernorm.weight",

@@ -30,6 +30,7 @@ extends: llama
 architectures: [AcmeForCausalLM]
 model_types: [acme]
 example_config:
+  hidden_act: silu
   hidden_size: 64
   intermediate_size: 128
   num_hidden_layers: 2

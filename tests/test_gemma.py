@@ -43,12 +43,11 @@ def saved(model: torch.nn.Module, folder: Path, dtype: torch.dtype = torch.float
     return folder, model
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_gemma_parity_and_round_trip(dtype: torch.dtype, tmp_path: Path) -> None:
+def test_gemma_bf16_round_trip_is_bit_exact(tmp_path: Path) -> None:
+    """bf16 on both sides (fp32 parity and round trip: tests/test_families.py)."""
     from bridgegen.runtime.convert import ModelBridge
-    from bridgegen.runtime.verify import compare, megatron_logits
 
-    folder, hf = make_gemma(tmp_path / "hf", dtype)
+    folder, _ = make_gemma(tmp_path / "hf", torch.bfloat16)
     bridge = ModelBridge.from_hf_dir(folder)
     assert bridge.config.activation == "gelu_tanh"
     assert bridge.config.value("share_embeddings_and_output_weights") is True
@@ -56,12 +55,6 @@ def test_gemma_parity_and_round_trip(dtype: torch.dtype, tmp_path: Path) -> None
     bridge.load_hf_weights(model)
     bridge.export_hf(model, tmp_path / "out")
     assert_bit_exact(folder, tmp_path / "out")  # norms keep w as HF stores it: exact in bf16 too
-    if dtype == torch.float32:
-        tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            parity = compare(hf(tokens).logits.float(), megatron_logits(model, tokens, VOCAB))  # type: ignore[operator]
-        print(f"gemma: {parity}")
-        assert parity.max_abs_diff <= LOGIT_ATOL and parity.argmax_agreement == 1.0
 
 
 VARIANTS = {
@@ -104,7 +97,9 @@ def make_variant(folder: Path, name: str) -> tuple[Path, object]:
     return saved(AutoModelForCausalLM.from_config(config), folder)
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
+# gemma2 and gemma3_text as they are here are the specs' example configs' field sets, run by
+# tests/test_families.py; linear RoPE scaling on the global layers only is run here.
+@pytest.mark.parametrize("name", ["gemma3_text_linear"])
 def test_gemma2_and_gemma3_parity_with_windows_longer_than_sliding(name: str, tmp_path: Path) -> None:
     from bridgegen.runtime.convert import ModelBridge
     from bridgegen.runtime.verify import compare, megatron_logits

@@ -166,3 +166,33 @@ def test_repository_check_passes() -> None:
     lines = result.stdout.splitlines()
     assert lines[0] == "specs valid; generated code up to date"
     assert lines[-1] == "every HF config field accounted for"
+
+
+def test_cli_check_builds_the_example_models(project: Path) -> None:
+    """A weight rule deleted from Qwen3's spec: `bridgegen check` names the specs, the line of
+    their example config and each parameter left without a rule, in Qwen3 and in Qwen3-MoE,
+    which inherits the deletion (its dense first layer has the MLP)."""
+    specs = project / "specs"
+    text = (specs / "qwen3.yaml").read_text(encoding="utf-8")
+    (specs / "qwen3.yaml").write_text(
+        text.replace("weights:\n", "weights:\n  decoder.layers.{layer}.mlp.linear_fc2.weight: null\n", 1),
+        encoding="utf-8",
+    )
+    assert _run_cli("generate", "--root", str(project), cwd=project).returncode == 0
+    result = _run_cli("check", "--root", str(project), cwd=project)
+    assert result.returncode == 1
+
+    def example_line(name: str) -> int:
+        return 1 + (specs / name).read_text(encoding="utf-8").splitlines().index("example_config:")
+
+    missing = "'decoder.layers.{}.mlp.linear_fc2.weight' of the example model has no weight rule"
+    assert result.stderr.splitlines() == [
+        *(
+            f"specs/qwen3.yaml:{example_line('qwen3.yaml')}:1: example_config: Megatron parameter "
+            + missing.format(layer)
+            for layer in (0, 1)
+        ),
+        f"specs/qwen3_moe.yaml:{example_line('qwen3_moe.yaml')}:1: example_config: Megatron parameter "
+        + missing.format(0),
+        "3 spec error(s)",
+    ]

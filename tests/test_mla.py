@@ -118,7 +118,9 @@ def convert(folder: Path, dtype: torch.dtype | None, out: Path) -> Any:
     return bridge, model
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
+# deepseek_v2 and deepseek_v3 as they are here are the specs' example configs, run by
+# tests/test_families.py.
+@pytest.mark.parametrize("name", ["deepseek_v3_yarn", "moonlight"])
 def test_logits_match_hf_and_round_trip_is_exact(name: str, tmp_path: Path) -> None:
     from bridgegen.runtime.verify import compare, megatron_logits
 

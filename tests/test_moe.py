@@ -70,31 +70,16 @@ def test_expert_tensors_on_disk_are_per_expert(moe: dict[str, Any]) -> None:
     assert "model.layers.1.mlp.gate.weight" in names  # the router
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_single_process_round_trip_is_bit_exact(
-    moe: dict[str, Any], dtype: torch.dtype, tmp_path: Path
-) -> None:
+def test_single_process_bf16_round_trip_is_bit_exact(tmp_path: Path) -> None:
+    """(fp32 parity and round trip of this config: tests/test_families.py, qwen3_moe.)"""
     from bridgegen.runtime.convert import ModelBridge
 
-    folder = moe["fp32"] if dtype == torch.float32 else make_qwen3_moe(tmp_path / "bf16", dtype)
+    folder = make_qwen3_moe(tmp_path / "bf16", torch.bfloat16)
     bridge = ModelBridge.from_hf_dir(folder)
     model = bridge.build_model()
     bridge.load_hf_weights(model)
     bridge.export_hf(model, tmp_path / "out")
     assert_bit_exact(folder, tmp_path / "out")
-
-
-def test_single_process_logits_match_hf(moe: dict[str, Any]) -> None:
-    from bridgegen.runtime.convert import ModelBridge
-    from bridgegen.runtime.verify import compare, megatron_logits
-
-    bridge = ModelBridge.from_hf_dir(moe["fp32"])
-    model = bridge.build_model(torch.float32)
-    bridge.load_hf_weights(model)
-    parity = compare(moe["reference"], megatron_logits(model, dist_cases.tokens(VOCAB), VOCAB))
-    print(f"qwen3_moe single process: {parity}")
-    assert parity.max_abs_diff <= LOGIT_ATOL
-    assert parity.argmax_agreement == 1.0
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 
 from bridgegen.spec.errors import SpecErrors
-from bridgegen.spec.generate import load_specs
+from bridgegen.spec.generate import load_specs, spec_schema
+from bridgegen.spec.model_check import example_models_errors
+from bridgegen.spec.render import render_all
 
 CASES_DIR = Path(__file__).parent / "bad_specs"
 REFRESH = os.environ.get("BRIDGEGEN_REFRESH_EXPECTED") == "1"
@@ -45,12 +47,15 @@ def _params() -> list[object]:
 
 
 def spec_error_lines(case: Path) -> list[str]:
-    """The error lines a case produces (empty if its specs load without errors)."""
+    """The error lines a case produces (empty if its specs load without errors): those of
+    loading its specs, or, when they load, those of building their example models (as
+    `bridgegen check` does)."""
     try:
-        load_specs(case, ".")
+        specs = load_specs(case, ".")
+        errors = example_models_errors(specs, render_all(specs, spec_schema()))
     except SpecErrors as exc:
         return [str(error) for error in exc.errors]
-    return []
+    return [str(error) for error in sorted(set(errors))]
 
 
 @pytest.mark.parametrize("case", _params())

@@ -67,6 +67,16 @@ class Bridge:
         wrapper = cls.wrappers.get(architecture or "")
         return wrapper.config if wrapper else None
 
+    @classmethod
+    def example_hf_config(cls) -> dict[str, Any]:
+        """The spec's ``example_config`` as a config.json dict, with the family's first
+        architecture and model type."""
+        return {
+            **cls.example_config,
+            "architectures": [cls.architectures[0]],
+            "model_type": cls.model_types[0],
+        }
+
     # ------------------------------------------------------------------ config conversion
 
     @classmethod

@@ -35,7 +35,7 @@ from pydantic import ValidationError
 from bridgegen.runtime.config import MODEL_FIELDS
 from bridgegen.runtime.quirks import RuntimeModule, parameter_names, parameter_type_error
 from bridgegen.runtime.weight_rules import HF_ARITY, WeightKind
-from bridgegen.spec.errors import SpecError, SpecErrors
+from bridgegen.spec.errors import Location, SpecError, SpecErrors
 from bridgegen.spec.expr import ExpressionError, check_names, emit_python, parse_expression, variable_name
 from bridgegen.spec.loader import FieldPath, LoadedSpec
 from bridgegen.spec.megatron_fields import config_fields
@@ -79,6 +79,7 @@ class ResolvedWeight:
     norm_offset: float
     hf_stacked_experts: bool
     hf_copies: tuple[str, ...]
+    location: Location | None = None  # where the spec writes this weight
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class ResolvedSpec:
     hf_neutral: tuple[tuple[str, tuple[Any, ...], str], ...] = ()  # (HF field, its supported values, why)
     hf_behaviour_free: tuple[str, ...] = ()
     model_type_lines: tuple[tuple[str, str], ...] = ()  # (model type, "spec file:line" declaring it)
+    example_config_location: Location | None = None
 
 
 def placeholders_of(template: str) -> frozenset[str]:
@@ -775,6 +777,7 @@ def _resolve_one(
                 weight.norm_offset,
                 weight.hf_stacked_experts,
                 tuple(weight.hf_copies),
+                origin.loaded.location_of(origin.path),
             )
         )
     for weight, hf_name, other, same_condition in _double_mappings(weights):
@@ -844,6 +847,7 @@ def _resolve_one(
                 (model_type, _line_of(loaded, ("model_types", index)))
                 for index, model_type in enumerate(spec.model_types)
             ),
+            example_config_location=loaded.location_of(("example_config",)),
         ),
         [],
     )
