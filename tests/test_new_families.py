@@ -34,12 +34,13 @@ def bridge_of(family: str) -> Any:
     return bridge
 
 
-def example_model(family: str, seed: int = 0) -> Any:
+def example_model(family: str, seed: int = 0, **overrides: Any) -> Any:
     """The family's tiny transformers model: norms around 1, every other parameter (biases and
     routers included) random with std 0.1, so no bias is zero and no top-k choice is a tie."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(bridge_of(family).model_types[0], **bridge_of(family).example_config)
+    bridge = bridge_of(family)
+    config = AutoConfig.for_model(bridge.model_types[0], **{**bridge.example_config, **overrides})
     model = AutoModelForCausalLM.from_config(config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -137,6 +138,40 @@ def test_example_config_exercises_the_family(family: str) -> None:
         assert 0 in values["moe_layer_freq"] and 1 in values["moe_layer_freq"]
     if family == "starcoder2":
         assert values["add_bias_linear"] is True and values["normalization"] == "LayerNorm"
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    [("mixtral", {}), ("qwen2_moe", {"norm_topk_prob": True})],
+    ids=["mixtral", "qwen2_moe-norm_topk_prob"],
+)
+def test_bf16_routing_picks_the_experts_transformers_picks(
+    family: str, overrides: dict[str, Any], tmp_path: Path
+) -> None:
+    """In bf16 the Megatron router of layer 0 picks, for each of 4096 tokens, the same experts
+    as transformers' router. transformers computes the router logits in the model dtype and
+    the softmax and top-k in float32 (modeling_mixtral.py MixtralTopKRouter.forward,
+    modeling_qwen2_moe.py Qwen2MoeTopKRouter.forward); megatron-core's top-k-then-softmax on
+    model-dtype logits (moe_router_dtype unset) picks the same set, where float32 logits
+    (moe_router_dtype fp32) pick another set for about 0.1% of these tokens."""
+    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.runtime.cpu_support import enable_cpu_execution
+
+    enable_cpu_execution()
+    hf = example_model(family, **overrides)
+    hf.save_pretrained(tmp_path / "hf")
+    hf = hf.to(torch.bfloat16)
+    bridge = ModelBridge.from_hf_dir(tmp_path / "hf")
+    model = bridge.build_model(torch.bfloat16)
+    bridge.load_hf_weights(model)
+    model.eval()
+    hidden = hf.config.hidden_size
+    states = torch.randn(4096, 1, hidden, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    with torch.no_grad():
+        _, routing_map = model.decoder.layers[0].mlp.router(states)
+        _, _, hf_experts = hf.model.layers[0].mlp.gate(states.reshape(-1, hidden))
+    hf_map = torch.zeros_like(routing_map).scatter(1, hf_experts, True)
+    assert torch.equal(routing_map, hf_map)
 
 
 def test_qwen2_moe_at_tp2_ep2_round_trips_bit_exact(tmp_path: Path) -> None:
