@@ -75,6 +75,8 @@ class Starcoder2Bridge(Bridge):
     hf_aliases = {}
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
     example_config = {
+        "bos_token_id": 0,
+        "eos_token_id": 0,
         "hidden_size": 64,
         "intermediate_size": 128,
         "max_position_embeddings": 256,

@@ -94,16 +94,40 @@ def test_checkpoint_is_served_by_the_family(saved: dict[str, Any]) -> None:
     assert bridge_for_config(config).family == saved["family"]
 
 
-def test_fp32_logits_match_transformers(saved: dict[str, Any]) -> None:
+def fp32_parity(folder: Path, reference: torch.Tensor, ids: torch.Tensor) -> Any:
     from bridgegen.runtime.convert import ModelBridge
     from bridgegen.runtime.verify import compare, megatron_logits
 
-    bridge = ModelBridge.from_hf_dir(saved["folder"])
+    bridge = ModelBridge.from_hf_dir(folder)
     model = bridge.build_model(torch.float32)
     bridge.load_hf_weights(model)
-    vocab = saved["model"].config.vocab_size
-    parity = compare(saved["reference"], megatron_logits(model, saved["ids"], vocab))
+    return compare(reference, megatron_logits(model, ids, bridge.config.vocab_size))
+
+
+def test_fp32_logits_match_transformers(saved: dict[str, Any]) -> None:
+    parity = fp32_parity(saved["folder"], saved["reference"], saved["ids"])
     print(f"{saved['family']} fp32: {parity}")
+    assert parity.max_abs_diff <= LOGIT_ATOL
+    assert parity.argmax_agreement == 1.0
+
+
+# The other side of each option the example configs set.
+VARIANTS = [
+    ("mixtral", {"sliding_window": None}),
+    ("qwen2_moe", {"qkv_bias": False, "decoder_sparse_step": 2, "mlp_only_layers": [3]}),
+    ("starcoder2", {"use_bias": False, "tie_word_embeddings": False}),
+]
+
+
+@pytest.mark.parametrize(("family", "overrides"), VARIANTS, ids=[family for family, _ in VARIANTS])
+def test_fp32_logits_match_transformers_for_variants(
+    family: str, overrides: dict[str, Any], tmp_path: Path
+) -> None:
+    model = example_model(family, **overrides)
+    model.save_pretrained(tmp_path)
+    ids = tokens(model.config.vocab_size)
+    parity = fp32_parity(tmp_path, hf_logits(model, ids), ids)
+    print(f"{family} {overrides} fp32: {parity}")
     assert parity.max_abs_diff <= LOGIT_ATOL
     assert parity.argmax_agreement == 1.0
 
