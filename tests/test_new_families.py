@@ -21,6 +21,7 @@ from bridgegen.generated import BRIDGES, bridge_for_config
 from checkpoints import assert_bit_exact, tensors_of
 
 from bridgegen.cli import main
+from bridgegen.runtime.formats import dist_checkpoint, foreign_config
 
 FAMILIES = ("mixtral", "qwen2_moe", "starcoder2")
 SEQ = 16  # longer than the example configs' sliding windows
@@ -32,6 +33,11 @@ VOLATILE = {"_name_or_path", "transformers_version"}
 def bridge_of(family: str) -> Any:
     (bridge,) = [b for b in BRIDGES if b.family == family]
     return bridge
+
+
+def bridge_config(folder: Path) -> Any:
+    config = json.loads((folder / "config.json").read_text())
+    return bridge_for_config(config).to_megatron_config(config)
 
 
 def example_model(family: str, seed: int = 0, **overrides: Any) -> Any:
@@ -139,6 +145,15 @@ def test_cli_round_trip_is_bit_exact_and_config_survives(saved: dict[str, Any], 
     assert main(["import", "--hf", str(saved["folder"]), "--out", str(checkpoint)]) == 0
     assert main(["export", "--megatron", str(checkpoint), "--out", str(out)]) == 0
     assert_bit_exact(saved["folder"], out)
+    # The Megatron-LM arguments saved with the checkpoint build the same MoE layers: every MoE
+    # on/off setting of the bridge's Megatron config (flags named as the fields) has its value.
+    # They are read back as such from a checkpoint without bridgegen's own record.
+    args = dist_checkpoint.read_common_state(checkpoint / "release")["args"]
+    values = bridge_config(saved["folder"]).values
+    switches = {k: v for k, v in values.items() if k.startswith("moe_") and isinstance(v, bool)}
+    assert {k: vars(args).get(k) for k in switches} == switches
+    read_back, _, _ = foreign_config.values_from_args(args)
+    assert {k: read_back.get(k) for k in switches} == switches
 
     source, exported = loaded_config(saved["folder"]), loaded_config(out)
     assert exported == source
