@@ -146,7 +146,8 @@ def test_cli_round_trip_is_bit_exact_and_config_survives(saved: dict[str, Any], 
     assert main(["export", "--megatron", str(checkpoint), "--out", str(out)]) == 0
     assert_bit_exact(saved["folder"], out)
     # The Megatron-LM arguments saved with the checkpoint build the same MoE layers: every MoE
-    # on/off setting of the bridge's Megatron config (flags named as the fields) has its value.
+    # on/off setting of the bridge's Megatron config has its value (Megatron-LM makes these
+    # flags from TransformerConfig's fields, same names: megatron/training/arguments.py:2373).
     # They are read back as such from a checkpoint without bridgegen's own record.
     args = dist_checkpoint.read_common_state(checkpoint / "release")["args"]
     values = bridge_config(saved["folder"]).values
