@@ -159,7 +159,7 @@ class MixtralBridge(Bridge):
         hf_vocab_size = hf.require("vocab_size")
         hf.check(
             hf_router_jitter_noise == 0.0,
-            "router_jitter_noise is set; Megatron's router has no input jitter of this form",
+            "router_jitter_noise is not 0; megatron-core has no jitter of transformers' form",
         )
         return {
             "add_bias_linear": False,

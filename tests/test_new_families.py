@@ -214,6 +214,20 @@ def test_bf16_routing_picks_the_experts_transformers_picks(
     assert torch.equal(routing_map, hf_map)
 
 
+def test_mixtral_with_router_jitter_is_refused() -> None:
+    """transformers jitters the whole MoE input in training (modeling_mixtral.py
+    MixtralSparseMoeBlock.forward); megatron-core's moe_input_jitter_eps jitters only the
+    router input, in eval too (router.py TopKRouter.apply_input_jitter): not the same model."""
+    from transformers import AutoConfig
+
+    from bridgegen.runtime.errors import ConfigError
+
+    bridge = bridge_of("mixtral")
+    config = AutoConfig.for_model("mixtral", **bridge.example_config, router_jitter_noise=0.01).to_dict()
+    with pytest.raises(ConfigError, match=r"^config\.json: router_jitter_noise is not 0; "):
+        bridge.to_megatron_config(config)
+
+
 def test_qwen2_moe_at_tp2_ep2_round_trips_bit_exact(tmp_path: Path) -> None:
     """Two processes, TP=2 and EP=2 with whole experts (each rank one tensor slice and half the
     experts): import, verify logits against transformers, export in one process; the export
