@@ -55,7 +55,6 @@ class Qwen2MoeBridge(Bridge):
         "num_experts_per_tok",
         "num_hidden_layers",
         "num_key_value_heads",
-        "num_local_experts",
         "qkv_bias",
         "rms_norm_eps",
         "rope_parameters",
@@ -69,7 +68,7 @@ class Qwen2MoeBridge(Bridge):
     )
     extra_fields = ()
     runtime_modules = ()
-    hf_aliases = {"num_experts": ("num_local_experts",)}
+    hf_aliases = {}
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
     example_config = {
         "decoder_sparse_step": 1,
