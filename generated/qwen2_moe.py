@@ -45,6 +45,7 @@ class Qwen2MoeBridge(Bridge):
         "hidden_size",
         "initializer_range",
         "intermediate_size",
+        "layer_types",
         "max_position_embeddings",
         "mlp_only_layers",
         "model_type",
@@ -196,6 +197,7 @@ class Qwen2MoeBridge(Bridge):
         hf_hidden_size = hf.require("hidden_size")
         hf_initializer_range = hf.optional("initializer_range", 0.02)
         hf_intermediate_size = hf.require("intermediate_size")
+        hf_layer_types = hf.optional("layer_types", None)
         hf_max_position_embeddings = hf.require("max_position_embeddings")
         hf_mlp_only_layers = hf.optional("mlp_only_layers", [])
         hf_moe_intermediate_size = hf.require("moe_intermediate_size")
@@ -216,6 +218,10 @@ class Qwen2MoeBridge(Bridge):
         hf.check(
             not hf_use_sliding_window,
             "use_sliding_window is true; sliding windows on Qwen2's upper layers (max_window_layers) are not supported",
+        )
+        hf.check(
+            hf_layer_types is None or helpers.all_equal(hf_layer_types, "full_attention"),
+            "layer_types names sliding_attention layers; Qwen2-MoE's sliding windows are not supported",
         )
         return {
             "add_bias_linear": False,

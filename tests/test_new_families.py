@@ -12,6 +12,7 @@ StarCoder2's biases (random, non-zero, as every other parameter here).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -214,17 +215,31 @@ def test_bf16_routing_picks_the_experts_transformers_picks(
     assert torch.equal(routing_map, hf_map)
 
 
-def test_mixtral_with_router_jitter_is_refused() -> None:
-    """transformers jitters the whole MoE input in training (modeling_mixtral.py
-    MixtralSparseMoeBlock.forward); megatron-core's moe_input_jitter_eps jitters only the
-    router input, in eval too (router.py TopKRouter.apply_input_jitter): not the same model."""
+REFUSED = [
+    # transformers jitters the whole MoE input in training (modeling_mixtral.py
+    # MixtralSparseMoeBlock.forward); megatron-core's moe_input_jitter_eps jitters only the
+    # router input, in eval too (router.py TopKRouter.apply_input_jitter): not the same model.
+    ("mixtral", {"router_jitter_noise": 0.01}, "router_jitter_noise is not 0; "),
+    # A sliding layer among full ones, which transformers reads from layer_types as given.
+    (
+        "qwen2_moe",
+        {"layer_types": ["full_attention", "sliding_attention", "full_attention", "full_attention"]},
+        "layer_types names sliding_attention layers; ",
+    ),
+]
+
+
+@pytest.mark.parametrize(("family", "fields", "message"), REFUSED, ids=[family for family, _, _ in REFUSED])
+def test_configs_the_bridge_cannot_convert_are_refused(
+    family: str, fields: dict[str, Any], message: str
+) -> None:
     from transformers import AutoConfig
 
     from bridgegen.runtime.errors import ConfigError
 
-    bridge = bridge_of("mixtral")
-    config = AutoConfig.for_model("mixtral", **bridge.example_config, router_jitter_noise=0.01).to_dict()
-    with pytest.raises(ConfigError, match=r"^config\.json: router_jitter_noise is not 0; "):
+    bridge = bridge_of(family)
+    config = {**AutoConfig.for_model(family, **bridge.example_config).to_dict(), **fields}
+    with pytest.raises(ConfigError, match="^config\\.json: " + re.escape(message)):
         bridge.to_megatron_config(config)
 
 
