@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bridgegen.spec.errors import SpecErrors
+from bridgegen.spec.errors import FolderError, SpecErrors
 from bridgegen.spec.render import FormatterError
 
 DESCRIPTION = """\
@@ -16,6 +16,8 @@ bridgegen moves models between Hugging Face checkpoints and Megatron-Core.
 Each architecture family is one YAML spec in specs/; `bridgegen generate` compiles the
 specs into the typed bridge modules in generated/, and `bridgegen check` verifies that
 generated/ is exactly what the specs produce (CI runs it).
+Specs kept elsewhere: `bridgegen generate --specs DIR --out FOLDER`, then name FOLDER in
+BRIDGEGEN_BRIDGES (folders separated by ':') for every command to find those bridges.
 """
 
 
@@ -31,11 +33,28 @@ def _project_root(value: str | None) -> Path:
     )
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from bridgegen.spec.generate import render_project, write
+def _external_folders(args: argparse.Namespace) -> tuple[Path, Path] | None:
+    """``--specs`` and ``--out`` (given together, without ``--root``), or None for this project."""
+    if args.specs is None and args.out is None:
+        return None
+    if args.specs is None or args.out is None:
+        raise SystemExit("bridgegen: --specs and --out go together")
+    if args.root is not None:
+        raise SystemExit("bridgegen: --root is for this project's specs; not with --specs / --out")
+    return Path(args.specs), Path(args.out)
 
-    root = _project_root(args.root)
-    written, deleted = write(root, render_project(root))
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from bridgegen.spec.generate import render_external_specs, render_project, write
+
+    external = _external_folders(args)
+    if external is None:
+        root = _project_root(args.root)
+        written, deleted = write(root, render_project(root))
+    else:
+        specs_dir, root = external
+        written, deleted = write(root, render_external_specs(specs_dir, root), generated_dir=".")
+        written, deleted = [str(root / p) for p in written], [str(root / p) for p in deleted]
     for path in written:
         print(f"wrote {path}")
     for path in deleted:
@@ -46,35 +65,53 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from bridgegen.spec.generate import check, render_project
+    from bridgegen.spec.generate import check, render_external_specs, render_project
 
-    root = _project_root(args.root)
-    result = check(root, render_project(root))
+    external = _external_folders(args)
+    if external is None:
+        root = _project_root(args.root)
+        result = check(root, render_project(root))
+    else:
+        specs_dir, root = external
+        result = check(root, render_external_specs(specs_dir, root), generated_dir=".")
     for diff in result.diffs:
         sys.stdout.write(diff if diff.endswith("\n") else diff + "\n")
     for orphan in result.orphans:
         print(f"{orphan}: orphan generated file (no spec produces it)")
     if not result.ok:
-        print("generated code is stale: run `make generate` and commit the result", file=sys.stderr)
+        again = (
+            "`make generate`" if external is None else "`bridgegen generate` with the same --specs / --out"
+        )
+        print(f"generated code is stale: run {again} and commit the result", file=sys.stderr)
         return 1
     print("specs valid; generated code up to date")
     return 0
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from bridgegen.spec.generate import load_specs
+    from bridgegen.runtime.errors import BridgeError
+    from bridgegen.runtime.registry import all_bridges
 
-    specs = load_specs(_project_root(args.root))
+    try:
+        bridges = sorted(all_bridges(), key=lambda b: b.family)
+    except BridgeError as exc:
+        print(f"bridgegen list: error: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         rows = [
-            {"family": s.family, "architectures": list(s.architectures), "model_types": list(s.model_types)}
-            for s in specs
+            {
+                "family": b.family,
+                "architectures": list(b.architectures),
+                "model_types": list(b.model_types),
+                "module": b.__module__,
+            }
+            for b in bridges
         ]
         print(json.dumps(rows, indent=2))
         return 0
-    width = max(len(s.family) for s in specs)
-    for spec in specs:
-        print(f"{spec.family:<{width}}  {', '.join(spec.architectures):<40}  {', '.join(spec.model_types)}")
+    width = max(len(b.family) for b in bridges)
+    for b in bridges:
+        print(f"{b.family:<{width}}  {', '.join(b.architectures):<40}  {', '.join(b.model_types)}")
     return 0
 
 
@@ -96,13 +133,25 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--root", help="project root holding specs/ (default: found from the current folder)")
         return p
 
-    add("generate", "regenerate generated/ and the spec JSON Schema from specs/*.yaml").set_defaults(
-        func=_cmd_generate
-    )
-    add("check", "fail with a diff if generated/ differs from what specs/ produce").set_defaults(
+    def add_generating(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = add(name, help_text)
+        p.add_argument("--specs", help="a folder of specs kept outside this project (with --out)")
+        p.add_argument(
+            "--out", help="the folder their bridges go to, a Python package (see BRIDGEGEN_BRIDGES)"
+        )
+        return p
+
+    add_generating(
+        "generate", "regenerate generated/ and the spec JSON Schema from specs/*.yaml"
+    ).set_defaults(func=_cmd_generate)
+    add_generating("check", "fail with a diff if generated/ differs from what specs/ produce").set_defaults(
         func=_cmd_check
     )
-    p = add("list", "list families with the HF architectures and model types they serve")
+    p = sub.add_parser(
+        "list",
+        help="list families with the HF architectures and model types they serve",
+        description="list the built-in bridges and those of the folders BRIDGEGEN_BRIDGES names",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_list)
     add("schema", "print the JSON Schema of the spec format").set_defaults(func=_cmd_schema)
@@ -123,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(error, file=sys.stderr)
         print(f"{len(exc.errors)} spec error(s)", file=sys.stderr)
         return 1
-    except FormatterError as exc:
+    except (FormatterError, FolderError) as exc:
         print(f"bridgegen: {exc}", file=sys.stderr)
         return 1
 

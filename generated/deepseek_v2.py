@@ -99,7 +99,7 @@ class DeepseekV2Bridge(Bridge):
         "vocab_size",
     )
     extra_fields = ()
-    runtime_modules = ()
+    runtime_modules = {}
     hf_aliases = {}
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
     example_config = {}
@@ -291,6 +291,7 @@ class DeepseekV2Bridge(Bridge):
             "moe_ffn_hidden_size": hf_moe_intermediate_size,
             "moe_layer_freq": [0] * hf_first_k_dense_replace
             + [1] * (hf_num_hidden_layers - hf_first_k_dense_replace),
+            "moe_router_dtype": "fp32",
             "moe_router_enable_expert_bias": hf_topk_method == "noaux_tc",
             "moe_router_group_topk": hf_topk_group if hf_n_group > 1 else None,
             "moe_router_load_balancing_type": "seq_aux_loss",

@@ -54,7 +54,9 @@ class GemmaBridge(Bridge):
         "vocab_size",
     )
     extra_fields = ("embedding_scale",)
-    runtime_modules = ("embedding_scale",)
+    runtime_modules = {
+        "embedding_scale": {"scale": "embedding_scale"},
+    }
     hf_aliases = {}
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
     example_config = {}

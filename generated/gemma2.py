@@ -63,12 +63,12 @@ class Gemma2Bridge(Bridge):
         "final_logit_softcapping",
         "post_layer_norms",
     )
-    runtime_modules = (
-        "embedding_scale",
-        "final_logit_softcapping",
-        "post_layer_norms",
-        "softcapped_attention",
-    )
+    runtime_modules = {
+        "embedding_scale": {"scale": "embedding_scale"},
+        "final_logit_softcapping": {"cap": "final_logit_softcapping"},
+        "post_layer_norms": {"enabled": "post_layer_norms"},
+        "softcapped_attention": {"cap": "attn_logit_softcapping"},
+    }
     hf_aliases = {}
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
     example_config = {}

@@ -72,13 +72,13 @@ class Gemma3Bridge(Bridge):
         "post_layer_norms",
         "rotary_base_local",
     )
-    runtime_modules = (
-        "embedding_scale",
-        "final_logit_softcapping",
-        "local_rope_base",
-        "post_layer_norms",
-        "softcapped_attention",
-    )
+    runtime_modules = {
+        "embedding_scale": {"scale": "embedding_scale"},
+        "final_logit_softcapping": {"cap": "final_logit_softcapping"},
+        "local_rope_base": {"base": "rotary_base_local"},
+        "post_layer_norms": {"enabled": "post_layer_norms"},
+        "softcapped_attention": {"cap": "attn_logit_softcapping"},
+    }
     hf_aliases = {}
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
     example_config = {}

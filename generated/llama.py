@@ -58,7 +58,7 @@ class LlamaBridge(Bridge):
         "vocab_size",
     )
     extra_fields = ()
-    runtime_modules = ()
+    runtime_modules = {}
     hf_aliases = {}
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
     example_config = {}

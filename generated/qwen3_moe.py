@@ -67,7 +67,7 @@ class Qwen3MoeBridge(Bridge):
         "vocab_size",
     )
     extra_fields = ()
-    runtime_modules = ()
+    runtime_modules = {}
     hf_aliases = {"num_experts": ("num_local_experts",)}
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
     example_config = {}

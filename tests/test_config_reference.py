@@ -141,13 +141,12 @@ def mla_rope(megatron: MegatronConfig) -> dict[str, Any]:
 def spec_extra_fields() -> set[str]:
     """Megatron names the specs declare as bridge-level extras (not megatron-core fields),
     directly or as the fields their runtime modules read."""
-    from bridgegen.runtime.quirks import MODULE_FIELD, RuntimeModule
-
     names: set[str] = set()
     for path in (REPO_ROOT / "specs").glob("*.yaml"):
         spec = yaml.safe_load(path.read_text()) or {}
         names.update((spec.get("config") or {}).get("extra_fields") or [])
-        names.update(MODULE_FIELD[RuntimeModule(m)] for m in spec.get("runtime_modules") or [])
+        for bindings in (spec.get("runtime_modules") or {}).values():
+            names.update((bindings or {}).values())
     return names
 
 

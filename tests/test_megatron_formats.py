@@ -387,7 +387,7 @@ def test_gemma3_post_norms_under_megatron_bridge_names(tmp_path: Path) -> None:
     assert not any("post_self_attn_layernorm" in k or "post_mlp_layernorm" in k for k in keys)
     text = (out / "megatron_lm_args.txt").read_text()
     assert "Not in Megatron-LM" in text
-    for quirk in ("post-attention / post-MLP norms", "sqrt(hidden_size)", "gated gelu_tanh activation"):
+    for quirk in ("post-attention / post-MLP norms", "embedding output scaled by 8.0", "gated gelu_tanh activation"):
         assert quirk in text, quirk
     exported = tmp_path / "back"
     assert main(["export", "--megatron", str(out), "--out", str(exported)]) == 0

@@ -12,6 +12,7 @@ import dist_cases
 import pytest
 import torch
 from checkpoints import tensors_of
+from routing import hf_expert_sets, megatron_expert_sets, tokens_routed_differently
 from safetensors.torch import load_file
 
 VOCAB = 250
@@ -88,10 +89,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def build(folder: Path, name: str, dtype: torch.dtype = torch.float32) -> tuple[Path, Any]:
+def build(folder: Path, name: str, dtype: torch.dtype = torch.float32, **overrides: Any) -> tuple[Path, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs = dict(COMMON) | dict(VARIANTS[name])
+    kwargs = dict(COMMON) | dict(VARIANTS[name]) | overrides
     model_type = kwargs.pop("model_type")
     config = AutoConfig.for_model(model_type, **kwargs)
     torch.manual_seed(0)
@@ -159,6 +160,39 @@ def test_bf16_round_trip_is_exact(tmp_path: Path) -> None:
         kept = torch.float32 if name.endswith("e_score_correction_bias") else a[name].dtype
         assert b[name].dtype == kept, name
         assert torch.equal(a[name].to(kept), b[name]), name
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v2"])
+def test_bf16_routing_matches_transformers(name: str, tmp_path: Path) -> None:
+    """A bf16 model routes each token to the experts transformers picks. transformers computes
+    DeepSeek routers in float32 (modeling_deepseek_v3.py DeepseekV3TopkRouter.forward:
+    ``F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))``; V2 the
+    same); the spec sets megatron-core's ``moe_router_dtype: fp32`` for it. The same router in
+    bf16 (megatron-core's default) picks another expert set for some tokens of this layer, so
+    the test would fail without the setting."""
+    from bridgegen.runtime.convert import ModelBridge
+
+    experts = dict(n_routed_experts=16, num_experts_per_tok=4, n_group=1, topk_group=1)
+    folder, _ = build(tmp_path / "hf", name, torch.bfloat16, **experts)
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    bridge = ModelBridge.from_hf_dir(folder)
+    assert bridge.config.value("moe_router_dtype") == "fp32"
+    model = bridge.build_model(torch.bfloat16)
+    bridge.load_hf_weights(model)
+    layer = COMMON["first_k_dense_replace"]
+    hf_gate = hf.model.layers[layer].mlp.gate
+    router = model.decoder.layers[layer].mlp.router
+    hidden = torch.randn(16384, COMMON["hidden_size"], generator=torch.Generator().manual_seed(3))
+    hidden = hidden.to(torch.bfloat16)
+    hf_chosen, hf_weights = hf_expert_sets(hf_gate, hidden, experts["n_routed_experts"])
+    chosen, weights = megatron_expert_sets(router, hidden)
+    assert torch.equal(chosen, hf_chosen)
+    assert torch.allclose(weights, hf_weights, atol=1e-6, rtol=0)
+    differing = tokens_routed_differently(router, hidden, hf_chosen, None)  # megatron-core's default
+    print(f"{name}: bf16 routing differs from transformers on {differing} of {len(hidden)} tokens")
+    assert differing >= 5
 
 
 def test_kimi_k2_model_type_is_served_by_the_deepseek_v3_bridge(tmp_path: Path) -> None:
@@ -270,6 +304,11 @@ def test_mtp_layers_can_be_left_out(tmp_path: Path) -> None:
     config["num_nextn_predict_layers"] = 1
     (folder / "config.json").write_text(json.dumps(config))
 
+    from bridgegen.runtime.errors import WeightError
+
+    partial = ModelBridge.from_hf_dir(folder)  # layer 3 is there in part: not left out silently
+    with pytest.raises(WeightError, match=r"missing tensor 'model\.layers\.3\.enorm\.weight'.*--drop-mtp"):
+        partial.load_hf_weights(partial.build_model(torch.float32))
     bridge = ModelBridge.from_hf_dir(folder).without_mtp()
     model = bridge.build_model(torch.float32)
     bridge.load_hf_weights(model)
@@ -280,6 +319,30 @@ def test_mtp_layers_can_be_left_out(tmp_path: Path) -> None:
     bridge.export_hf(model, tmp_path / "out")
     assert not any(n.startswith("model.layers.3.") for n in tensors_of(tmp_path / "out"))
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 0
+
+
+def test_declared_mtp_layer_without_tensors_is_left_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """transformers 5 writes ``num_nextn_predict_layers: 1`` into every DeepSeek-V3 config it
+    saves (its config's default) while its model has no MTP layer: the import says so in one
+    warning and converts the decoder; the export declares 0 MTP layers and holds every source
+    tensor bit-exact."""
+    from checkpoints import assert_bit_exact
+
+    from bridgegen.cli import main
+
+    folder, _ = build(tmp_path / "hf", "deepseek_v3", num_nextn_predict_layers=1)
+    assert json.loads((folder / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    assert not any(".layers.3." in name for name in tensors_of(folder))
+    assert main(["import", "--hf", str(folder), "--out", str(tmp_path / "ckpt")]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+    assert len(warnings) == 1
+    assert "declares 1 multi-token prediction layer(s) (HF layer 3)" in warnings[0]
+    assert main(["export", "--megatron", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")]) == 0
+    exported = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert exported["num_nextn_predict_layers"] == 0
+    assert_bit_exact(folder, tmp_path / "out")
 
 
 def test_deepseek_v3_at_expert_parallel_2(tmp_path: Path) -> None:

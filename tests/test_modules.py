@@ -9,14 +9,14 @@ from typing import Any
 import pytest
 import torch
 
-from bridgegen.runtime import modules
-from bridgegen.runtime.quirks import MODULE_FIELD, RuntimeModule
+from bridgegen.runtime import modules, quirks
+from bridgegen.runtime.quirks import RuntimeModule
 
 
 def test_every_runtime_module_has_one_implementation() -> None:
     block, model = set(modules.BLOCK_SPEC_MODULES), set(modules.MODEL_MODULES)
     assert not block & model
-    assert block | model == set(RuntimeModule) == set(MODULE_FIELD)
+    assert block | model == set(RuntimeModule) == set(quirks.PARAMETERS)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -106,18 +106,29 @@ class _Returns(torch.nn.Module):
         return 2 * x, self.bias
 
 
-def test_post_layer_norms_norm_each_sublayer_output_with_its_bias_added() -> None:
+def _one_layer_model(zero_centered: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
     layer = torch.nn.Module()
-    layer.config = SimpleNamespace(hidden_size=8, layernorm_epsilon=1e-6, params_dtype=torch.float32)
+    layer.config = SimpleNamespace(
+        hidden_size=8,
+        layernorm_epsilon=1e-6,
+        params_dtype=torch.float32,
+        layernorm_zero_centered_gamma=zero_centered,
+    )
     layer.self_attention = _Returns(torch.full((8,), 0.5))
     layer.mlp = _Returns(None)
     model = torch.nn.Module()
     model.decoder = torch.nn.Module()
     model.decoder.layers = torch.nn.ModuleList([layer])
+    return model, layer
+
+
+@pytest.mark.parametrize("zero_centered", [True, False], ids=["gemma_1_plus_w", "olmo2_plain_w"])
+def test_post_layer_norms_norm_each_sublayer_output_with_its_bias_added(zero_centered: bool) -> None:
+    model, layer = _one_layer_model(zero_centered)
     modules.add_post_layer_norms(model)
-    with torch.no_grad():
-        layer.post_self_attn_layernorm.weight.fill_(1.0)  # scale 1 + 1 = 2
-        layer.post_mlp_layernorm.weight.zero_()
+    with torch.no_grad():  # scale 2 on attention outputs, 1 on MLP outputs, either way
+        layer.post_self_attn_layernorm.weight.fill_(1.0 if zero_centered else 2.0)
+        layer.post_mlp_layernorm.weight.fill_(0.0 if zero_centered else 1.0)
 
     def rms(t: torch.Tensor) -> torch.Tensor:
         return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6)
@@ -128,6 +139,69 @@ def test_post_layer_norms_norm_each_sublayer_output_with_its_bias_added() -> Non
     assert torch.allclose(attention_out, 2.0 * rms(2 * x + 0.5))
     mlp_out, _ = layer.mlp(x)
     assert torch.allclose(mlp_out, rms(2 * x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_plain_norm_is_olmo2s_bit_for_bit(dtype: torch.dtype) -> None:
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    torch.manual_seed(0)
+    reference = Olmo2RMSNorm(32, eps=1e-6).to(dtype)
+    ours = modules.PlainRMSNorm(SimpleNamespace(params_dtype=dtype), 32, eps=1e-6)
+    with torch.no_grad():
+        reference.weight.normal_(1.0, 0.5)
+        ours.weight.copy_(reference.weight)
+    x = torch.randn(4, 32).to(dtype)
+    assert torch.equal(ours(x), reference(x))
+
+
+def test_residual_multiplier_scales_each_sublayer_output_with_its_bias_added() -> None:
+    model, layer = _one_layer_model(False)
+    modules.multiply_residual_branches(model, 0.25)
+    x = torch.randn(3, 8)
+    attention_out, attention_bias = layer.self_attention(x)
+    assert attention_bias is None
+    assert torch.equal(attention_out, (2 * x + 0.5) * 0.25)
+    assert torch.equal(layer.mlp(x)[0], (2 * x) * 0.25)
+
+
+def test_logits_scaling_divides_the_logits() -> None:
+    model = torch.nn.Module()
+    model.output_layer = _Returns(None)
+    modules.divide_logits(model, 8.0)
+    x = torch.randn(3, 8)
+    assert torch.equal(model.output_layer(x)[0], (2 * x) / 8.0)
+
+
+def test_norm_over_heads_is_olmo2s_q_norm_over_the_whole_projection() -> None:
+    """One process (tensor parallel size 1): [s, b, heads, head_dim] normed over heads * head_dim
+    as HF's q_norm on the flat projection; the TP=2 case is in test_module_families."""
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    torch.manual_seed(0)
+    config = SimpleNamespace(
+        num_attention_heads=4, num_query_groups=2, tensor_model_parallel_size=1, params_dtype=torch.float32
+    )
+    queries = modules.NormOverHeads(config, 8, eps=1e-6)
+    keys = modules.KeyNormOverHeads(config, 8, eps=1e-6)
+    assert queries.weight.shape == (32,) and keys.weight.shape == (16,)
+    for ours, heads in ((queries, 4), (keys, 2)):
+        reference = Olmo2RMSNorm(heads * 8, eps=1e-6)
+        with torch.no_grad():
+            reference.weight.normal_(1.0, 0.5)
+            ours.weight.copy_(reference.weight)
+        x = torch.randn(5, 2, heads, 8)
+        assert torch.equal(ours(x), reference(x.reshape(5, 2, -1)).reshape(x.shape))
+
+
+def test_norm_over_heads_refuses_heads_that_do_not_split_over_tensor_parallel_ranks() -> None:
+    config = SimpleNamespace(
+        num_attention_heads=4, num_query_groups=1, tensor_model_parallel_size=2, params_dtype=torch.float32
+    )
+    from bridgegen.runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="num_query_groups 1 does not split over tensor parallel size 2"):
+        modules.KeyNormOverHeads(config, 8)
 
 
 class _Recording(torch.nn.Module):
@@ -207,10 +281,10 @@ def test_the_bridge_selects_the_modules_its_spec_names() -> None:
 
     bridge = ModelBridge.from_hf_config(_gemma2_config())
     assert dict(bridge.runtime_modules()) == {
-        RuntimeModule.embedding_scale: 32**0.5,
-        RuntimeModule.softcapped_attention: 50.0,
-        RuntimeModule.final_logit_softcapping: 30.0,
-        RuntimeModule.post_layer_norms: True,
+        RuntimeModule.embedding_scale: quirks.EmbeddingScale(scale=32**0.5),
+        RuntimeModule.softcapped_attention: quirks.SoftcappedAttention(cap=50.0),
+        RuntimeModule.final_logit_softcapping: quirks.FinalLogitSoftcapping(cap=30.0),
+        RuntimeModule.post_layer_norms: quirks.PostLayerNorms(enabled=True),
     }
     model = bridge.build_model(torch.float32)
     layer = model.decoder.layers[0]
@@ -230,10 +304,45 @@ def test_an_extra_field_no_module_reads_is_refused_at_build() -> None:
     from bridgegen.runtime.errors import ConfigError
 
     class WithoutSoftcapping(Gemma2Bridge):
-        runtime_modules = ("embedding_scale", "post_layer_norms", "final_logit_softcapping")
+        runtime_modules = {
+            "embedding_scale": {"scale": "embedding_scale"},
+            "post_layer_norms": {"enabled": "post_layer_norms"},
+            "final_logit_softcapping": {"cap": "final_logit_softcapping"},
+        }
 
     config = WithoutSoftcapping.to_megatron_config(_gemma2_config())
     with pytest.raises(
         ConfigError, match=r"gemma2: the runtime cannot build a model with attn_logit_softcapping"
     ):
         ModelBridge(WithoutSoftcapping, config).build_model(torch.float32)
+
+
+@pytest.mark.parametrize("module", sorted(RuntimeModule, key=lambda m: m.value), ids=lambda m: m.value)
+def test_every_module_says_what_megatron_lm_lacks_with_its_values(module: RuntimeModule) -> None:
+    """Megatron-LM has no flag for any module so far (megatron/training/arguments.py): each
+    names its gap, with its parameters' values filled in."""
+    samples = {float: 1.5, bool: True}
+    declared = quirks.PARAMETERS[module].model_fields
+    parameters = quirks.PARAMETERS[module](**{name: samples[f.annotation] for name, f in declared.items()})
+    gap = parameters.megatron_lm_gap()
+    assert gap is not None and "{" not in gap
+    for name in declared:
+        if declared[name].annotation is float:
+            assert "1.5" in gap, (module, name)
+
+
+def test_a_module_value_of_the_wrong_type_is_refused_naming_field_and_module() -> None:
+    import dataclasses
+
+    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.runtime.errors import ConfigError
+
+    bridge = ModelBridge.from_hf_config(_gemma2_config())
+    values = dict(bridge.config.values, post_layer_norms=1.5)
+    wrong = dataclasses.replace(bridge, config=dataclasses.replace(bridge.config, values=values))
+    with pytest.raises(
+        ConfigError,
+        match=r"^gemma2: Megatron field 'post_layer_norms' feeds parameter 'enabled' of runtime module "
+        r"'post_layer_norms': 1.5 is not a bool",
+    ):
+        wrong.runtime_modules()

@@ -11,6 +11,7 @@ import dist_cases
 import pytest
 import torch
 from checkpoints import assert_bit_exact, tensors_of
+from routing import hf_expert_sets, megatron_expert_sets, tokens_routed_differently
 
 from bridgegen.runtime.launch import run_on_ranks
 
@@ -18,7 +19,9 @@ VOCAB = 250
 LOGIT_ATOL = 1e-5
 
 
-def make_qwen3_moe(folder: Path, dtype: torch.dtype = torch.float32) -> Path:
+def make_qwen3_moe(
+    folder: Path, dtype: torch.dtype = torch.float32, experts: int = 4, top_k: int = 2
+) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
@@ -26,8 +29,8 @@ def make_qwen3_moe(folder: Path, dtype: torch.dtype = torch.float32) -> Path:
         hidden_size=64,
         intermediate_size=128,
         moe_intermediate_size=32,
-        num_experts=4,
-        num_experts_per_tok=2,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
         num_hidden_layers=3,
         mlp_only_layers=[0],  # one dense layer, then MoE layers
         num_attention_heads=4,
@@ -195,6 +198,33 @@ def test_stacked_expert_tensors_map_by_spec_alone(moe: dict[str, Any], tmp_path:
     assert all(torch.equal(exported[k], stacked[k]) for k in stacked)
     streamed = dict(bridge.iter_hf_weights(model))
     assert streamed["model.layers.1.mlp.experts.gate_up_proj"].shape == (4, 64, 64)
+
+
+def test_bf16_routing_matches_transformers(tmp_path: Path) -> None:
+    """transformers computes Qwen3-MoE router logits in the model's dtype and only the softmax
+    in float32 (modeling_qwen3_moe.py Qwen3MoeTopKRouter.forward: ``F.linear(hidden_states,
+    self.weight)``, then ``softmax(..., dtype=torch.float)``), which is megatron-core's default
+    (no ``moe_router_dtype``): in bf16 each token goes to the experts transformers picks. With
+    float32 routing some tokens would go elsewhere, so the test would see a wrong setting."""
+    from transformers import AutoModelForCausalLM
+
+    from bridgegen.runtime.convert import ModelBridge
+
+    folder = make_qwen3_moe(tmp_path / "hf", torch.bfloat16, experts=16, top_k=4)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    bridge = ModelBridge.from_hf_dir(folder)
+    assert bridge.config.values.get("moe_router_dtype") is None
+    model = bridge.build_model(torch.bfloat16)
+    bridge.load_hf_weights(model)
+    hidden = torch.randn(16384, 64, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    hf_chosen, hf_weights = hf_expert_sets(hf.model.layers[1].mlp.gate, hidden, 16)
+    router = model.decoder.layers[1].mlp.router
+    chosen, weights = megatron_expert_sets(router, hidden)
+    assert torch.equal(chosen, hf_chosen)
+    assert torch.allclose(weights, hf_weights, atol=0, rtol=0)  # both bf16, same arithmetic
+    differing = tokens_routed_differently(router, hidden, hf_chosen, "fp32")
+    print(f"qwen3_moe: float32 routing differs from transformers on {differing} of {len(hidden)} tokens")
+    assert differing >= 5
 
 
 @pytest.mark.parametrize(

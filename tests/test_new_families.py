@@ -20,6 +20,7 @@ import pytest
 import torch
 from bridgegen.generated import BRIDGES, bridge_for_config
 from checkpoints import assert_bit_exact
+from routing import hf_expert_sets, megatron_expert_sets, tokens_routed_differently
 
 from bridgegen.cli import main
 from bridgegen.runtime.formats import dist_checkpoint, foreign_config
@@ -183,36 +184,40 @@ def test_example_config_exercises_the_family(family: str) -> None:
 
 @pytest.mark.parametrize(
     ("family", "overrides"),
-    [("mixtral", {}), ("qwen2_moe", {"norm_topk_prob": True})],
+    # 16 experts, top 4: enough near-ties that float32 routing shows a difference.
+    [
+        ("mixtral", {"num_local_experts": 16, "num_experts_per_tok": 4}),
+        ("qwen2_moe", {"num_experts": 16, "num_experts_per_tok": 4, "norm_topk_prob": True}),
+    ],
     ids=["mixtral", "qwen2_moe-norm_topk_prob"],
 )
 def test_bf16_routing_picks_the_experts_transformers_picks(
     family: str, overrides: dict[str, Any], tmp_path: Path
 ) -> None:
-    """In bf16 the Megatron router of layer 0 picks, for each of 4096 tokens, the same experts
-    as transformers' router. transformers computes the router logits in the model dtype and
+    """In bf16 the Megatron router of layer 0 sends each of 16384 tokens to the experts
+    transformers' router picks. transformers computes the router logits in the model dtype and
     the softmax and top-k in float32 (modeling_mixtral.py MixtralTopKRouter.forward,
     modeling_qwen2_moe.py Qwen2MoeTopKRouter.forward); megatron-core's top-k-then-softmax on
-    model-dtype logits (moe_router_dtype unset) picks the same set, where float32 logits
-    (moe_router_dtype fp32) pick another set for about 0.1% of these tokens."""
+    model-dtype logits (moe_router_dtype unset) picks the same sets, float32 logits would not."""
     from bridgegen.runtime.convert import ModelBridge
-    from bridgegen.runtime.cpu_support import enable_cpu_execution
 
-    enable_cpu_execution()
     hf = example_model(family, **overrides)
     hf.save_pretrained(tmp_path / "hf")
     hf = hf.to(torch.bfloat16)
     bridge = ModelBridge.from_hf_dir(tmp_path / "hf")
+    assert bridge.config.values.get("moe_router_dtype") is None
     model = bridge.build_model(torch.bfloat16)
     bridge.load_hf_weights(model)
-    model.eval()
-    hidden = hf.config.hidden_size
-    states = torch.randn(4096, 1, hidden, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    with torch.no_grad():
-        _, routing_map = model.decoder.layers[0].mlp.router(states)
-        _, _, hf_experts = hf.model.layers[0].mlp.gate(states.reshape(-1, hidden))
-    hf_map = torch.zeros_like(routing_map).scatter(1, hf_experts, True)
-    assert torch.equal(routing_map, hf_map)
+    experts = int(bridge.config.values["num_moe_experts"])
+    hidden = torch.randn(16384, hf.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    hidden = hidden.to(torch.bfloat16)
+    hf_chosen, _ = hf_expert_sets(hf.model.layers[0].mlp.gate, hidden, experts)
+    router = model.decoder.layers[0].mlp.router
+    chosen, _ = megatron_expert_sets(router, hidden)
+    assert torch.equal(chosen, hf_chosen)
+    differing = tokens_routed_differently(router, hidden, hf_chosen, "fp32")
+    print(f"{family}: float32 routing differs from transformers on {differing} of {len(hidden)} tokens")
+    assert differing >= 5
 
 
 REFUSED = [

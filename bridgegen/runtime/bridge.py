@@ -46,7 +46,8 @@ class Bridge:
     rope_types: ClassVar[tuple[str, ...]]
     hf_fields: ClassVar[tuple[str, ...]]
     extra_fields: ClassVar[tuple[str, ...]]
-    runtime_modules: ClassVar[tuple[str, ...]]  # bridgegen.runtime.quirks.RuntimeModule names
+    # bridgegen.runtime.quirks.RuntimeModule name: {its parameter: the Megatron field bound to it}
+    runtime_modules: ClassVar[Mapping[str, Mapping[str, str]]]
     hf_aliases: ClassVar[Mapping[str, tuple[str, ...]]]
     weight_rules: ClassVar[tuple[WeightRule, ...]]
     hf_ignore: ClassVar[tuple[str, ...]]

@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +16,12 @@ import torch
 
 from bridgegen.runtime.bridge import Bridge, Wrapper
 from bridgegen.runtime.config import MegatronConfig
-from bridgegen.runtime.errors import ConfigError, WeightError
+from bridgegen.runtime.errors import BridgeWarning, ConfigError, WeightError
 from bridgegen.runtime.formats.key_names import KeyNames
 from bridgegen.runtime.fp8 import block_size
-from bridgegen.runtime.plan import WeightMap
+from bridgegen.runtime.plan import WeightMap, hf_layer_numbers, mtp_layer_numbers
 from bridgegen.runtime.progress import progress_bar
-from bridgegen.runtime.quirks import MODULE_FIELD, RuntimeModule
+from bridgegen.runtime.quirks import PARAMETERS, ModuleParameters, RuntimeModule, parameter_type_error
 from bridgegen.runtime.safetensors_io import Checkpoint, HFDirWriter, PlannedTensor, stream_tensors
 from bridgegen.runtime.weights import LoadStats, iter_hf_from_full, load_into, model_tensors
 
@@ -96,7 +97,7 @@ class ModelBridge:
 
     @staticmethod
     def from_hf_config(hf_config: dict[str, Any], source: str = "config.json") -> ModelBridge:
-        from bridgegen.generated import bridge_for_config
+        from bridgegen.runtime.registry import bridge_for_config
 
         bridge = bridge_for_config(hf_config)
         return ModelBridge(bridge, bridge.to_megatron_config(hf_config, source=source))
@@ -106,7 +107,7 @@ class ModelBridge:
         data = read_hf_config(hf_dir)
         found = ModelBridge.from_hf_config(data, source=str(Path(hf_dir) / "config.json"))
         found.hf_dir = Path(hf_dir)
-        return found
+        return found.without_absent_mtp()
 
     # ----------------------------------------------------------------- building
 
@@ -183,7 +184,7 @@ class ModelBridge:
             key_names=self.key_names,
             dtype=dtype,
             tokenizer_model=tokenizer_model,
-            runtime_modules=[module.value for module, _ in self.runtime_modules()],
+            runtime_modules=[parameters for _, parameters in self.runtime_modules()],
         )
 
     def without_mtp(self) -> ModelBridge:
@@ -195,6 +196,31 @@ class ModelBridge:
         return dataclasses.replace(
             self, config=dataclasses.replace(self.config, values=values), drop_mtp=True
         )
+
+    def without_absent_mtp(self) -> ModelBridge:
+        """Without the multi-token prediction layers the config declares when the source
+        checkpoint holds no tensor of any of them, with a warning (transformers writes
+        DeepSeek-V3 configs with one MTP layer by default, and its model has none). Layers
+        partly present are left to the weight check, which names the missing tensors."""
+        numbers = mtp_layer_numbers(self.config)
+        if not numbers or self.hf_dir is None:
+            return self
+        try:
+            names = Checkpoint.open(self.hf_dir).names()
+        except WeightError:
+            return self  # no weights here (a config-only folder): nothing to compare with
+        if hf_layer_numbers(names) & set(numbers):
+            return self
+        layers = ", ".join(str(n) for n in numbers)
+        warnings.warn(
+            BridgeWarning(
+                f"{self.hf_dir / 'config.json'}: declares {len(numbers)} multi-token prediction "
+                f"layer(s) (HF layer {layers}) but the checkpoint holds no tensor of them; converting "
+                "without them (as --drop-mtp does; an export will declare 0)"
+            ),
+            stacklevel=2,
+        )
+        return self.without_mtp()
 
     def default_dtype(self) -> torch.dtype:
         if self.hf_dir is not None:
@@ -208,16 +234,29 @@ class ModelBridge:
             self.config, params_dtype=parse_dtype(dtype) or self.default_dtype(), **parallel
         )
 
-    def runtime_modules(self) -> list[tuple[RuntimeModule, Any]]:
-        """The spec's runtime modules that apply to this config, with the value each reads."""
-        selected = [RuntimeModule(name) for name in self.bridge.runtime_modules]
-        values = [(module, self.config.values.get(MODULE_FIELD[module])) for module in selected]
-        return [(module, value) for module, value in values if value is not None and value is not False]
+    def runtime_modules(self) -> list[tuple[RuntimeModule, ModuleParameters]]:
+        """The spec's runtime modules that apply to this config (every field a module reads has
+        a value), with their parameters, each checked against the type the module declares."""
+        applied = []
+        for name, bindings in sorted(self.bridge.runtime_modules.items()):
+            module = RuntimeModule(name)
+            values = {parameter: self.config.values.get(field) for parameter, field in bindings.items()}
+            if any(value is None or value is False for value in values.values()):
+                continue
+            for parameter, value in sorted(values.items()):
+                reason = parameter_type_error(module, parameter, value)
+                if reason is not None:
+                    raise ConfigError(
+                        f"{self.config.family}: Megatron field {bindings[parameter]!r} feeds parameter "
+                        f"{parameter!r} of runtime module {name!r}: {reason}"
+                    )
+            applied.append((module, PARAMETERS[module](**values)))
+        return applied
 
     def _refuse_unimplemented(self) -> None:
         """An extra Megatron field with a value that no runtime module reads is a quirk the
         model would silently lack: refuse to build it."""
-        read = {MODULE_FIELD[RuntimeModule(name)] for name in self.bridge.runtime_modules}
+        read = {field for bindings in self.bridge.runtime_modules.values() for field in bindings.values()}
         pending = sorted(
             name
             for name, value in self.config.values.items()
@@ -265,9 +304,9 @@ class ModelBridge:
         selected = self.runtime_modules()
         if config.layernorm_zero_centered_gamma:
             modules.use_zero_centered_norms(spec)
-        for module, value in selected:
+        for module, parameters in selected:
             if module in modules.BLOCK_SPEC_MODULES:
-                modules.BLOCK_SPEC_MODULES[module](spec, value)
+                modules.BLOCK_SPEC_MODULES[module](spec, parameters)
         mtp_spec = None
         if self.config.values.get("mtp_num_layers"):
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
@@ -297,9 +336,9 @@ class ModelBridge:
             **{k: v for k, v in model_kwargs.items() if k != "vocab_size"},
         )
         _parameters_in(model, config.params_dtype)
-        for module, value in selected:
+        for module, parameters in selected:
             if module in modules.MODEL_MODULES:
-                modules.MODEL_MODULES[module](model, value)
+                modules.MODEL_MODULES[module](model, parameters)
         if self.config.rope.needs_runtime_rope():
             modules.use_hf_rope(
                 model,

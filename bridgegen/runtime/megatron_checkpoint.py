@@ -232,8 +232,8 @@ def bridge_for_checkpoint(
     ``family``. Key style (Transformer Engine or local names), stacked or per-layer keys and the
     vocab rows are read from the checkpoint's keys.
     """
-    from bridgegen.generated import BRIDGES
     from bridgegen.runtime.convert import ModelBridge, read_hf_config
+    from bridgegen.runtime.registry import bridge_for_family
 
     found = megatron_lm.find_checkpoint(checkpoint_dir, iteration)
     keys = dist_checkpoint.model_keys(found.path)
@@ -244,9 +244,11 @@ def bridge_for_checkpoint(
     if record_path is not None and hf_dir is None:
         record = json.loads(record_path.read_text())
         config = MegatronConfig.from_json(json.dumps(record["megatron_config"]))
-        chosen = next((b for b in BRIDGES if b.family == config.family), None)
+        chosen = bridge_for_family(config.family)
         if chosen is None:
-            raise WeightError(f"{record_path}: family {config.family!r} has no bridge in this version")
+            raise WeightError(
+                f"{record_path}: family {config.family!r} has no bridge in this version nor in BRIDGEGEN_BRIDGES"
+            )
         bridge = ModelBridge(chosen, config)
     elif hf_dir is not None:
         bridge = ModelBridge.from_hf_config(read_hf_config(hf_dir), source=str(hf_dir / "config.json"))

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from bridgegen.runtime.errors import ConfigError
 from bridgegen.runtime.quirks import RuntimeModule
 
 
@@ -231,16 +232,29 @@ def _normed_output(norm: torch.nn.Module) -> Any:
     return hook
 
 
+class PlainRMSNorm(torch.nn.Module):
+    """RMSNorm scaling by ``w``, computed in fp32 and scaled before the cast back, as OLMo 2's."""
+
+    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-6, **unused: Any) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.empty(hidden_size, dtype=config.params_dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * normed).to(x.dtype)
+
+
 def add_post_layer_norms(model: torch.nn.Module) -> None:
-    """Gemma 2 / 3 norm the attention and MLP outputs before the residual add: each layer gets
-    ``post_self_attn_layernorm`` and ``post_mlp_layernorm`` (zero-centred RMSNorms)."""
+    """Gemma 2 / 3 and OLMo 2 norm the attention and MLP outputs before the residual add: each
+    layer gets ``post_self_attn_layernorm`` and ``post_mlp_layernorm``, zero-centred (1 + w,
+    Gemma) when the model's norms are, plain (w, OLMo 2) otherwise."""
     decoder = getattr(model, "decoder", None)
     for layer in getattr(decoder, "layers", []):
         config = layer.config
-        layer.post_self_attn_layernorm = ZeroCenteredRMSNorm(
-            config, config.hidden_size, config.layernorm_epsilon
-        )
-        layer.post_mlp_layernorm = ZeroCenteredRMSNorm(config, config.hidden_size, config.layernorm_epsilon)
+        norm = ZeroCenteredRMSNorm if config.layernorm_zero_centered_gamma else PlainRMSNorm
+        layer.post_self_attn_layernorm = norm(config, config.hidden_size, config.layernorm_epsilon)
+        layer.post_mlp_layernorm = norm(config, config.hidden_size, config.layernorm_epsilon)
         layer.self_attention.register_forward_hook(_normed_output(layer.post_self_attn_layernorm))
         layer.mlp.register_forward_hook(_normed_output(layer.post_mlp_layernorm))
 
@@ -305,14 +319,126 @@ def use_hf_rope(model: torch.nn.Module, rope: Any, base: float, max_positions: i
         rotary.register_forward_pre_hook(hook)
 
 
+def _multiplied_output(multiplier: float) -> Any:
+    def hook(module: torch.nn.Module, inputs: Any, output: Any) -> Any:
+        hidden, bias = output
+        if bias is not None:
+            hidden = hidden + bias
+        return hidden * multiplier, None
+
+    return hook
+
+
+def multiply_residual_branches(model: torch.nn.Module, multiplier: float) -> None:
+    """Granite: the attention and MLP outputs (biases included) times ``multiplier`` before
+    each residual add."""
+    decoder = getattr(model, "decoder", None)
+    for layer in getattr(decoder, "layers", []):
+        layer.self_attention.register_forward_hook(_multiplied_output(multiplier))
+        layer.mlp.register_forward_hook(_multiplied_output(multiplier))
+
+
+def _divided_output(divisor: float) -> Any:
+    def hook(module: torch.nn.Module, inputs: Any, output: Any) -> Any:
+        logits, bias = output
+        return logits / divisor, bias
+
+    return hook
+
+
+def divide_logits(model: torch.nn.Module, divisor: float) -> None:
+    """Granite: the logits divided by ``divisor`` (its ``logits_scaling``)."""
+    output_layer = getattr(model, "output_layer", None)
+    if output_layer is not None:
+        output_layer.register_forward_hook(_divided_output(divisor))
+
+
+def remove_pre_norms(block_spec: Any) -> None:
+    """OLMo 2: decoder layers without input and pre-MLP norms (the final norm stays)."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    for layer_spec in block_spec.layer_specs:
+        layer_spec.submodules.input_layernorm = IdentityOp
+        layer_spec.submodules.pre_mlp_layernorm = IdentityOp
+
+
+class NormOverHeads(torch.nn.Module):
+    """RMSNorm of queries or keys over all heads at once (OLMo 2), not per head.
+
+    megatron-core builds a q/k norm per head (``hidden_size`` is the head size) and hands it
+    ``[s, b, heads, head_dim]``; this one holds the weight of its tensor-parallel rank's heads
+    (``[heads * head_dim]``, split over ranks like the projection) and sums the squares over
+    the tensor-parallel group, so every rank normalises by the statistics of the whole
+    projection, as HF does.
+    """
+
+    heads_field = "num_attention_heads"
+
+    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-6, **unused: Any) -> None:
+        super().__init__()
+        heads = getattr(config, self.heads_field) or config.num_attention_heads
+        ranks = config.tensor_model_parallel_size
+        if heads % ranks:
+            raise ConfigError(
+                f"q/k norm over all heads: {self.heads_field} {heads} does not split over tensor "
+                f"parallel size {ranks} (each rank normalises whole heads)"
+            )
+        self.eps = eps
+        self.ranks = ranks
+        self.total_width = heads * hidden_size
+        self.weight = torch.nn.Parameter(torch.empty(heads // ranks * hidden_size, dtype=config.params_dtype))
+        # What megatron-core's tensor-parallel layers set on a weight split along dim 0.
+        self.weight.tensor_model_parallel = True  # type: ignore[attr-defined]
+        self.weight.partition_dim = 0  # type: ignore[attr-defined]
+        self.weight.partition_stride = 1  # type: ignore[attr-defined]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(*x.shape[:-2], -1).float()
+        squares = flat.pow(2).sum(-1, keepdim=True)
+        if self.ranks > 1:  # all-reduce both ways: every rank's output depends on every rank's heads
+            from megatron.core import parallel_state
+            from torch.distributed.nn.functional import all_reduce
+
+            squares = all_reduce(squares, group=parallel_state.get_tensor_model_parallel_group())  # type: ignore[no-untyped-call]
+        normed = flat * torch.rsqrt(squares / self.total_width + self.eps)
+        return (self.weight * normed).to(x.dtype).reshape(x.shape)
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple[Any, ...] = (), metadata: Any = None
+    ) -> Any:
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        state_dict = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(state_dict, prefix, {"weight": 0}, sharded_offsets)
+
+
+class KeyNormOverHeads(NormOverHeads):
+    """NormOverHeads for keys: one weight slice per key/value head."""
+
+    heads_field = "num_query_groups"
+
+
+def use_qk_norms_over_heads(block_spec: Any) -> None:
+    """OLMo 2: q/k norms over the whole projection (NormOverHeads) in every layer."""
+    for layer_spec in block_spec.layer_specs:
+        attention = getattr(getattr(layer_spec.submodules, "self_attention", None), "submodules", None)
+        if attention is not None and _is_norm(getattr(attention, "q_layernorm", None)):
+            attention.q_layernorm = NormOverHeads
+            attention.k_layernorm = KeyNormOverHeads
+
+
 # What each module a spec selects does: on the layer spec before the model is built, or on the
-# built model. Each gets the value of the Megatron field it reads (quirks.MODULE_FIELD).
+# built model, given its parameters (quirks.PARAMETERS) from the Megatron fields the spec binds.
 BLOCK_SPEC_MODULES: dict[RuntimeModule, Callable[[Any, Any], None]] = {
-    RuntimeModule.softcapped_attention: lambda spec, cap: use_softcapped_attention(spec, float(cap)),
+    RuntimeModule.softcapped_attention: lambda spec, p: use_softcapped_attention(spec, p.cap),
+    RuntimeModule.no_pre_norms: lambda spec, _: remove_pre_norms(spec),
+    RuntimeModule.qk_norm_over_heads: lambda spec, _: use_qk_norms_over_heads(spec),
 }
 MODEL_MODULES: dict[RuntimeModule, Callable[[torch.nn.Module, Any], None]] = {
-    RuntimeModule.embedding_scale: lambda model, scale: scale_embeddings(model, float(scale)),
-    RuntimeModule.final_logit_softcapping: lambda model, cap: softcap_final_logits(model, float(cap)),
+    RuntimeModule.embedding_scale: lambda model, p: scale_embeddings(model, p.scale),
+    RuntimeModule.final_logit_softcapping: lambda model, p: softcap_final_logits(model, p.cap),
     RuntimeModule.post_layer_norms: lambda model, _: add_post_layer_norms(model),
-    RuntimeModule.local_rope_base: lambda model, base: use_local_rope_base(model, float(base)),
+    RuntimeModule.local_rope_base: lambda model, p: use_local_rope_base(model, p.base),
+    RuntimeModule.residual_multiplier: lambda model, p: multiply_residual_branches(model, p.multiplier),
+    RuntimeModule.logits_scaling: lambda model, p: divide_logits(model, p.divisor),
 }

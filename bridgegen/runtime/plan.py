@@ -21,6 +21,14 @@ from bridgegen.runtime.errors import WeightError
 from bridgegen.runtime.transforms import Layout
 from bridgegen.runtime.weight_rules import WeightKind, WeightRule
 
+# The layer number in an HF tensor name (``model.layers.12.mlp...``).
+HF_LAYER_NUMBER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def hf_layer_numbers(hf_names: Iterable[str]) -> set[int]:
+    """The layer numbers that HF tensor names hold tensors of."""
+    return {int(found.group(1)) for name in hf_names if (found := HF_LAYER_NUMBER.search(name))}
+
 
 def _template_regex(template: str) -> re.Pattern[str]:
     pattern = (
@@ -74,7 +82,7 @@ class WeightMap:
     ) -> None:
         """``hf_prefix`` is prepended to every HF name (a language model inside a larger HF
         model); HF tensors under a ``carried`` prefix belong to the rest of that model."""
-        mtp_layers = _mtp_layer_numbers(config)
+        mtp_layers = mtp_layer_numbers(config)
         rules = [
             dataclasses.replace(
                 rule,
@@ -173,7 +181,7 @@ class WeightMap:
         if self.carried(hf_name):
             return True
         if self.ignore_layers_from is not None:
-            found = re.search(r"(?:^|\.)layers\.(\d+)\.", hf_name)
+            found = HF_LAYER_NUMBER.search(hf_name)
             if found and int(found.group(1)) >= self.ignore_layers_from:
                 return True
         return any(pattern.match(hf_name) for pattern in self._ignore)
@@ -186,7 +194,7 @@ class WeightMap:
         return Layout(heads, int(groups), int(head_dim), cfg.vocab_size, tp_rank, tp_size)
 
 
-def _mtp_layer_numbers(config: MegatronConfig) -> list[int]:
+def mtp_layer_numbers(config: MegatronConfig) -> list[int]:
     """HF layer numbers of the multi-token prediction layers (they follow the decoder layers)."""
     count = int(config.values.get("mtp_num_layers") or 0)
     first = int(config.values.get("num_layers") or 0)

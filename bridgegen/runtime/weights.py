@@ -45,8 +45,14 @@ def check_sources(
     for entry in plan:
         for hf_name in entry.hf_names:
             if hf_name not in checkpoint:
+                hint = (
+                    "; the config declares multi-token prediction layers: --drop-mtp converts without them"
+                    if entry.megatron_name.startswith("mtp.")
+                    else ""
+                )
                 raise WeightError(
-                    f"{checkpoint.folder}: missing tensor {hf_name!r} (needed for Megatron {entry.megatron_name!r})"
+                    f"{checkpoint.folder}: missing tensor {hf_name!r} (needed for Megatron "
+                    f"{entry.megatron_name!r}){hint}"
                 )
             info = checkpoint.tensors[hf_name]
             if not info.dtype.is_floating_point:

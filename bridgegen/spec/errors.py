@@ -38,6 +38,10 @@ class SpecErrors(Exception):
         super().__init__("\n".join(str(e) for e in self.errors))
 
 
+class FolderError(ValueError):
+    """A folder of specs, or one bridges are written to, that cannot be used; names it."""
+
+
 def format_field_path(parts: tuple[str | int, ...]) -> str:
     """``('weights', 'x.y', 'kind')`` -> ``weights[x.y].kind``; dotted keys are bracketed."""
     out = ""

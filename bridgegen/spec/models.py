@@ -197,10 +197,12 @@ class SpecFile(Strict):
         description="HF activation name: Megatron activation (null removes an inherited one)",
     )
     rope: RopeSection | None = None
-    runtime_modules: list[RuntimeModule] = Field(
-        default_factory=list,
-        description="runtime modules for quirks megatron-core's layer spec cannot express; each reads "
-        "one Megatron-side field (set it in config) and applies when that field has a value",
+    runtime_modules: dict[RuntimeModule, dict[Name, Name] | None] = Field(
+        default_factory=dict,
+        description="runtime modules for quirks megatron-core's layer spec cannot express: module: "
+        "{parameter: Megatron field} (every parameter the module declares in "
+        "bridgegen.runtime.quirks, each field set in config; {} for a module without parameters; "
+        "null removes an inherited one). A module applies when every field it reads has a value",
     )
     config: ConfigSection = Field(default_factory=ConfigSection)
     weights: dict[TensorTemplate, WeightSpec | None] = Field(

@@ -71,7 +71,8 @@ def format_python(source: str, display_path: str) -> str:
         installed = metadata.version("ruff")
     except metadata.PackageNotFoundError:
         raise FormatterError(
-            f"ruff {RUFF_VERSION} is needed to format generated code; it is not installed"
+            f"ruff {RUFF_VERSION} is needed to format generated code; it is not installed "
+            "(pip install 'bridgegen[generate]')"
         ) from None
     if installed != RUFF_VERSION:
         raise FormatterError(
@@ -99,18 +100,39 @@ def format_python(source: str, display_path: str) -> str:
     return result.stdout
 
 
-def render_all(specs: list[ResolvedSpec], schema: dict[str, Any]) -> dict[str, str]:
-    """Every generated file of the project, formatted, keyed by path relative to the root."""
+def render_package(specs: list[ResolvedSpec], module_prefix: str, regenerate: str) -> dict[str, str]:
+    """The bridge module of each spec and the package's ``__init__.py`` listing them, keyed by
+    file name, not yet formatted. ``module_prefix`` is how ``__init__.py`` imports the modules
+    (``bridgegen.generated.`` or ``.``); ``regenerate`` is the command the headers name."""
     env = _environment()
     files: dict[str, str] = {}
     ordered = sorted(specs, key=lambda s: s.family)
     for spec in ordered:
-        path = f"{GENERATED_PACKAGE_DIR}/{spec.family}.py"
-        text = env.get_template("bridge.py.j2").render(spec=spec, hf_fields=hf_fields_of(spec))
-        files[path] = text
-    files[f"{GENERATED_PACKAGE_DIR}/__init__.py"] = env.get_template("registry.py.j2").render(
-        specs=ordered, sources=[spec.source for spec in ordered]
+        files[f"{spec.family}.py"] = env.get_template("bridge.py.j2").render(
+            spec=spec, hf_fields=hf_fields_of(spec), regenerate=regenerate
+        )
+    files["__init__.py"] = env.get_template("registry.py.j2").render(
+        specs=ordered,
+        sources=[spec.source for spec in ordered],
+        module_prefix=module_prefix,
+        regenerate=regenerate,
     )
-    files = {path: format_python(text, path) for path, text in files.items()}
+    return files
+
+
+def render_all(specs: list[ResolvedSpec], schema: dict[str, Any]) -> dict[str, str]:
+    """Every generated file of the project, formatted, keyed by path relative to the root."""
+    package = render_package(specs, "bridgegen.generated.", "`make generate`")
+    files = {
+        f"{GENERATED_PACKAGE_DIR}/{name}": format_python(text, f"{GENERATED_PACKAGE_DIR}/{name}")
+        for name, text in package.items()
+    }
     files[SCHEMA_PATH] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
     return files
+
+
+def render_external(specs: list[ResolvedSpec], out_name: str) -> dict[str, str]:
+    """The bridge package of specs kept outside this project, formatted, keyed by file name;
+    its modules import each other relatively, so the package works wherever it lies."""
+    package = render_package(specs, ".", "`bridgegen generate --specs <its folder> --out <this folder>`")
+    return {name: format_python(text, f"{out_name}/{name}") for name, text in package.items()}

@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from bridgegen.runtime.config import MODEL_FIELDS
-from bridgegen.runtime.quirks import MODULE_FIELD, RuntimeModule
+from bridgegen.runtime.quirks import RuntimeModule, parameter_names, parameter_type_error
 from bridgegen.runtime.weight_rules import HF_ARITY, WeightKind
 from bridgegen.spec.errors import SpecError, SpecErrors
 from bridgegen.spec.expr import ExpressionError, check_names, emit_python, parse_expression, variable_name
@@ -108,7 +108,7 @@ class ResolvedSpec:
     weights: tuple[ResolvedWeight, ...]
     hf_ignore: tuple[str, ...]
     extra_fields: tuple[str, ...]
-    runtime_modules: tuple[str, ...]
+    runtime_modules: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]  # module, (parameter, field)
     hf_aliases: tuple[tuple[str, tuple[str, ...]], ...]
     example_config: tuple[tuple[str, Any], ...] = ()
 
@@ -259,7 +259,7 @@ class _Merged:
     hf_ignore: dict[str, _Origin]
     hf_aliases: dict[str, tuple[list[str], _Origin]]
     extra_fields: dict[str, _Origin]
-    runtime_modules: dict[str, _Origin]
+    runtime_modules: dict[str, tuple[dict[str, str], _Origin]]  # module: ({parameter: field}, origin)
     hf_checks: list[tuple[str, str, _Origin]]
     activation_default: str | None
     megatron_model: str | None
@@ -403,8 +403,13 @@ def _merge_chain(chain: list[tuple[LoadedSpec, SpecFile]]) -> tuple[_Merged, lis
         _merge_section(merged.hf_aliases, dict(cfg.hf_aliases), loaded, ("config", "hf_aliases"), errors)
         for index, name in enumerate(cfg.extra_fields):
             merged.extra_fields[name] = _Origin(loaded, ("config", "extra_fields", index))
-        for index, module in enumerate(spec.runtime_modules):
-            merged.runtime_modules[module.value] = _Origin(loaded, ("runtime_modules", index))
+        _merge_section(
+            merged.runtime_modules,
+            {module.value: bindings for module, bindings in spec.runtime_modules.items()},
+            loaded,
+            ("runtime_modules",),
+            errors,
+        )
         for index, check in enumerate(cfg.hf_checks):
             merged.hf_checks.append(
                 (check.expect, check.message, _Origin(loaded, ("config", "hf_checks", index, "expect")))
@@ -425,6 +430,42 @@ def _merge_chain(chain: list[tuple[LoadedSpec, SpecFile]]) -> tuple[_Merged, lis
 
 
 # ---------------------------------------------------------------- resolution (per concrete spec)
+
+
+def _module_binding_errors(merged: _Merged) -> list[SpecError]:
+    """Each runtime module binds exactly the parameters it declares, and a field set by a
+    literal megatron_defaults entry holds a value of the parameter's type."""
+    errors: list[SpecError] = []
+    for module_name, (bindings, origin) in sorted(merged.runtime_modules.items()):
+        module = RuntimeModule(module_name)
+        declared = parameter_names(module)
+        for parameter in sorted(set(bindings) - declared):
+            known = ", ".join(sorted(declared)) or "none"
+            errors.append(
+                origin.error(
+                    f"runtime module {module_name!r} has no parameter {parameter!r} (it declares: {known})",
+                    (parameter,),
+                )
+            )
+        for parameter in sorted(declared - set(bindings)):
+            errors.append(
+                origin.error(
+                    f"runtime module {module_name!r} needs its parameter {parameter!r} bound to a Megatron field"
+                )
+            )
+        for parameter, field_name in sorted(bindings.items()):
+            if parameter not in declared or field_name not in merged.megatron_defaults:
+                continue
+            value, default_origin = merged.megatron_defaults[field_name]
+            reason = None if value is None else parameter_type_error(module, parameter, value)
+            if reason is not None:
+                errors.append(
+                    default_origin.error(
+                        f"Megatron field {field_name!r} feeds parameter {parameter!r} of runtime module "
+                        f"{module_name!r}: {reason}"
+                    )
+                )
+    return errors
 
 
 def _suggest(name: str, choices: Iterable[str]) -> str:
@@ -453,14 +494,19 @@ def _resolve_one(
     if not merged.activations:
         errors.append(loaded.error((), "no 'activations' given here or in any spec it extends"))
     model = merged.megatron_model or "gpt"
-    module_fields = {MODULE_FIELD[RuntimeModule(m)]: m for m in merged.runtime_modules}
+    errors += _module_binding_errors(merged)
+    module_fields = {
+        field_name: module
+        for module, (bindings, _) in sorted(merged.runtime_modules.items())
+        for field_name in sorted(bindings.values())
+    }
     megatron_known = (
         config_fields()[model] | MODEL_FIELDS | frozenset(merged.extra_fields) | frozenset(module_fields)
     )
     for name, origin in sorted(merged.extra_fields.items()):
         if name in config_fields()[model] | MODEL_FIELDS:
             errors.append(origin.error(f"{name!r} is a megatron-core field; it needs no extra_fields entry"))
-        elif name in module_fields:
+        elif name in module_fields and name not in config_fields()[model] | MODEL_FIELDS:
             errors.append(
                 origin.error(
                     f"{name!r} is read by runtime module {module_fields[name]!r}; it needs no extra_fields entry"
@@ -511,7 +557,7 @@ def _resolve_one(
     for field_name, module in sorted(module_fields.items()):
         if field_name not in megatron_source:
             errors.append(
-                merged.runtime_modules[module].error(
+                merged.runtime_modules[module][1].error(
                     f"runtime module {module!r} reads Megatron field {field_name!r}, which no rename, "
                     "to_megatron or megatron_defaults entry sets"
                 )
@@ -728,8 +774,15 @@ def _resolve_one(
             hf_values=tuple(hf_values),
             weights=tuple(weights),
             hf_ignore=tuple(sorted(merged.hf_ignore)),
-            extra_fields=tuple(sorted(set(merged.extra_fields) | set(module_fields))),
-            runtime_modules=tuple(sorted(merged.runtime_modules)),
+            extra_fields=tuple(
+                sorted(
+                    set(merged.extra_fields) | (set(module_fields) - config_fields()[model] - MODEL_FIELDS)
+                )
+            ),
+            runtime_modules=tuple(
+                (module, tuple(sorted(bindings.items())))
+                for module, (bindings, _) in sorted(merged.runtime_modules.items())
+            ),
             hf_aliases=tuple(sorted((k, tuple(v)) for k, (v, _) in merged.hf_aliases.items())),
             example_config=tuple(spec.example_config.items()),
         ),
@@ -741,9 +794,12 @@ def _resolve_one(
 
 
 def resolve_all(
-    loaded_specs: list[LoadedSpec], known_names: frozenset[str] = frozenset()
+    loaded_specs: list[LoadedSpec], known_names: frozenset[str] = frozenset(), spec_listing: str = ""
 ) -> list[ResolvedSpec]:
-    """Validate, cross-check and resolve every spec; raise SpecErrors with all problems found."""
+    """Validate, cross-check and resolve every spec; raise SpecErrors with all problems found.
+
+    ``spec_listing`` ends the message of an ``extends`` naming no spec (the specs there are).
+    Claims on one architecture are reported at the spec given later in ``loaded_specs``."""
     errors: list[SpecError] = []
     valid: dict[str, tuple[LoadedSpec, SpecFile]] = {}
     for loaded in loaded_specs:
@@ -775,7 +831,8 @@ def resolve_all(
                     if origin_loaded is loaded:
                         errors.append(
                             loaded.error(
-                                ("extends",), f"extends unknown spec {parent!r}{_suggest(parent, all_names)}"
+                                ("extends",),
+                                f"extends unknown spec {parent!r}{_suggest(parent, all_names)}{spec_listing}",
                             )
                         )
                 ok = False
@@ -787,7 +844,7 @@ def resolve_all(
             chains[name] = list(reversed(chain))
 
     claimed: dict[tuple[str, str], LoadedSpec] = {}
-    for _name, (loaded, spec) in sorted(valid.items()):
+    for loaded, spec in valid.values():
         if spec.abstract:
             continue
         for key in ("architectures", "model_types"):

@@ -155,11 +155,11 @@ def hf_config_for(
     family: str, values: dict[str, Any], activation: str, rope: RopeScaling, where: str
 ) -> dict[str, Any]:
     """The HF config dict ``family``'s bridge writes for these Megatron values."""
-    from bridgegen.generated import BRIDGES
+    from bridgegen.runtime.registry import all_bridges, bridge_for_family
 
-    bridge = next((b for b in BRIDGES if b.family == family), None)
+    bridge = bridge_for_family(family)
     if bridge is None:
-        known = ", ".join(sorted(b.family for b in BRIDGES))
+        known = ", ".join(sorted(b.family for b in all_bridges()))
         raise ConfigError(f"unknown family {family!r}; known: {known}")
     if isinstance(values.get("moe_layer_freq"), int) and values.get("num_moe_experts"):
         freq = int(values["moe_layer_freq"])

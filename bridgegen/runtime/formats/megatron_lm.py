@@ -32,6 +32,7 @@ import torch
 from bridgegen.runtime.config import MegatronConfig
 from bridgegen.runtime.errors import WeightError
 from bridgegen.runtime.formats.key_names import KeyNames
+from bridgegen.runtime.quirks import ModuleParameters
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
@@ -41,17 +42,6 @@ CHECKPOINT_VERSION = 3.0
 CONTENT_METADATA: dict[str, Any] = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 # Megatron-LM names the model's entry `model`, or `model0`, `model1`, ... with virtual stages.
 ITERATION_PATTERN = re.compile(r"^iter_(\d{7})$")
-
-# Runtime quirks that no Megatron-LM flag builds: a model trained from such a checkpoint would
-# silently lack them, so the argument list says so instead.
-QUIRKS_WITHOUT_FLAGS = {
-    "embedding_scale": "embedding output scaled by sqrt(hidden_size) (Gemma)",
-    "softcapped_attention": "attention logit softcapping",
-    "final_logit_softcapping": "final logit softcapping",
-    "post_layer_norms": "post-attention / post-MLP norms (Gemma 2 / 3)",
-    "local_rope_base": "a separate RoPE base on sliding-window layers (Gemma 3)",
-}
-
 
 def folder_name(iteration: int | None) -> str:
     """``release`` for a converted model, ``iter_0000010`` for iteration 10."""
@@ -180,7 +170,7 @@ def lm_arguments(
     key_names: KeyNames,
     dtype: torch.dtype,
     tokenizer_model: str | None,
-    runtime_modules: list[str],
+    runtime_modules: list[ModuleParameters],
 ) -> LmArguments:
     """The Megatron-LM arguments of ``config``, from the bridge's Megatron-side values."""
     v = config.values
@@ -246,8 +236,14 @@ def lm_arguments(
     for name in ("consumed_train_samples", "skipped_train_samples", "consumed_valid_samples"):
         args.value(name, 0)
     args.value("iteration", 0)
-    for module in runtime_modules:
-        args.not_expressible.append(QUIRKS_WITHOUT_FLAGS.get(module, module))
+    if v.get("softmax_scale") is not None:  # TransformerConfig field with no flag (arguments.py)
+        args.not_expressible.append(
+            f"softmax scale {v['softmax_scale']} (Megatron-LM uses 1/sqrt(kv_channels))"
+        )
+    for parameters in runtime_modules:
+        gap = parameters.megatron_lm_gap()
+        if gap is not None:
+            args.not_expressible.append(gap)
     return args
 
 

@@ -57,7 +57,9 @@ class TinyBridge(Bridge):
         "vocab_size",
     )
     extra_fields = ("embedding_scale", "tiny_clip_qkv", "tiny_window")
-    runtime_modules = ("embedding_scale",)
+    runtime_modules = {
+        "embedding_scale": {"scale": "embedding_scale"},
+    }
     hf_aliases = {}
     hf_ignore = ("lm_head.bias", "model.layers.{layer}.self_attn.rotary_emb.inv_freq")
     example_config = {}
