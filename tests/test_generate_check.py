@@ -121,15 +121,15 @@ def test_orphan_is_reported_and_deleted_by_write(project: Path, repo_files: dict
 
 def test_removing_a_spec_makes_its_module_an_orphan(project: Path, repo_files: dict[str, str]) -> None:
     write(project, repo_files)
-    (project / "specs" / "mistral.yaml").unlink()
+    (project / "specs" / "phi3.yaml").unlink()
     files = render_project(project)
-    assert f"{GENERATED_PACKAGE_DIR}/mistral.py" not in files
+    assert f"{GENERATED_PACKAGE_DIR}/phi3.py" not in files
     result = check(project, files)
-    assert result.orphans == [f"{GENERATED_PACKAGE_DIR}/mistral.py"]
+    assert result.orphans == [f"{GENERATED_PACKAGE_DIR}/phi3.py"]
     assert [d.splitlines()[0] for d in result.diffs] == [f"--- {GENERATED_PACKAGE_DIR}/__init__.py (on disk)"]
     assert write(project, files) == (
         [f"{GENERATED_PACKAGE_DIR}/__init__.py"],
-        [f"{GENERATED_PACKAGE_DIR}/mistral.py"],
+        [f"{GENERATED_PACKAGE_DIR}/phi3.py"],
     )
 
 

@@ -42,6 +42,7 @@ SHARED_FIELDS = (
     *MOE_VALUE_FIELDS,
     "moe_router_pre_softmax",
     "moe_router_enable_expert_bias",
+    "moe_shared_expert_gate",
     "moe_layer_freq",
     "multi_latent_attention",
     "q_lora_rank",

@@ -338,6 +338,7 @@ def _moe(args: LmArguments, config: MegatronConfig) -> None:
     for name in MOE_VALUE_FIELDS:
         args.value(name, v.get(name), "--" + name.replace("_", "-"))
     args.switch("moe_router_pre_softmax", bool(v.get("moe_router_pre_softmax")), "--moe-router-pre-softmax")
+    args.switch("moe_shared_expert_gate", bool(v.get("moe_shared_expert_gate")), "--moe-shared-expert-gate")
     args.switch(
         "moe_router_enable_expert_bias",
         bool(v.get("moe_router_enable_expert_bias")),
