@@ -35,6 +35,7 @@ class MixtralBridge(Bridge):
     rope_types = ("default", "linear", "dynamic", "yarn")
     hf_fields = (
         "architectures",
+        "attention_dropout",
         "head_dim",
         "hidden_act",
         "hidden_size",
@@ -140,6 +141,7 @@ class MixtralBridge(Bridge):
 
     @staticmethod
     def megatron_values(hf: HFConfigReader) -> dict[str, Any]:
+        hf_attention_dropout = hf.optional("attention_dropout", 0.0)
         hf_head_dim = hf.optional("head_dim", None)
         hf_hidden_size = hf.require("hidden_size")
         hf_initializer_range = hf.optional("initializer_range", 0.02)
@@ -157,12 +159,16 @@ class MixtralBridge(Bridge):
         hf_sliding_window = hf.optional("sliding_window", None)
         hf_tie_word_embeddings = hf.optional("tie_word_embeddings", False)
         hf_vocab_size = hf.require("vocab_size")
+        hf.require_neutral(
+            "partial_rotary_factor", (1.0,), "a rotary embedding on part of each head is not mapped"
+        )
         hf.check(
             hf_router_jitter_noise == 0.0,
             "router_jitter_noise is not 0; megatron-core has no jitter of transformers' form",
         )
         return {
             "add_bias_linear": False,
+            "attention_dropout": hf_attention_dropout,
             "ffn_hidden_size": hf_intermediate_size,
             "gated_linear_unit": True,
             "hidden_size": hf_hidden_size,
@@ -194,6 +200,7 @@ class MixtralBridge(Bridge):
 
     @staticmethod
     def hf_values(config: MegatronConfig) -> dict[str, Any]:
+        m_attention_dropout = config.value("attention_dropout")
         m_hidden_size = config.value("hidden_size")
         m_init_method_std = config.value("init_method_std")
         m_kv_channels = config.value("kv_channels")
@@ -211,6 +218,7 @@ class MixtralBridge(Bridge):
         m_vocab_size = config.value("vocab_size")
         m_window_size = config.value("window_size")
         return {
+            "attention_dropout": m_attention_dropout,
             "head_dim": m_kv_channels,
             "hidden_size": m_hidden_size,
             "initializer_range": m_init_method_std,

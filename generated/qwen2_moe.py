@@ -39,6 +39,7 @@ class Qwen2MoeBridge(Bridge):
     rope_types = ("default", "linear", "dynamic", "yarn")
     hf_fields = (
         "architectures",
+        "attention_dropout",
         "decoder_sparse_step",
         "head_dim",
         "hidden_act",
@@ -192,6 +193,7 @@ class Qwen2MoeBridge(Bridge):
 
     @staticmethod
     def megatron_values(hf: HFConfigReader) -> dict[str, Any]:
+        hf_attention_dropout = hf.optional("attention_dropout", 0.0)
         hf_decoder_sparse_step = hf.optional("decoder_sparse_step", 1)
         hf_head_dim = hf.optional("head_dim", None)
         hf_hidden_size = hf.require("hidden_size")
@@ -215,9 +217,16 @@ class Qwen2MoeBridge(Bridge):
         hf_tie_word_embeddings = hf.optional("tie_word_embeddings", False)
         hf_use_sliding_window = hf.optional("use_sliding_window", False)
         hf_vocab_size = hf.require("vocab_size")
+        hf.require_neutral(
+            "partial_rotary_factor", (1.0,), "a rotary embedding on part of each head is not mapped"
+        )
         hf.check(
             not hf_use_sliding_window,
             "use_sliding_window is true; sliding windows on Qwen2's upper layers (max_window_layers) are not supported",
+        )
+        hf.check(
+            hf_layer_types is None or helpers.all_equal(hf_layer_types, "full_attention"),
+            "layer_types has sliding-attention layers, which are not supported",
         )
         hf.check(
             hf_layer_types is None or helpers.all_equal(hf_layer_types, "full_attention"),
@@ -226,6 +235,7 @@ class Qwen2MoeBridge(Bridge):
         return {
             "add_bias_linear": False,
             "add_qkv_bias": hf_qkv_bias,
+            "attention_dropout": hf_attention_dropout,
             "ffn_hidden_size": hf_intermediate_size,
             "gated_linear_unit": True,
             "hidden_size": hf_hidden_size,
@@ -261,6 +271,7 @@ class Qwen2MoeBridge(Bridge):
     @staticmethod
     def hf_values(config: MegatronConfig) -> dict[str, Any]:
         m_add_qkv_bias = config.value("add_qkv_bias")
+        m_attention_dropout = config.value("attention_dropout")
         m_ffn_hidden_size = config.value("ffn_hidden_size")
         m_hidden_size = config.value("hidden_size")
         m_init_method_std = config.value("init_method_std")
@@ -281,11 +292,13 @@ class Qwen2MoeBridge(Bridge):
         m_share_embeddings_and_output_weights = config.value("share_embeddings_and_output_weights")
         m_vocab_size = config.value("vocab_size")
         return {
+            "attention_dropout": m_attention_dropout,
             "decoder_sparse_step": helpers.sparse_step(m_moe_layer_freq),
             "head_dim": m_kv_channels,
             "hidden_size": m_hidden_size,
             "initializer_range": m_init_method_std,
             "intermediate_size": m_ffn_hidden_size,
+            "layer_types": helpers.sliding_layer_types(m_num_layers, 1),
             "max_position_embeddings": m_max_sequence_length,
             "mlp_only_layers": helpers.dense_layers(m_moe_layer_freq, helpers.sparse_step(m_moe_layer_freq)),
             "moe_intermediate_size": m_moe_ffn_hidden_size,

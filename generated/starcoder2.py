@@ -51,6 +51,8 @@ class Starcoder2Bridge(Bridge):
     rope_types = ("default", "linear", "dynamic", "yarn")
     hf_fields = (
         "architectures",
+        "attention_dropout",
+        "embedding_dropout",
         "head_dim",
         "hidden_act",
         "hidden_size",
@@ -62,6 +64,7 @@ class Starcoder2Bridge(Bridge):
         "num_attention_heads",
         "num_hidden_layers",
         "num_key_value_heads",
+        "residual_dropout",
         "rope_parameters",
         "rope_scaling",
         "rope_theta",
@@ -190,6 +193,8 @@ class Starcoder2Bridge(Bridge):
 
     @staticmethod
     def megatron_values(hf: HFConfigReader) -> dict[str, Any]:
+        hf_attention_dropout = hf.optional("attention_dropout", 0.0)
+        hf_embedding_dropout = hf.optional("embedding_dropout", 0.0)
         hf_head_dim = hf.optional("head_dim", None)
         hf_hidden_size = hf.require("hidden_size")
         hf_initializer_range = hf.optional("initializer_range", 0.018042)
@@ -199,15 +204,25 @@ class Starcoder2Bridge(Bridge):
         hf_num_attention_heads = hf.require("num_attention_heads")
         hf_num_hidden_layers = hf.require("num_hidden_layers")
         hf_num_key_value_heads = hf.optional("num_key_value_heads", None)
+        hf_residual_dropout = hf.optional("residual_dropout", 0.0)
         hf_rope_theta = hf.optional("rope_theta", 10000.0)
         hf_sliding_window = hf.optional("sliding_window", None)
         hf_tie_word_embeddings = hf.optional("tie_word_embeddings", True)
         hf_use_bias = hf.optional("use_bias", True)
         hf_vocab_size = hf.require("vocab_size")
+        hf.require_neutral(
+            "partial_rotary_factor", (1.0,), "a rotary embedding on part of each head is not mapped"
+        )
+        hf.check(
+            hf_embedding_dropout == hf_residual_dropout,
+            "embedding_dropout differs from residual_dropout; megatron-core drops embeddings with hidden_dropout too",
+        )
         return {
             "add_bias_linear": hf_use_bias,
+            "attention_dropout": hf_attention_dropout,
             "ffn_hidden_size": hf_intermediate_size,
             "gated_linear_unit": False,
+            "hidden_dropout": hf_residual_dropout,
             "hidden_size": hf_hidden_size,
             "init_method_std": hf_initializer_range,
             "kv_channels": hf_hidden_size // hf_num_attention_heads if hf_head_dim is None else hf_head_dim,
@@ -229,7 +244,9 @@ class Starcoder2Bridge(Bridge):
     @staticmethod
     def hf_values(config: MegatronConfig) -> dict[str, Any]:
         m_add_bias_linear = config.value("add_bias_linear")
+        m_attention_dropout = config.value("attention_dropout")
         m_ffn_hidden_size = config.value("ffn_hidden_size")
+        m_hidden_dropout = config.value("hidden_dropout")
         m_hidden_size = config.value("hidden_size")
         m_init_method_std = config.value("init_method_std")
         m_kv_channels = config.value("kv_channels")
@@ -243,6 +260,8 @@ class Starcoder2Bridge(Bridge):
         m_vocab_size = config.value("vocab_size")
         m_window_size = config.value("window_size")
         return {
+            "attention_dropout": m_attention_dropout,
+            "embedding_dropout": m_hidden_dropout,
             "head_dim": m_kv_channels,
             "hidden_size": m_hidden_size,
             "initializer_range": m_init_method_std,
@@ -252,6 +271,7 @@ class Starcoder2Bridge(Bridge):
             "num_attention_heads": m_num_attention_heads,
             "num_hidden_layers": m_num_layers,
             "num_key_value_heads": m_num_query_groups,
+            "residual_dropout": m_hidden_dropout,
             "rope_theta": m_rotary_base,
             "sliding_window": None if m_window_size is None else m_window_size[0] + 1,
             "tie_word_embeddings": m_share_embeddings_and_output_weights,
