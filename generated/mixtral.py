@@ -219,7 +219,7 @@ class MixtralBridge(Bridge):
         m_window_size = config.value("window_size")
         return {
             "attention_dropout": m_attention_dropout,
-            "head_dim": m_kv_channels,
+            "head_dim": None if m_kv_channels == m_hidden_size // m_num_attention_heads else m_kv_channels,
             "hidden_size": m_hidden_size,
             "initializer_range": m_init_method_std,
             "intermediate_size": m_moe_ffn_hidden_size,

@@ -228,10 +228,6 @@ class Qwen2MoeBridge(Bridge):
             hf_layer_types is None or helpers.all_equal(hf_layer_types, "full_attention"),
             "layer_types has sliding-attention layers, which are not supported",
         )
-        hf.check(
-            hf_layer_types is None or helpers.all_equal(hf_layer_types, "full_attention"),
-            "layer_types names sliding_attention layers; Qwen2-MoE's sliding windows are not supported",
-        )
         return {
             "add_bias_linear": False,
             "add_qkv_bias": hf_qkv_bias,

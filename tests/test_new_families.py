@@ -231,7 +231,7 @@ REFUSED = [
     (
         "qwen2_moe",
         {"layer_types": ["full_attention", "sliding_attention", "full_attention", "full_attention"]},
-        "layer_types names sliding_attention layers; ",
+        "layer_types has sliding-attention layers, which are not supported ",
     ),
 ]
 
