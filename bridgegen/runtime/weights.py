@@ -14,6 +14,7 @@ from bridgegen.runtime.plan import TensorPlan, WeightMap, plan_tensor, plan_tens
 from bridgegen.runtime.safetensors_io import Checkpoint
 from bridgegen.runtime.transforms import load_shard, split_full
 from bridgegen.runtime.values import checked_cast, warn_if_not_finite
+from bridgegen.runtime.weight_rules import GateUp, HFLayout
 
 
 def model_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -93,9 +94,20 @@ def check_sources(
                 entry.layout,
                 lambda tensor: tensor,
                 entry.matched.rule.norm_offset,
+                entry.matched.rule.gate_up,
             )
         except WeightError as exc:
-            raise WeightError(f"{checkpoint.folder}: {exc} (loading Megatron {entry.megatron_name!r})") from None
+            raise WeightError(f"{checkpoint.folder}: {exc} ({_loading(entry)})") from None
+
+
+def _loading(entry: TensorPlan) -> str:
+    """What was being loaded, with the HF storage the spec declares (shapes are checked after it)."""
+    rule = entry.matched.rule
+    declared = [f"hf_layout {rule.hf_layout.value}"] if rule.hf_layout is not HFLayout.same else []
+    declared += [f"gate_up {rule.gate_up.value}"] if rule.gate_up is not GateUp.stacked else []
+    return f"loading Megatron {entry.megatron_name!r}" + (
+        f"; spec declares {', '.join(declared)}" if declared else ""
+    )
 
 
 def fill_parameter(
@@ -128,9 +140,10 @@ def fill_parameter(
                 entry.layout,
                 read,
                 entry.matched.rule.norm_offset,
+                entry.matched.rule.gate_up,
             )
     except WeightError as exc:
-        raise WeightError(f"{checkpoint.folder}: {exc} (loading Megatron {entry.megatron_name!r})") from None
+        raise WeightError(f"{checkpoint.folder}: {exc} ({_loading(entry)})") from None
     warn_if_not_finite(target, f"{checkpoint.folder}: Megatron {entry.megatron_name!r} (from {what})")
     for hf_name in hf_names:
         checkpoint.release(hf_name)
@@ -186,8 +199,10 @@ def iter_hf_from_full(
     for name, full in named_full_tensors:
         entry = plan_tensor(weight_map, name, full, layer_offset=layer_offset, expert_offset=expert_offset)
         matched = entry.matched
-        pieces = split_full(entry.kind, full.detach(), entry.layout, matched.rule.norm_offset)
-        for hf_name, piece in zip(entry.hf_names, pieces, strict=True):
+        pieces = split_full(
+            entry.kind, full.detach(), entry.layout, matched.rule.norm_offset, matched.rule.gate_up
+        )
+        for hf_name, piece in zip(entry.hf_names, map(matched.as_stored, pieces), strict=True):
             if dtype is not None:
                 piece = checked_cast(piece, dtype, True, f"HF {hf_name!r}")
             if not matched.rule.hf_stacked_experts:
