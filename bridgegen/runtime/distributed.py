@@ -22,7 +22,7 @@ import torch.distributed as dist
 from bridgegen.runtime.convert import ModelBridge, ensure_model_parallel, parse_dtype
 from bridgegen.runtime.errors import WeightError
 from bridgegen.runtime.folders import shared_temp_dir
-from bridgegen.runtime.fp8 import block_size, scale_name
+from bridgegen.runtime.fp8 import block_size
 from bridgegen.runtime.plan import TensorPlan, plan_tensors
 from bridgegen.runtime.progress import progress_bar
 from bridgegen.runtime.safetensors_io import (
@@ -35,7 +35,7 @@ from bridgegen.runtime.safetensors_io import (
     stream_tensors,
 )
 from bridgegen.runtime.transforms import gather_tp_shards, shard_writes, split_full, tp_partition_dim
-from bridgegen.runtime.weights import LoadStats, load_into, model_tensors
+from bridgegen.runtime.weights import LoadStats, load_into, model_tensors, quantized_parts
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def load_hf(
     everyone: list[list[str] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, needed)
     wanted = {name for names in everyone for name in names or []}
-    wanted |= {scale_name(name) for name in wanted}  # FP8 scales travel with their weights
+    wanted |= quantized_parts(wanted)
     unexpected = [n for n in checkpoint.names() if n not in wanted and not weight_map.ignored(n)]
     if unexpected:
         raise WeightError(

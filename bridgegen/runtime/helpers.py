@@ -46,3 +46,14 @@ def dense_layers(pattern: Sequence[int], step: int) -> list[int]:
 def range_list(n: int) -> list[int]:
     """``[0, 1, ..., n - 1]``."""
     return list(range(n))
+
+
+def flags_where(values: Sequence[Any], value: Any) -> list[int]:
+    """1 where an item of ``values`` equals ``value``, else 0 (e.g. HF ``layer_types`` ->
+    Megatron's ``window_attn_skip_freq`` list)."""
+    return [1 if item == value else 0 for item in values]
+
+
+def choose_each(flags: Sequence[Any], if_set: Any, if_unset: Any) -> list[Any]:
+    """``if_set`` where a flag is true, else ``if_unset`` (the inverse of ``flags_where``)."""
+    return [if_set if flag else if_unset for flag in flags]

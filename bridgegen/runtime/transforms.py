@@ -135,7 +135,7 @@ def load_shard(
 def _owned_gate_rows(fused: torch.Tensor, layout: Layout, name: str) -> slice:
     """The gate (equally, up) rows this rank owns of a fused gate/up tensor."""
     if fused.dim() == 0 or fused.shape[0] % 2:
-        raise WeightError(f"{name}: a fused gate/up tensor needs an even dim 0, got shape {list(fused.shape)}")
+        raise WeightError(f"{name}: fused gate/up needs an even dim 0, got shape {list(fused.shape)}")
     return _chunk(fused.shape[0] // 2, layout, name)
 
 

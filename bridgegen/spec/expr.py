@@ -43,7 +43,17 @@ BUILTIN_FUNCTIONS = frozenset(
     {"len", "min", "max", "int", "float", "bool", "abs", "round", "sum", "all", "any"}
 )
 RUNTIME_HELPERS = frozenset(
-    {"first_index", "count", "all_equal", "moe_layer_pattern", "sparse_step", "dense_layers", "range_list"}
+    {
+        "first_index",
+        "count",
+        "all_equal",
+        "moe_layer_pattern",
+        "sparse_step",
+        "dense_layers",
+        "range_list",
+        "flags_where",
+        "choose_each",
+    }
 )
 ALLOWED_FUNCTIONS = BUILTIN_FUNCTIONS | RUNTIME_HELPERS
 # Calls whose value, when not zero, is an integer (so at least 1 in magnitude).
