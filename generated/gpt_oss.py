@@ -204,7 +204,7 @@ class GptOssBridge(Bridge):
         hf_router_aux_loss_coef = hf.optional("router_aux_loss_coef", 0.001)
         hf_sliding_window = hf.optional("sliding_window", None)
         hf_swiglu_alpha = hf.optional("swiglu_alpha", 1.702)
-        hf_swiglu_limit = hf.require("swiglu_limit")
+        hf_swiglu_limit = hf.optional("swiglu_limit", 7.0)
         hf_tie_word_embeddings = hf.optional("tie_word_embeddings", False)
         hf_vocab_size = hf.require("vocab_size")
         hf.check(

@@ -100,7 +100,9 @@ def test_yarn_truncation_is_honoured(tmp_path: Path) -> None:
     assert parity.max_abs_diff <= LOGIT_ATOL
 
 
-def test_cli_round_trip_is_bit_exact_and_loads_in_transformers(gpt_oss: dict[str, Any], tmp_path: Path) -> None:
+def test_cli_round_trip_is_bit_exact_and_loads_in_transformers(
+    gpt_oss: dict[str, Any], tmp_path: Path
+) -> None:
     from transformers import AutoModelForCausalLM
 
     from bridgegen.cli import main
@@ -130,6 +132,22 @@ def test_config_round_trip(gpt_oss: dict[str, Any], tmp_path: Path) -> None:
         return {k: v for k, v in config.items() if k not in ("transformers_version", "_name_or_path")}
 
     assert loaded(tmp_path) == loaded(gpt_oss["folder"])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"swiglu_alpha": 1.0}, "swiglu_alpha is not 1.702"),
+        ({"attention_bias": False}, "attention_bias is false"),
+        ({"layer_types": ["sliding_attention", "chunked_attention"] * 2}, "layer_types must name"),
+    ],
+)
+def test_configs_megatron_cannot_run_are_refused(change: dict[str, Any], message: str) -> None:
+    from bridgegen.runtime.errors import ConfigError
+
+    config = {**GptOssBridge.example_config, "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss"}
+    with pytest.raises(ConfigError, match=message):
+        GptOssBridge.to_megatron_config({**config, **change})
 
 
 @pytest.mark.parametrize(
@@ -181,13 +199,26 @@ def test_mxfp4_dequantization_matches_transformers() -> None:
     assert torch.equal(dequantize(blocks, scales, "w").float(), expected)
 
 
-def test_mxfp4_experts_are_dequantized_on_import(gpt_oss: dict[str, Any], tmp_path: Path) -> None:
+def test_mxfp4_experts_are_dequantized_on_import(
+    gpt_oss: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A checkpoint whose expert matrices are MXFP4 imports like the same values unquantized
-    (bit-exact Megatron weights); its export is the unquantized checkpoint."""
+    (bit-exact Megatron weights), dequantizing each stacked tensor once although every expert
+    reads it; its export is the unquantized checkpoint."""
     from safetensors.torch import save_file
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
+    from bridgegen.runtime import mxfp4
     from bridgegen.runtime.convert import ModelBridge
+
+    dequantized: list[str] = []
+    real_dequantize = mxfp4.dequantize
+
+    def counted(blocks: torch.Tensor, scales: torch.Tensor, name: str, *args: Any) -> torch.Tensor:
+        dequantized.append(name)
+        return real_dequantize(blocks, scales, name, *args)
+
+    monkeypatch.setattr(mxfp4, "dequantize", counted)
 
     config = GptOssBridge.example_config
     hidden, ffn, experts = config["hidden_size"], config["intermediate_size"], config["num_local_experts"]
@@ -219,6 +250,9 @@ def test_mxfp4_experts_are_dequantized_on_import(gpt_oss: dict[str, Any], tmp_pa
 
     _, from_plain = imported(tmp_path / "plain")
     bridge, from_mxfp4 = imported(tmp_path / "mxfp4")
+    assert sorted(dequantized) == sorted(
+        name.removesuffix("_blocks") for name in quantized if name.endswith("_blocks")
+    )
     want = dict(from_plain.named_parameters())
     for name, parameter in from_mxfp4.named_parameters():
         assert torch.equal(parameter, want[name]), name

@@ -121,7 +121,9 @@ def to_layout_storage(source: Path, target: Path, down_stored: str = "transposed
             ]
         )
         downs = [tensors[f"{prefix}.{e}.down_proj.weight"] for e in range(EXPERTS)]
-        out[f"{prefix}.down_proj"] = torch.stack([d if down_stored == "as_megatron" else d.t() for d in downs])
+        out[f"{prefix}.down_proj"] = torch.stack(
+            [d if down_stored == "as_megatron" else d.t() for d in downs]
+        )
     target.mkdir(parents=True)
     save_file(out, str(target / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((source / "config.json").read_text())
@@ -235,7 +237,9 @@ def test_streaming_import_and_export_are_bit_exact(
     bridge = dist_cases.model_bridge(str(case["stored"]), case["bridge_file"])
     stream_import(bridge, case["stored"], tmp_path / "megatron", dtype=torch.float32)
     # The test's family is not among the generated bridges the checkpoint's family is looked up in.
-    monkeypatch.setattr(megatron_checkpoint, "bridge_for_checkpoint", lambda *_, **__: (bridge, torch.float32))
+    monkeypatch.setattr(
+        megatron_checkpoint, "bridge_for_checkpoint", lambda *_, **__: (bridge, torch.float32)
+    )
     stream_export(tmp_path / "megatron", tmp_path / "out")
     assert_same_tensors(case["tensors"], tmp_path / "out")
 

@@ -143,6 +143,9 @@ def _whole_number(value: object) -> int:
     return value
 
 
+MXFP4_KEPT = 2  # dequantized MXFP4 tensors a Checkpoint keeps
+
+
 @dataclass
 class Checkpoint:
     """An HF checkpoint folder (single file or sharded with an index), read lazily."""
@@ -159,8 +162,9 @@ class Checkpoint:
     # Whether a source may be cast to the model's dtype with a loss (the dtype was asked for);
     # an overflow to inf is an error either way.
     allow_lossy_casts: bool = True
-    # The MXFP4 tensor dequantized last (name, value): each expert of a stacked tensor reads it.
-    _dequantized: tuple[str, torch.Tensor] | None = field(default=None, repr=False)
+    # The MXFP4 tensors dequantized last, by name, oldest first: every expert of a stacked tensor
+    # reads it, and a layer's experts alternate between its two (gate_up_proj, down_proj).
+    _dequantized: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @staticmethod
     def open(folder: str | os.PathLike[str]) -> Checkpoint:
@@ -273,11 +277,12 @@ class Checkpoint:
     def _mxfp4_source(self, name: str) -> torch.Tensor:
         from bridgegen.runtime import mxfp4
 
-        if self._dequantized is None or self._dequantized[0] != name:
-            self._dequantized = None  # the previous one goes before the next is made
+        if name not in self._dequantized:
+            while len(self._dequantized) >= MXFP4_KEPT:  # the oldest goes before the next is made
+                del self._dequantized[next(iter(self._dequantized))]
             blocks, scales = (self.view(part) for part in mxfp4.parts(name))
-            self._dequantized = (name, mxfp4.dequantize(blocks, scales, name))
-        return self._dequantized[1]
+            self._dequantized[name] = mxfp4.dequantize(blocks, scales, name)
+        return self._dequantized[name]
 
     def release(self, name: str) -> None:
         """Drop tensor ``name``'s pages from this process's mapping once it is copied, so the
