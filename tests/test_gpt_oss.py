@@ -16,9 +16,9 @@ from typing import Any
 import dist_cases
 import pytest
 import torch
+from bridgegen.generated.gpt_oss import GptOssBridge
 from checkpoints import assert_bit_exact, tensors_of
 
-from bridgegen.generated.gpt_oss import GptOssBridge
 from bridgegen.runtime.launch import run_on_ranks
 
 # fp32 logits, HF vs Megatron; measured 2.5e-7.
