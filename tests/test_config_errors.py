@@ -25,8 +25,8 @@ from bridgegen.runtime.errors import BridgeError, ConfigError, UnsupportedModelE
 
 SUPPORTED_ARCHITECTURES = (
     "DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, "
-    "Gemma3ForConditionalGeneration, GemmaForCausalLM, GptOssForCausalLM, LlamaForCausalLM, MistralForCausalLM, "
-    "Phi3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM"
+    "Gemma3ForConditionalGeneration, GemmaForCausalLM, GptOssForCausalLM, GraniteForCausalLM, LlamaForCausalLM, "
+    "MistralForCausalLM, Olmo2ForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM"
 )
 
 
