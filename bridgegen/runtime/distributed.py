@@ -22,7 +22,7 @@ import torch.distributed as dist
 from bridgegen.runtime.convert import ModelBridge, ensure_model_parallel, parse_dtype
 from bridgegen.runtime.errors import WeightError
 from bridgegen.runtime.folders import shared_temp_dir
-from bridgegen.runtime.fp8 import block_size, scale_name
+from bridgegen.runtime.fp8 import block_size
 from bridgegen.runtime.plan import TensorPlan, plan_tensors
 from bridgegen.runtime.progress import progress_bar
 from bridgegen.runtime.safetensors_io import (
@@ -35,7 +35,7 @@ from bridgegen.runtime.safetensors_io import (
     stream_tensors,
 )
 from bridgegen.runtime.transforms import gather_tp_shards, shard_writes, split_full, tp_partition_dim
-from bridgegen.runtime.weights import LoadStats, load_into, model_tensors
+from bridgegen.runtime.weights import LoadStats, load_into, model_tensors, quantized_parts
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def load_hf(
     everyone: list[list[str] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, needed)
     wanted = {name for names in everyone for name in names or []}
-    wanted |= {scale_name(name) for name in wanted}  # FP8 scales travel with their weights
+    wanted |= quantized_parts(wanted)
     unexpected = [n for n in checkpoint.names() if n not in wanted and not weight_map.ignored(n)]
     if unexpected:
         raise WeightError(
@@ -250,7 +250,8 @@ def _planned(
         shard = torch.empty(entry.shape, dtype=entry.dtype, device="meta")
         whole = gather_tp_shards(entry.kind, [shard] * entry.layout.tp_size)
         experts = int(bridge.config.values.get("num_moe_experts") or 0)
-        for hf_name, piece in zip(entry.hf_names, split_full(entry.kind, whole, layout), strict=True):
+        pieces = split_full(entry.kind, whole, layout, gate_up=entry.matched.rule.gate_up)
+        for hf_name, piece in zip(entry.hf_names, map(entry.matched.as_stored, pieces), strict=True):
             shape = (experts, *piece.shape) if entry.matched.rule.hf_stacked_experts else tuple(piece.shape)
             out.append(PlannedTensor(hf_name, dtype or entry.dtype, shape))
         out += [PlannedTensor(copy, dtype or entry.dtype, out[-1].shape) for copy in entry.matched.hf_copies()]
@@ -310,9 +311,12 @@ def export_hf(
                         hf_names,
                         entry.layout,
                         entry.matched.rule.norm_offset,
+                        entry.matched.rule.gate_up,
                     )
                     for index, view, data in writes:
-                        output.write(hf_names[index], view, data)
+                        # In the stored orientation, so a transposed tensor is written in runs.
+                        as_stored = entry.matched.as_stored
+                        output.write(hf_names[index], as_stored(view), as_stored(data))
             if rank == 0 and source is not None:
                 for name, tensor in stream_tensors(source, carried):
                     output.write(name, output.target(name), tensor)

@@ -62,3 +62,14 @@ def full_attention_every(layer_types: Sequence[str] | None, declared: int) -> in
     wanted = list(layer_types)
     candidates: list[int] = [declared, *range(1, len(wanted) + 2)]
     return next((every for every in candidates if sliding_layer_types(len(wanted), every) == wanted), None)
+
+
+def flags_where(values: Sequence[Any], value: Any) -> list[int]:
+    """1 where an item of ``values`` equals ``value``, else 0 (e.g. HF ``layer_types`` ->
+    Megatron's ``window_attn_skip_freq`` list)."""
+    return [1 if item == value else 0 for item in values]
+
+
+def choose_each(flags: Sequence[Any], if_set: Any, if_unset: Any) -> list[Any]:
+    """``if_set`` where a flag is true, else ``if_unset`` (the inverse of ``flags_where``)."""
+    return [if_set if flag else if_unset for flag in flags]

@@ -19,7 +19,7 @@ import torch
 from bridgegen.runtime.config import MegatronConfig
 from bridgegen.runtime.errors import WeightError
 from bridgegen.runtime.transforms import Layout
-from bridgegen.runtime.weight_rules import WeightKind, WeightRule
+from bridgegen.runtime.weight_rules import HFLayout, WeightKind, WeightRule
 
 # The layer number in an HF tensor name (``model.layers.12.mlp...``).
 HF_LAYER_NUMBER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -63,8 +63,22 @@ class MatchedTensor:
         return names
 
     def select(self, hf_tensor: torch.Tensor) -> torch.Tensor:
-        """This tensor's part of an HF tensor: its expert of a stacked ``[E, ...]`` tensor."""
-        return hf_tensor[self.expert] if self.rule.hf_stacked_experts else hf_tensor
+        """This tensor's part of an HF tensor, in Megatron's orientation (a view): its expert of a
+        stacked ``[E, ...]`` tensor, transposed where the spec declares HF stores ``[in, out]``."""
+        part = hf_tensor[self.expert] if self.rule.hf_stacked_experts else hf_tensor
+        return self.as_stored(part)
+
+    def as_stored(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A view of ``tensor`` in the other orientation where the spec declares
+        ``hf_layout: transposed`` (the transposition is its own inverse), else ``tensor``."""
+        if self.rule.hf_layout is HFLayout.same:
+            return tensor
+        if tensor.dim() != 2:
+            names = ", ".join(repr(name) for name in self.hf_names())
+            raise WeightError(
+                f"HF {names}: hf_layout transposed needs a 2-D tensor (per expert), got shape {list(tensor.shape)}"
+            )
+        return tensor.t()
 
 
 class WeightMap:

@@ -137,6 +137,7 @@ class RopeScaling:
                 "yarn_beta_slow": float(self.param("beta_slow", 1.0)),
                 "yarn_mscale": float(self.param("mscale", 1.0)),
                 "yarn_mscale_all_dim": float(self.param("mscale_all_dim", 0.0)),
+                # HF `truncate` (default true) floors and ceils the correction range.
                 "yarn_correction_range_round_to_int": bool(self.param("truncate", True)),
             }
         return {"unsupported_rope_type": self.rope_type}

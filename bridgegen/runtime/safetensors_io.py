@@ -143,6 +143,9 @@ def _whole_number(value: object) -> int:
     return value
 
 
+MXFP4_KEPT = 2  # dequantized MXFP4 tensors a Checkpoint keeps
+
+
 @dataclass
 class Checkpoint:
     """An HF checkpoint folder (single file or sharded with an index), read lazily."""
@@ -159,6 +162,9 @@ class Checkpoint:
     # Whether a source may be cast to the model's dtype with a loss (the dtype was asked for);
     # an overflow to inf is an error either way.
     allow_lossy_casts: bool = True
+    # The MXFP4 tensors dequantized last, by name, oldest first: every expert of a stacked tensor
+    # reads it, and a layer's experts alternate between its two (gate_up_proj, down_proj).
+    _dequantized: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @staticmethod
     def open(folder: str | os.PathLike[str]) -> Checkpoint:
@@ -206,7 +212,30 @@ class Checkpoint:
         return Checkpoint(root, tensors)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.tensors
+        return name in self.tensors or self.is_mxfp4(name)
+
+    def is_mxfp4(self, name: str) -> bool:
+        """Tensor ``name`` is stored MXFP4-quantized, as ``name_blocks`` and ``name_scales``."""
+        from bridgegen.runtime.mxfp4 import parts
+
+        return name not in self.tensors and all(part in self.tensors for part in parts(name))
+
+    def is_quantized(self, name: str) -> bool:
+        """Tensor ``name`` is dequantized on reading (FP8 with scales, or MXFP4)."""
+        from bridgegen.runtime.fp8 import FP8_DTYPES
+
+        return self.is_mxfp4(name) or self.tensors[name].dtype in FP8_DTYPES
+
+    def stand_in(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` for checking shapes: its view, or a meta tensor of an MXFP4 tensor's
+        dequantized shape (nothing is dequantized)."""
+        if not self.is_mxfp4(name):
+            return self.view(name)
+        from bridgegen.runtime.mxfp4 import dequantized_shape, parts
+
+        blocks, scales = (self.tensors[part].shape for part in parts(name))
+        shape = dequantized_shape(torch.Size(blocks), torch.Size(scales), name)
+        return torch.empty(shape, dtype=torch.bfloat16, device="meta")
 
     def names(self) -> list[str]:
         return sorted(self.tensors)
@@ -233,14 +262,27 @@ class Checkpoint:
         return buffer[info.start : info.end].view(info.dtype).view(info.shape)
 
     def source(self, name: str, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
-        """Tensor ``name`` ready to convert: a zero-copy view, or for a block-quantized FP8
-        weight (one with a ``_scale_inv`` companion) its dequantized float32 value."""
+        """Tensor ``name`` ready to convert: a zero-copy view, for a block-quantized FP8
+        weight (one with a ``_scale_inv`` companion) its dequantized float32 value, for an MXFP4
+        tensor (``_blocks`` and ``_scales``) its dequantized bfloat16 value."""
         from bridgegen.runtime.fp8 import FP8_DTYPES, dequantize, scale_name
 
+        if self.is_mxfp4(name):
+            return self._mxfp4_source(name)
         view = self.view(name)
         if view.dtype not in FP8_DTYPES or scale_name(name) not in self.tensors:
             return view
         return dequantize(view, self.view(scale_name(name)), block, name)
+
+    def _mxfp4_source(self, name: str) -> torch.Tensor:
+        from bridgegen.runtime import mxfp4
+
+        if name not in self._dequantized:
+            while len(self._dequantized) >= MXFP4_KEPT:  # the oldest goes before the next is made
+                del self._dequantized[next(iter(self._dequantized))]
+            blocks, scales = (self.view(part) for part in mxfp4.parts(name))
+            self._dequantized[name] = mxfp4.dequantize(blocks, scales, name)
+        return self._dequantized[name]
 
     def release(self, name: str) -> None:
         """Drop tensor ``name``'s pages from this process's mapping once it is copied, so the

@@ -270,15 +270,17 @@ def meta_model(bridge: ModelBridge, dtype: torch.dtype) -> torch.nn.Module:
     """The single-process megatron-core model, every parameter on the meta device."""
     with torch.device("meta"):
         model = bridge.build_model(dtype)
-    # A few buffers are made on an explicit device (a router's expert bias): move them too, so
-    # every weight the checkpoint holds is made by the producer.
+    # A few tensors are made on an explicit device (a router's expert bias, attention sinks'
+    # softmax_offset): move them too, so every weight the checkpoint holds is made by the producer.
     for name, tensor in list(model_tensors(model)):
         if not tensor.is_meta:
             owner_name, _, attribute = name.rpartition(".")
             owner = model.get_submodule(owner_name)
-            if attribute not in owner._buffers:
-                raise WeightError(f"building on the meta device still allocated parameter {name}")
-            owner._buffers[attribute] = torch.empty_like(tensor, device="meta")
+            if attribute in owner._buffers:
+                owner._buffers[attribute] = torch.empty_like(tensor, device="meta")
+            else:
+                meta = torch.empty_like(tensor, device="meta")
+                owner._parameters[attribute] = torch.nn.Parameter(meta, requires_grad=tensor.requires_grad)
     return model
 
 

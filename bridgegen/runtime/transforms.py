@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from bridgegen.runtime.errors import WeightError
-from bridgegen.runtime.weight_rules import WeightKind
+from bridgegen.runtime.weight_rules import GateUp, WeightKind
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,10 @@ def load_shard(
     layout: Layout,
     read: Read,
     norm_offset: float = 0.0,
+    gate_up: GateUp = GateUp.stacked,
 ) -> None:
-    """Fill ``dest`` (this rank's Megatron shard) from the HF ``sources`` (views)."""
+    """Fill ``dest`` (this rank's Megatron shard) from the HF ``sources`` (views, in Megatron's
+    orientation)."""
     if kind is WeightKind.fused_qkv:
         q_rows = layout.num_attention_heads * layout.head_dim
         kv_rows = layout.num_query_groups * layout.head_dim
@@ -65,6 +67,8 @@ def load_shard(
         k = sources[0][q_rows : q_rows + kv_rows]
         v = sources[0][q_rows + kv_rows :]
         return load_shard(WeightKind.qkv, dest, [q, k, v], hf_names * 3, layout, read)
+    if kind is WeightKind.fused_gate_up and gate_up is GateUp.interleaved:
+        return _load_interleaved_gate_up(dest, sources[0], hf_names[0], layout, read)
     if kind is WeightKind.fused_gate_up:
         gate, up = sources[0].chunk(2)
         return load_shard(WeightKind.gate_up, dest, [gate, up], hf_names * 2, layout, read)
@@ -128,6 +132,30 @@ def load_shard(
         dest.copy_(part)
 
 
+def _owned_gate_rows(fused: torch.Tensor, layout: Layout, name: str) -> slice:
+    """The gate (equally, up) rows this rank owns of a fused gate/up tensor."""
+    if fused.dim() == 0 or fused.shape[0] % 2:
+        raise WeightError(f"{name}: fused gate/up needs an even dim 0, got shape {list(fused.shape)}")
+    return _chunk(fused.shape[0] // 2, layout, name)
+
+
+def interleave_gate_up(stacked: torch.Tensor) -> torch.Tensor:
+    """[gate; up] -> rows gate[0], up[0], gate[1], up[1], ... (a copy)."""
+    return torch.stack(stacked.chunk(2), dim=1).flatten(0, 1)
+
+
+def _load_interleaved_gate_up(
+    dest: torch.Tensor, fused: torch.Tensor, name: str, layout: Layout, read: Read
+) -> None:
+    """Rank r's gate rows and up rows alternate in one contiguous run of the interleaved tensor."""
+    rows = _owned_gate_rows(fused, layout, name)
+    half = rows.stop - rows.start
+    _check_shape(name, (2 * half, *fused.shape[1:]), tuple(dest.shape))
+    part = read(fused[2 * rows.start : 2 * rows.stop])
+    dest[:half].copy_(part[0::2])
+    dest[half:].copy_(part[1::2])
+
+
 def _load_qkv(
     dest: torch.Tensor, sources: list[torch.Tensor], hf_names: tuple[str, ...], layout: Layout, read: Read
 ) -> None:
@@ -150,9 +178,14 @@ def _load_qkv(
 
 
 def split_full(
-    kind: WeightKind, full: torch.Tensor, layout: Layout, norm_offset: float = 0.0
+    kind: WeightKind,
+    full: torch.Tensor,
+    layout: Layout,
+    norm_offset: float = 0.0,
+    gate_up: GateUp = GateUp.stacked,
 ) -> list[torch.Tensor]:
-    """The HF tensors held by a whole (TP-gathered) Megatron tensor, as views where possible."""
+    """The HF tensors held by a whole (TP-gathered) Megatron tensor, as views where possible (in
+    Megatron's orientation)."""
     if kind in (WeightKind.replicated, WeightKind.column, WeightKind.row):
         return [full.to(torch.float32) - norm_offset if norm_offset else full]
     if kind is WeightKind.vocab:
@@ -166,9 +199,10 @@ def split_full(
         k = blocks[:, per_group].reshape(groups * dim, *rest)
         v = blocks[:, per_group + 1].reshape(groups * dim, *rest)
         return [torch.cat([q, k, v])] if kind is WeightKind.fused_qkv else [q, k, v]
-    if kind in (WeightKind.gate_up, WeightKind.fused_gate_up):
-        gate, up = full.chunk(2)
-        return [full] if kind is WeightKind.fused_gate_up else [gate, up]
+    if kind is WeightKind.fused_gate_up:
+        return [interleave_gate_up(full) if gate_up is GateUp.interleaved else full]
+    if kind is WeightKind.gate_up:
+        return list(full.chunk(2))
     raise AssertionError(kind)  # pragma: no cover
 
 
@@ -199,6 +233,7 @@ def shard_writes(
     hf_names: tuple[str, ...],
     layout: Layout,
     norm_offset: float = 0.0,
+    gate_up: GateUp = GateUp.stacked,
 ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     """The inverse of ``load_shard``: (index into ``targets``, slice of that HF tensor, data)
     triples that write this rank's Megatron shard into the parts of the HF tensors it owns.
@@ -217,6 +252,9 @@ def shard_writes(
             (0, view, data)
             for _, view, data in shard_writes(WeightKind.qkv, local, parts, hf_names * 3, layout)
         ]
+    if kind is WeightKind.fused_gate_up and gate_up is GateUp.interleaved:
+        rows = _owned_gate_rows(targets[0], layout, hf_names[0])
+        return [(0, targets[0][2 * rows.start : 2 * rows.stop], interleave_gate_up(local))]
     if kind is WeightKind.fused_gate_up:
         gate, up = targets[0].chunk(2)
         return [
@@ -260,7 +298,8 @@ def store_shard(
     hf_names: tuple[str, ...],
     layout: Layout,
     norm_offset: float = 0.0,
+    gate_up: GateUp = GateUp.stacked,
 ) -> None:
     """Copy this rank's shard into real HF tensors (see ``shard_writes``)."""
-    for _, target, data in shard_writes(kind, local, targets, hf_names, layout, norm_offset):
+    for _, target, data in shard_writes(kind, local, targets, hf_names, layout, norm_offset, gate_up):
         target.copy_(data)

@@ -24,8 +24,33 @@ class WeightKind(str, Enum):
     fused_gate_up = "fused_gate_up"  # one HF tensor holding [gate; up] (Phi-3 gate_up_proj)
 
 
+class HFLayout(str, Enum):
+    """How an HF tensor is stored next to its Megatron tensor (declared by the spec, never guessed
+    from shapes: a square tensor fits either way)."""
+
+    same = "same"  # [out, in] like Megatron (torch.nn.Linear)
+    transposed = "transposed"  # [in, out] (modules computing x @ W); stacked experts: [E, in, out]
+
+
+class GateUp(str, Enum):
+    """Where gate and up sit in a fused_gate_up HF tensor (along Megatron's dim 0, i.e. after any
+    declared transposition)."""
+
+    stacked = "stacked"  # [gate; up]
+    interleaved = "interleaved"  # gate = [0::2], up = [1::2]
+
+
 # How many HF tensors each kind combines.
 HF_ARITY: dict[WeightKind, int] = {WeightKind.qkv: 3, WeightKind.gate_up: 2}
+
+# Kinds whose HF tensors may be stored transposed (2-D matrices split whole along one dim).
+TRANSPOSABLE_KINDS = (
+    WeightKind.replicated,
+    WeightKind.column,
+    WeightKind.row,
+    WeightKind.gate_up,
+    WeightKind.fused_gate_up,
+)
 
 
 @dataclass(frozen=True)
@@ -42,6 +67,8 @@ class WeightRule:
     # HF tensors repeating the (single) HF tensor; {mtp_layer}: each multi-token prediction
     # layer's HF number (num_layers + m).
     hf_copies: tuple[str, ...] = ()
+    hf_layout: HFLayout = HFLayout.same
+    gate_up: GateUp = GateUp.stacked
 
     def applies(self, config: MegatronConfig) -> bool:
         return self.when is None or self.when(config)

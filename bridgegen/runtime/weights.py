@@ -9,11 +9,13 @@ from dataclasses import dataclass
 import torch
 
 from bridgegen.runtime.errors import WeightError
-from bridgegen.runtime.fp8 import FP8_DTYPES, scale_name
+from bridgegen.runtime.fp8 import scale_name
+from bridgegen.runtime.mxfp4 import parts
 from bridgegen.runtime.plan import TensorPlan, WeightMap, plan_tensor, plan_tensors
 from bridgegen.runtime.safetensors_io import Checkpoint
 from bridgegen.runtime.transforms import load_shard, split_full
 from bridgegen.runtime.values import checked_cast, warn_if_not_finite
+from bridgegen.runtime.weight_rules import GateUp, HFLayout
 
 
 def model_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -30,6 +32,11 @@ class LoadStats:
     tensors: int = 0
     bytes_requested: int = 0
     hf_tensors_used: int = 0
+
+
+def quantized_parts(names: set[str]) -> set[str]:
+    """The tensors quantized ``names`` may be stored with: FP8 scales, MXFP4 blocks and scales."""
+    return {scale_name(name) for name in names} | {part for name in names for part in parts(name)}
 
 
 def check_sources(
@@ -54,14 +61,14 @@ def check_sources(
                     f"{checkpoint.folder}: missing tensor {hf_name!r} (needed for Megatron "
                     f"{entry.megatron_name!r}){hint}"
                 )
-            info = checkpoint.tensors[hf_name]
-            if not info.dtype.is_floating_point:
+            info = checkpoint.tensors.get(hf_name)  # None: MXFP4 (uint8 parts, dequantized)
+            if info is not None and not info.dtype.is_floating_point:
                 raise WeightError(
                     f"{info.file}: tensor {hf_name!r} has dtype {info.dtype}; expected floating point"
                 )
     if check_unused:
         wanted = {hf for entry in plan for hf in entry.hf_names}
-        wanted |= {scale_name(hf) for hf in wanted}  # FP8 scales travel with their weights
+        wanted |= quantized_parts(wanted)
         unexpected = [n for n in checkpoint.names() if n not in wanted and not weight_map.ignored(n)]
         if unexpected:
             shown = ", ".join(repr(n) for n in unexpected[:8])
@@ -88,14 +95,25 @@ def check_sources(
             load_shard(
                 entry.kind,
                 torch.empty(entry.shape, dtype=entry.dtype, device="meta"),
-                [entry.matched.select(checkpoint.view(n)) for n in entry.hf_names],
+                [entry.matched.select(checkpoint.stand_in(n)) for n in entry.hf_names],
                 entry.hf_names,
                 entry.layout,
                 lambda tensor: tensor,
                 entry.matched.rule.norm_offset,
+                entry.matched.rule.gate_up,
             )
         except WeightError as exc:
-            raise WeightError(f"{checkpoint.folder}: {exc} (loading Megatron {entry.megatron_name!r})") from None
+            raise WeightError(f"{checkpoint.folder}: {exc} ({_loading(entry)})") from None
+
+
+def _loading(entry: TensorPlan) -> str:
+    """What was being loaded, with the HF storage the spec declares (shapes are checked after it)."""
+    rule = entry.matched.rule
+    declared = [f"hf_layout {rule.hf_layout.value}"] if rule.hf_layout is not HFLayout.same else []
+    declared += [f"gate_up {rule.gate_up.value}"] if rule.gate_up is not GateUp.stacked else []
+    return f"loading Megatron {entry.megatron_name!r}" + (
+        f"; spec declares {', '.join(declared)}" if declared else ""
+    )
 
 
 def fill_parameter(
@@ -108,8 +126,8 @@ def fill_parameter(
     into ``target``, then hand the sources' pages back."""
     hf_names = entry.hf_names
     sources = [entry.matched.select(checkpoint.source(n, fp8_block)) for n in hf_names]
-    # Dequantized FP8 weights are cast to the model's dtype by design; other sources must fit.
-    dequantized = any(checkpoint.tensors[n].dtype in FP8_DTYPES for n in hf_names)
+    # Dequantized FP8 / MXFP4 weights are cast to the model's dtype by design; other sources must fit.
+    dequantized = any(checkpoint.is_quantized(n) for n in hf_names)
     allow_lossy = checkpoint.allow_lossy_casts or dequantized
     what = f"HF {', '.join(repr(n) for n in hf_names)}"
 
@@ -128,9 +146,10 @@ def fill_parameter(
                 entry.layout,
                 read,
                 entry.matched.rule.norm_offset,
+                entry.matched.rule.gate_up,
             )
     except WeightError as exc:
-        raise WeightError(f"{checkpoint.folder}: {exc} (loading Megatron {entry.megatron_name!r})") from None
+        raise WeightError(f"{checkpoint.folder}: {exc} ({_loading(entry)})") from None
     warn_if_not_finite(target, f"{checkpoint.folder}: Megatron {entry.megatron_name!r} (from {what})")
     for hf_name in hf_names:
         checkpoint.release(hf_name)
@@ -186,8 +205,10 @@ def iter_hf_from_full(
     for name, full in named_full_tensors:
         entry = plan_tensor(weight_map, name, full, layer_offset=layer_offset, expert_offset=expert_offset)
         matched = entry.matched
-        pieces = split_full(entry.kind, full.detach(), entry.layout, matched.rule.norm_offset)
-        for hf_name, piece in zip(entry.hf_names, pieces, strict=True):
+        pieces = split_full(
+            entry.kind, full.detach(), entry.layout, matched.rule.norm_offset, matched.rule.gate_up
+        )
+        for hf_name, piece in zip(entry.hf_names, map(matched.as_stored, pieces), strict=True):
             if dtype is not None:
                 piece = checked_cast(piece, dtype, True, f"HF {hf_name!r}")
             if not matched.rule.hf_stacked_experts:

@@ -53,6 +53,8 @@ RUNTIME_HELPERS = frozenset(
         "range_list",
         "sliding_layer_types",
         "full_attention_every",
+        "flags_where",
+        "choose_each",
     }
 )
 ALLOWED_FUNCTIONS = BUILTIN_FUNCTIONS | RUNTIME_HELPERS

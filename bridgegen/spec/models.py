@@ -21,7 +21,7 @@ from pydantic import (
 )
 
 from bridgegen.runtime.quirks import RuntimeModule
-from bridgegen.runtime.weight_rules import WeightKind
+from bridgegen.runtime.weight_rules import GateUp, HFLayout, WeightKind
 
 Name = Annotated[
     str, StringConstraints(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -82,6 +82,16 @@ class WeightSpec(Strict):
         default=False,
         description="the HF tensor(s) hold every expert stacked on dim 0 ([E, ...]); the Megatron tensor is "
         "expert {expert} of it",
+    )
+    hf_layout: HFLayout = Field(
+        default=HFLayout.same,
+        description="how the HF tensor is stored: same ([out, in], as Megatron) or transposed ([in, out], "
+        "modules computing x @ W; stacked experts [E, in, out]); declared, since a square tensor fits either way",
+    )
+    gate_up: GateUp = Field(
+        default=GateUp.stacked,
+        description="fused_gate_up only: the HF tensor holds [gate; up] (stacked) or alternating gate and up "
+        "rows (interleaved: gate = [0::2], up = [1::2] along Megatron's dim 0, i.e. after hf_layout)",
     )
     norm_offset: StrictFloat | StrictInt = Field(
         default=0.0, description="Megatron value = HF value + norm_offset (for 1 + w norms)"

@@ -14,6 +14,7 @@ from typing import Any
 
 import jinja2
 
+from bridgegen.runtime.weight_rules import GateUp, HFLayout
 from bridgegen.spec.resolve import ResolvedSpec, ResolvedWeight
 
 # The formatter is part of the output's definition: another ruff could format differently.
@@ -39,6 +40,14 @@ def when_function(weight: ResolvedWeight) -> str:
     return f"_when_{slug}"
 
 
+def weight_rule_imports(spec: ResolvedSpec) -> str:
+    """The names the bridge imports from weight_rules (the layout enums only where used)."""
+    names = {"WeightKind", "WeightRule"}
+    names |= {"HFLayout" for weight in spec.weights if weight.hf_layout is not HFLayout.same}
+    names |= {"GateUp" for weight in spec.weights if weight.gate_up is not GateUp.stacked}
+    return ", ".join(sorted(names))
+
+
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("bridgegen.spec", "templates"),
@@ -50,6 +59,7 @@ def _environment() -> jinja2.Environment:
     )
     env.filters["pyrepr"] = _pyrepr
     env.globals["when_function"] = when_function
+    env.globals["weight_rule_imports"] = weight_rule_imports
     return env
 
 

@@ -34,7 +34,7 @@ from pydantic import ValidationError
 
 from bridgegen.runtime.config import MODEL_FIELDS
 from bridgegen.runtime.quirks import RuntimeModule, parameter_names, parameter_type_error
-from bridgegen.runtime.weight_rules import HF_ARITY, WeightKind
+from bridgegen.runtime.weight_rules import HF_ARITY, TRANSPOSABLE_KINDS, GateUp, HFLayout, WeightKind
 from bridgegen.spec.errors import Location, SpecError, SpecErrors
 from bridgegen.spec.expr import ExpressionError, check_names, emit_python, parse_expression, variable_name
 from bridgegen.spec.loader import FieldPath, LoadedSpec
@@ -80,6 +80,8 @@ class ResolvedWeight:
     hf_stacked_experts: bool
     hf_copies: tuple[str, ...]
     location: Location | None = None  # where the spec writes this weight
+    hf_layout: HFLayout = HFLayout.same
+    gate_up: GateUp = GateUp.stacked
 
 
 @dataclass(frozen=True)
@@ -729,6 +731,20 @@ def _resolve_one(
             for problem in placeholder_problems(copy, COPY_PLACEHOLDERS, placeholders)
         ]
         errors += [origin.error(problem, suffix) for problem, suffix in problems]
+        if weight.gate_up is not GateUp.stacked and weight.kind is not WeightKind.fused_gate_up:
+            errors.append(
+                origin.error(
+                    f"gate_up applies to kind 'fused_gate_up' only, not {weight.kind.value!r}", ("gate_up",)
+                )
+            )
+        if weight.hf_layout is HFLayout.transposed and weight.kind not in TRANSPOSABLE_KINDS:
+            errors.append(
+                origin.error(
+                    f"hf_layout transposed is not supported for kind {weight.kind.value!r} "
+                    f"(only {', '.join(kind.value for kind in TRANSPOSABLE_KINDS)})",
+                    ("hf_layout",),
+                )
+            )
         if weight.hf_stacked_experts and "expert" not in placeholders:
             errors.append(
                 origin.error(
@@ -777,7 +793,9 @@ def _resolve_one(
                 weight.norm_offset,
                 weight.hf_stacked_experts,
                 tuple(weight.hf_copies),
-                origin.loaded.location_of(origin.path),
+                location=origin.loaded.location_of(origin.path),
+                hf_layout=weight.hf_layout,
+                gate_up=weight.gate_up,
             )
         )
     for weight, hf_name, other, same_condition in _double_mappings(weights):
