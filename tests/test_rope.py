@@ -32,6 +32,13 @@ CASES: dict[str, tuple[dict[str, Any], int, int]] = {
     ),
     "yarn": ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}, 64, 48),
     "dynamic": ({"rope_type": "dynamic", "factor": 2.0}, 16, 48),  # grows past 16 positions
+    # transformers' dynamic NTK scales from max_position_embeddings and ignores this key
+    # (modeling_rope_utils.py _compute_dynamic_ntk_parameters reads config.max_position_embeddings)
+    "dynamic-original-ignored": (
+        {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 8},
+        16,
+        48,
+    ),
 }
 
 

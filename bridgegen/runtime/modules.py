@@ -308,7 +308,7 @@ def use_hf_rope(model: torch.nn.Module, rope: Any, base: float, max_positions: i
         )
     elif rope.rope_type == "dynamic":
         factor = float(rope.param("factor"))
-        original = int(rope.param("original_max_position_embeddings", max_positions))
+        original = max_positions  # transformers' dynamic NTK reads max_position_embeddings only
 
         def hook(module: torch.nn.Module, args: Any) -> None:
             seq_len = max(int(args[0]), original)
