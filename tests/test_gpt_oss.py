@@ -259,3 +259,18 @@ def test_mxfp4_experts_are_dequantized_on_import(
     bridge.export_hf(from_mxfp4, tmp_path / "out")
     assert_bit_exact(tmp_path / "plain", tmp_path / "out")
     assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+
+
+def test_biased_experts_need_expert_tensor_parallel_1() -> None:
+    """megatron-core asserts ETP == 1 for experts with biases (transformer_config.py, "Bias in Moe
+    is only supported when ETP==1"); ETP defaults to the TP size, so TP=2 alone is refused with
+    the option that fixes it."""
+    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.runtime.errors import ConfigError
+
+    bridge = ModelBridge.from_hf_config(GptOssBridge.example_hf_config())
+    with pytest.raises(
+        ConfigError, match=r"^gpt_oss: .* expert tensor parallel size 1, not 2 .*: pass --etp 1$"
+    ):
+        bridge.transformer_config(torch.float32, tensor_parallel_size=2)
+    assert bridge.transformer_config(torch.float32, tensor_parallel_size=2, expert_tensor_parallel_size=1)

@@ -97,6 +97,12 @@ def transformer_config(
             # as Megatron-LM (--moe-layer-freq 1) and Megatron-Bridge save them.
             kwargs["moe_layer_freq"] = 1
     kwargs.update(overrides)
+    expert_tp = kwargs.get("expert_tensor_parallel_size") or kwargs.get("tensor_model_parallel_size") or 1
+    if kwargs.get("num_moe_experts") and kwargs.get("add_bias_linear") and expert_tp > 1:
+        raise ConfigError(
+            f"{config.family}: megatron-core builds experts with biases only at expert tensor "
+            f"parallel size 1, not {expert_tp} (it defaults to the TP size): pass --etp 1"
+        )
     try:
         built = cls(**kwargs)
     except (AssertionError, ValueError, TypeError) as exc:
