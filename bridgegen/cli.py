@@ -7,9 +7,13 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bridgegen.spec.errors import FolderError, SpecErrors
 from bridgegen.spec.render import GENERATED_PACKAGE_DIR, FormatterError
+
+if TYPE_CHECKING:
+    from bridgegen.spec.resolve import ResolvedSpec
 
 DESCRIPTION = """\
 bridgegen moves models between Hugging Face checkpoints and Megatron-Core.
@@ -99,15 +103,14 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if model_errors:
         raise SpecErrors(model_errors)
     print("specs valid; generated code up to date")
-    return _check_field_coverage(root)
+    return _check_field_coverage(specs)
 
 
-def _check_field_coverage(root: Path) -> int:
+def _check_field_coverage(specs: list[ResolvedSpec]) -> int:
     """Every field of transformers' config classes is accounted for by the specs."""
     from bridgegen.spec.coverage import field_coverage
-    from bridgegen.spec.generate import load_specs
 
-    problems, notes = field_coverage(load_specs(root))
+    problems, notes = field_coverage(specs)
     for note in notes:
         print(f"note: {note}")
     for problem in problems:

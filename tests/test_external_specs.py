@@ -92,6 +92,9 @@ def test_generate_writes_a_package_that_imports_only_the_public_runtime(
     # check: up to date, then a hand edit is a diff and a non-zero exit.
     capsys.readouterr()
     assert _generate(specs, out, "check") == 0
+    checked = capsys.readouterr().out  # the field coverage runs on these specs, not this project's
+    assert "note: specs/acme.yaml:" in checked and "model type 'acme' not checked" in checked
+    assert checked.endswith("every HF config field accounted for\n")
     (out / "acme.py").write_text(module.replace('family = "acme"', 'family = "acme2"'), encoding="utf-8")
     assert _generate(specs, out, "check") == 1
     printed = capsys.readouterr()
