@@ -81,15 +81,6 @@ def test_tiny_model_has_the_gpt_oss_storage(gpt_oss: dict[str, Any]) -> None:
     assert saved["layer_types"] == ["sliding_attention", "full_attention"] * 2
 
 
-def test_logits_match_hf(gpt_oss: dict[str, Any]) -> None:
-    from bridgegen.runtime.verify import compare
-
-    parity = compare(gpt_oss["reference"], megatron_logits_of(gpt_oss["folder"]))
-    print(f"gpt_oss fp32: {parity}")
-    assert parity.max_abs_diff <= LOGIT_ATOL
-    assert parity.argmax_agreement == 1.0
-
-
 def test_yarn_truncation_is_honoured(tmp_path: Path) -> None:
     """The same weights with ``truncate: true`` give other HF logits, and the bridge follows."""
     from bridgegen.runtime.verify import compare

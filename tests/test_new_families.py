@@ -1,9 +1,9 @@
 """Mixtral, Qwen2-MoE and StarCoder2, each built from its bridge's ``example_config``.
 
-For every family: fp32 logits of the Megatron model match transformers' within LOGIT_ATOL
-(max |diff| over all logits, argmax equal everywhere); HF -> Megatron checkpoint -> HF through
-the CLI (``bridgegen import`` / ``bridgegen export``) gives back every tensor bit for bit; the
-exported config.json equals the source's and loads in transformers to the same logits.
+What tests/test_families.py does not: fp32 logits of variants of each example (VARIANTS, within
+LOGIT_ATOL: max |diff| over all logits, argmax equal everywhere); HF -> Megatron checkpoint -> HF
+through the CLI (``bridgegen import`` / ``bridgegen export``) keeps every MoE switch in the
+Megatron-LM arguments, and the exported config.json equals the source's as transformers reads it.
 The example configs make each feature count: Mixtral and StarCoder2 windows shorter than the
 test sequence, Qwen2-MoE's dense layer among MoE layers and its shared-expert gate,
 StarCoder2's biases (random, non-zero, as every other parameter here); VARIANTS check the
@@ -99,11 +99,6 @@ def saved(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     }
 
 
-def test_checkpoint_is_served_by_the_family(saved: dict[str, Any]) -> None:
-    config = json.loads((saved["folder"] / "config.json").read_text())
-    assert bridge_for_config(config).family == saved["family"]
-
-
 def fp32_parity(folder: Path, reference: torch.Tensor, ids: torch.Tensor) -> Any:
     from bridgegen.runtime.convert import ModelBridge
     from bridgegen.runtime.verify import compare, megatron_logits
@@ -112,13 +107,6 @@ def fp32_parity(folder: Path, reference: torch.Tensor, ids: torch.Tensor) -> Any
     model = bridge.build_model(torch.float32)
     bridge.load_hf_weights(model)
     return compare(reference, megatron_logits(model, ids, bridge.config.vocab_size))
-
-
-def test_fp32_logits_match_transformers(saved: dict[str, Any]) -> None:
-    parity = fp32_parity(saved["folder"], saved["reference"], saved["ids"])
-    print(f"{saved['family']} fp32: {parity}")
-    assert parity.max_abs_diff <= LOGIT_ATOL
-    assert parity.argmax_agreement == 1.0
 
 
 # The other side of each option the example configs set.
