@@ -126,10 +126,12 @@ def _plain_q_projection() -> Any:
     return _PLAIN_Q["class"]
 
 
-class ZeroCenteredRMSNorm(torch.nn.Module):
-    """RMSNorm whose weight ``w`` scales by ``1 + w`` (megatron-core's zero-centred gamma),
-    computed in fp32 like Gemma's, for the plain spec (whose torch norm refuses the option).
-    Holding ``w`` as HF stores it keeps checkpoints bit-exact in every dtype."""
+class PlainRMSNorm(torch.nn.Module):
+    """RMSNorm scaling by ``offset + w``, computed in fp32 and scaled before the cast back, as
+    Gemma's and OLMo 2's are. Holding ``w`` as HF stores it keeps checkpoints bit-exact in every
+    dtype."""
+
+    offset = 0.0
 
     def __init__(self, config: Any, hidden_size: int, eps: float = 1e-6, **unused: Any) -> None:
         super().__init__()
@@ -138,7 +140,14 @@ class ZeroCenteredRMSNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * (1.0 + self.weight.float())).type_as(x)
+        return (normed * (self.offset + self.weight.float())).type_as(x)
+
+
+class ZeroCenteredRMSNorm(PlainRMSNorm):
+    """RMSNorm whose weight ``w`` scales by ``1 + w`` (megatron-core's zero-centred gamma), for
+    the plain spec (whose torch norm refuses the option)."""
+
+    offset = 1.0
 
 
 def use_zero_centered_norms(block_spec: Any) -> None:
@@ -230,19 +239,6 @@ def _normed_output(norm: torch.nn.Module) -> Any:
         return norm(hidden), None
 
     return hook
-
-
-class PlainRMSNorm(torch.nn.Module):
-    """RMSNorm scaling by ``w``, computed in fp32 and scaled before the cast back, as OLMo 2's."""
-
-    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-6, **unused: Any) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = torch.nn.Parameter(torch.empty(hidden_size, dtype=config.params_dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * normed).to(x.dtype)
 
 
 def add_post_layer_norms(model: torch.nn.Module) -> None:
