@@ -216,29 +216,39 @@ def use_softcapped_attention(block_spec: Any, cap: float) -> None:
             submodules.core_attention = attention_class
 
 
-def _capped_output(cap: float) -> Any:
-    def hook(module: torch.nn.Module, inputs: Any, output: Any) -> Any:
-        logits, bias = output
-        return torch.tanh(logits / cap) * cap, bias
+def _changed_output(change: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """A forward hook on a megatron-core layer returning ``(output, bias)``: ``change`` of the
+    output with its bias added (None: the output layer's and many a linear layer's)."""
 
-    return hook
-
-
-def softcap_final_logits(model: torch.nn.Module, cap: float) -> None:
-    """Gemma 2's final-logit softcapping on the output layer."""
-    output_layer = getattr(model, "output_layer", None)
-    if output_layer is not None:
-        output_layer.register_forward_hook(_capped_output(cap))
-
-
-def _normed_output(norm: torch.nn.Module) -> Any:
     def hook(module: torch.nn.Module, inputs: Any, output: Any) -> Any:
         hidden, bias = output
         if bias is not None:
             hidden = hidden + bias
-        return norm(hidden), None
+        return change(hidden), None
 
     return hook
+
+
+def _change_logits(model: torch.nn.Module, change: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    output_layer = getattr(model, "output_layer", None)
+    if output_layer is not None:
+        output_layer.register_forward_hook(_changed_output(change))
+
+
+def _change_sublayer_outputs(
+    layer: Any,
+    attention: Callable[[torch.Tensor], torch.Tensor],
+    mlp: Callable[[torch.Tensor], torch.Tensor],
+) -> None:
+    """``attention`` / ``mlp`` applied to a decoder layer's attention / MLP output, before the
+    residual add."""
+    layer.self_attention.register_forward_hook(_changed_output(attention))
+    layer.mlp.register_forward_hook(_changed_output(mlp))
+
+
+def softcap_final_logits(model: torch.nn.Module, cap: float) -> None:
+    """Gemma 2's final-logit softcapping on the output layer."""
+    _change_logits(model, lambda logits: torch.tanh(logits / cap) * cap)
 
 
 def add_post_layer_norms(model: torch.nn.Module) -> None:
@@ -251,8 +261,7 @@ def add_post_layer_norms(model: torch.nn.Module) -> None:
         norm = ZeroCenteredRMSNorm if config.layernorm_zero_centered_gamma else PlainRMSNorm
         layer.post_self_attn_layernorm = norm(config, config.hidden_size, config.layernorm_epsilon)
         layer.post_mlp_layernorm = norm(config, config.hidden_size, config.layernorm_epsilon)
-        layer.self_attention.register_forward_hook(_normed_output(layer.post_self_attn_layernorm))
-        layer.mlp.register_forward_hook(_normed_output(layer.post_mlp_layernorm))
+        _change_sublayer_outputs(layer, layer.post_self_attn_layernorm, layer.post_mlp_layernorm)
 
 
 def use_local_rope_base(model: torch.nn.Module, local_base: float) -> None:
@@ -315,38 +324,20 @@ def use_hf_rope(model: torch.nn.Module, rope: Any, base: float, max_positions: i
         rotary.register_forward_pre_hook(hook)
 
 
-def _multiplied_output(multiplier: float) -> Any:
-    def hook(module: torch.nn.Module, inputs: Any, output: Any) -> Any:
-        hidden, bias = output
-        if bias is not None:
-            hidden = hidden + bias
-        return hidden * multiplier, None
-
-    return hook
-
-
 def multiply_residual_branches(model: torch.nn.Module, multiplier: float) -> None:
     """Granite: the attention and MLP outputs (biases included) times ``multiplier`` before
     each residual add."""
-    decoder = getattr(model, "decoder", None)
-    for layer in getattr(decoder, "layers", []):
-        layer.self_attention.register_forward_hook(_multiplied_output(multiplier))
-        layer.mlp.register_forward_hook(_multiplied_output(multiplier))
 
+    def scaled(hidden: torch.Tensor) -> torch.Tensor:
+        return hidden * multiplier
 
-def _divided_output(divisor: float) -> Any:
-    def hook(module: torch.nn.Module, inputs: Any, output: Any) -> Any:
-        logits, bias = output
-        return logits / divisor, bias
-
-    return hook
+    for layer in getattr(getattr(model, "decoder", None), "layers", []):
+        _change_sublayer_outputs(layer, scaled, scaled)
 
 
 def divide_logits(model: torch.nn.Module, divisor: float) -> None:
     """Granite: the logits divided by ``divisor`` (its ``logits_scaling``)."""
-    output_layer = getattr(model, "output_layer", None)
-    if output_layer is not None:
-        output_layer.register_forward_hook(_divided_output(divisor))
+    _change_logits(model, lambda logits: logits / divisor)
 
 
 def remove_pre_norms(block_spec: Any) -> None:
