@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,50 +49,61 @@ def _external_folders(args: argparse.Namespace) -> tuple[Path, Path] | None:
     return Path(args.specs), Path(args.out)
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from bridgegen.spec.generate import render_external_specs, render_project, write
+@dataclass(frozen=True)
+class _Rendered:
+    """The specs a generate / check run is about, and the files they render to."""
 
-    external = _external_folders(args)
-    if external is None:
-        root = _project_root(args.root)
-        written, deleted = write(root, render_project(root))
-    else:
-        specs_dir, root = external
-        written, deleted = write(root, render_external_specs(specs_dir, root), generated_dir=".")
-        written, deleted = [str(root / p) for p in written], [str(root / p) for p in deleted]
-    for path in written:
-        print(f"wrote {path}")
-    for path in deleted:
-        print(f"deleted orphan {path}")
-    if not written and not deleted:
-        print("generated code is up to date")
-    return 0
+    root: Path  # the files' paths are relative to it
+    specs: list[ResolvedSpec]
+    files: dict[str, str]
+    generated_dir: str  # where bridges go, relative to root
+    external: bool  # --specs / --out, not this project
 
 
-def _cmd_check(args: argparse.Namespace) -> int:
-    from bridgegen.spec.generate import check, load_external_specs, load_specs, spec_schema
+def _rendered(args: argparse.Namespace) -> _Rendered:
+    from bridgegen.spec.generate import load_external_specs, load_specs, spec_schema
     from bridgegen.spec.render import render_all, render_external
 
     external = _external_folders(args)
     if external is None:
         root = _project_root(args.root)
         specs = load_specs(root)
-        files = render_all(specs, spec_schema())
-        result = check(root, files)
-        generated_dir = GENERATED_PACKAGE_DIR
-    else:
-        specs_dir, root = external
-        specs = load_external_specs(specs_dir, root)
-        files = render_external(specs, root.resolve().name)
-        generated_dir = "."
-        result = check(root, files, generated_dir=generated_dir)
+        return _Rendered(root, specs, render_all(specs, spec_schema()), GENERATED_PACKAGE_DIR, False)
+    specs_dir, root = external
+    specs = load_external_specs(specs_dir, root)
+    return _Rendered(root, specs, render_external(specs, root.resolve().name), ".", True)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from bridgegen.spec.generate import write
+
+    rendered = _rendered(args)
+    written, deleted = write(rendered.root, rendered.files, generated_dir=rendered.generated_dir)
+
+    def shown(path: str) -> str:  # an external folder's files under the folder as given
+        return str(rendered.root / path) if rendered.external else path
+
+    for path in written:
+        print(f"wrote {shown(path)}")
+    for path in deleted:
+        print(f"deleted orphan {shown(path)}")
+    if not written and not deleted:
+        print("generated code is up to date")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from bridgegen.spec.generate import check
+
+    rendered = _rendered(args)
+    result = check(rendered.root, rendered.files, generated_dir=rendered.generated_dir)
     for diff in result.diffs:
         sys.stdout.write(diff if diff.endswith("\n") else diff + "\n")
     for orphan in result.orphans:
         print(f"{orphan}: orphan generated file (no spec produces it)")
     if not result.ok:
         again = (
-            "`make generate`" if external is None else "`bridgegen generate` with the same --specs / --out"
+            "`bridgegen generate` with the same --specs / --out" if rendered.external else "`make generate`"
         )
         print(f"generated code is stale: run {again} and commit the result", file=sys.stderr)
         return 1
@@ -99,11 +111,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from bridgegen.spec.model_check import example_models_errors
 
     quiet_third_party()
-    model_errors = example_models_errors(specs, files, generated_dir)
+    model_errors = example_models_errors(rendered.specs, rendered.files, rendered.generated_dir)
     if model_errors:
         raise SpecErrors(model_errors)
     print("specs valid; generated code up to date")
-    return _check_field_coverage(specs)
+    return _check_field_coverage(rendered.specs)
 
 
 def _check_field_coverage(specs: list[ResolvedSpec]) -> int:

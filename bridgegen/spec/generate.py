@@ -13,7 +13,7 @@ from typing import Any
 from bridgegen.spec.errors import FolderError, Location, SpecError, SpecErrors
 from bridgegen.spec.loader import LoadedSpec, load_spec_file
 from bridgegen.spec.models import SpecFile
-from bridgegen.spec.render import GENERATED_PACKAGE_DIR, SCHEMA_PATH, render_all, render_external
+from bridgegen.spec.render import GENERATED_PACKAGE_DIR, SCHEMA_PATH, render_all
 from bridgegen.spec.resolve import ResolvedSpec, resolve_all
 
 
@@ -135,11 +135,6 @@ def load_external_specs(specs_dir: Path, out_dir: Path) -> list[ResolvedSpec]:
     return [spec for spec in resolved if spec.source in local_sources]
 
 
-def render_external_specs(specs_dir: Path, out_dir: Path) -> dict[str, str]:
-    """What ``bridgegen generate --specs specs_dir --out out_dir`` writes, keyed by file name."""
-    return render_external(load_external_specs(specs_dir, out_dir), out_dir.resolve().name)
-
-
 def _existing_generated(root: Path, generated_dir: str) -> set[str]:
     folder = root / generated_dir
     return {p.relative_to(root).as_posix() for p in folder.glob("*.py")} if folder.is_dir() else set()
@@ -214,7 +209,6 @@ __all__ = [
     "check",
     "load_external_specs",
     "load_specs",
-    "render_external_specs",
     "render_project",
     "spec_schema",
     "write",
