@@ -15,7 +15,7 @@ from typing import Any
 import jinja2
 
 from bridgegen.runtime.weight_rules import GateUp, HFLayout
-from bridgegen.spec.resolve import ResolvedSpec, ResolvedWeight
+from bridgegen.spec.resolve import ResolvedSpec, ResolvedWeight, mapped_hf_fields
 
 # The formatter is part of the output's definition: another ruff could format differently.
 RUFF_VERSION = "0.17.6"
@@ -65,10 +65,9 @@ def _environment() -> jinja2.Environment:
 
 def hf_fields_of(spec: ResolvedSpec) -> tuple[str, ...]:
     """Every HF field the spec maps (read on import or written on export)."""
-    names = {field.hf_name for field in spec.hf_inputs} | {value.target for value in spec.hf_values}
-    names |= {spec.activation_field, "rope_scaling", "rope_parameters", "architectures", "model_type"}
-    names |= {alias for _, aliases in spec.hf_aliases for alias in aliases}
-    return tuple(sorted(names))
+    return tuple(
+        sorted(mapped_hf_fields(spec.hf_inputs, spec.hf_values, spec.activation_field, spec.hf_aliases))
+    )
 
 
 class FormatterError(RuntimeError):

@@ -123,6 +123,22 @@ class ResolvedSpec:
     example_config_location: Location | None = None
 
 
+# HF fields every bridge reads besides its spec's entries: the RoPE block and the model's identity.
+ALWAYS_READ_HF_FIELDS = frozenset({"rope_scaling", "rope_parameters", "architectures", "model_type"})
+
+
+def mapped_hf_fields(
+    hf_inputs: Iterable[HFInput],
+    hf_values: Iterable[Assignment],
+    activation_field: str,
+    hf_aliases: Iterable[tuple[str, Iterable[str]]],
+) -> frozenset[str]:
+    """Every HF field a bridge maps (read on import or written on export)."""
+    names = {field.hf_name for field in hf_inputs} | {value.target for value in hf_values}
+    names |= {alias for _, aliases in hf_aliases for alias in aliases}
+    return frozenset(names | {activation_field} | ALWAYS_READ_HF_FIELDS)
+
+
 def placeholders_of(template: str) -> frozenset[str]:
     return frozenset(PLACEHOLDER.findall(template))
 
@@ -494,7 +510,7 @@ def _line_of(loaded: LoadedSpec, path: FieldPath) -> str:
 
 
 def _unread_fields(
-    merged: _Merged, loaded: LoadedSpec, read: set[str]
+    merged: _Merged, loaded: LoadedSpec, read: frozenset[str]
 ) -> tuple[tuple[tuple[str, tuple[Any, ...], str], ...], tuple[str, ...], list[SpecError]]:
     """The HF fields accounted for without being read: (hf_neutral entries, hf_behaviour_free
     names, errors). A field the bridge reads needs neither; an inherited entry for it goes (the
@@ -556,7 +572,7 @@ def _resolve_one(
     for name, origin in sorted(merged.extra_fields.items()):
         if name in config_fields()[model] | MODEL_FIELDS:
             errors.append(origin.error(f"{name!r} is a megatron-core field; it needs no extra_fields entry"))
-        elif name in module_fields and name not in config_fields()[model] | MODEL_FIELDS:
+        elif name in module_fields:
             errors.append(
                 origin.error(
                     f"{name!r} is read by runtime module {module_fields[name]!r}; it needs no extra_fields entry"
@@ -695,10 +711,9 @@ def _resolve_one(
         hf_values.append(Assignment(hf_name, repr(value)))
     hf_values.sort(key=lambda a: a.target)
 
+    aliases = [(name, names) for name, (names, _) in merged.hf_aliases.items()]
     hf_neutral, hf_behaviour_free, unread_errors = _unread_fields(
-        merged,
-        loaded,
-        {f.hf_name for f in hf_inputs} | {v.target for v in hf_values} | {merged.activation_field or ""},
+        merged, loaded, mapped_hf_fields(hf_inputs, hf_values, merged.activation_field or "", aliases)
     )
     errors += unread_errors
 
