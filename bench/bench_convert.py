@@ -243,7 +243,17 @@ def stream_export_on_rank(megatron_dir: Path, out: Path) -> tuple[float, float]:
 
 
 def end_to_end(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
-    """One whole conversion, as the CLI runs it (torch and megatron-core already imported)."""
+    """One whole conversion, as the CLI runs it (torch and megatron-core already imported); in
+    one process, transformers' config check runs beside the conversion, as there."""
+    from bridgegen.runtime.config import config_checks_alongside
+
+    if name.endswith("-w2"):
+        return _end_to_end(name, checkpoint, scratch)
+    with config_checks_alongside():
+        return _end_to_end(name, checkpoint, scratch)
+
+
+def _end_to_end(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
     import megatron.core.models.gpt.gpt_model  # noqa: F401 - imported before the timer
     import torch
 

@@ -687,8 +687,8 @@ def test_an_error_after_the_progress_bar_started_is_the_last_thing_shown(
     import bridgegen.runtime.stream as stream
     from bridgegen.runtime.errors import WeightError
 
-    failing = FailingOnCall(stream.fill_parameter, 4, WeightError("injected: the fourth tensor is unreadable"))
-    monkeypatch.setattr(stream, "fill_parameter", failing)
+    failing = FailingOnCall(stream.source_rows, 4, WeightError("injected: the fourth tensor is unreadable"))
+    monkeypatch.setattr(stream, "source_rows", failing)
     out = tmp_path / "out"
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:

@@ -340,8 +340,8 @@ def test_a_failure_while_making_a_tensor_ahead_leaves_nothing(
     import bridgegen.runtime.stream as stream
 
     hf = dense("llama")(tmp_path / "hf")
-    failing = FailingOnCall(stream.fill_parameter, 5, RuntimeError("injected: the fifth tensor cannot be made"))
-    monkeypatch.setattr(stream, "fill_parameter", failing)
+    failing = FailingOnCall(stream.source_rows, 5, RuntimeError("injected: the fifth tensor cannot be made"))
+    monkeypatch.setattr(stream, "source_rows", failing)
     out = tmp_path / "megatron"
     with pytest.raises(RuntimeError, match="the fifth tensor cannot be made"):
         stream_import(ModelBridge.from_hf_dir(hf), hf, out, dtype=torch.float32)

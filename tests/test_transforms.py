@@ -486,3 +486,57 @@ def test_contiguous_runs_of_a_column_slice() -> None:
     assert list(contiguous_runs(base[1:3])) == [(6, 12)]
     grouped = torch.empty(2, 3, 4, device="meta").view(2, 3, 4)[1:]
     assert list(contiguous_runs(grouped)) == [(12, 12)]
+
+
+# ---------------------------------------------------------------- verbatim rows: written without a copy
+
+VERBATIM_CASES = {**WRITE_CASES, WeightKind.replicated: [(HIDDEN,)]}
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["exact_vocab", "padded_vocab"])
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("kind", sorted(VERBATIM_CASES, key=lambda k: k.value))
+def test_verbatim_rows_are_what_load_shard_fills(kind: WeightKind, tp: int, padded: bool) -> None:
+    """Where ``verbatim_rows`` offers the sources' rows as they are, they are exactly the shard
+    ``load_shard`` makes (so a writer may take them instead); where the transform computes or
+    rearranges it offers nothing. Which kinds are offered is pinned too: a change there changes
+    what the streaming import copies."""
+    from bridgegen.runtime.transforms import verbatim_rows
+
+    shapes = VERBATIM_CASES[kind]
+    sources = [_rand(*shape, seed=i) for i, shape in enumerate(shapes)]
+    vocab_rows = PADDED if padded else VOCAB
+    rank = tp - 1
+    layout = Layout(HEADS, GROUPS, DIM, VOCAB, tp_rank=rank, tp_size=tp)
+    if kind is WeightKind.vocab:
+        dest_shape: tuple[int, ...] = (vocab_rows // tp, HIDDEN)
+    elif kind is WeightKind.row:
+        dest_shape = (HIDDEN, 8 // tp)
+    elif kind is WeightKind.replicated:
+        dest_shape = (HIDDEN,)
+    elif kind in (WeightKind.qkv, WeightKind.fused_qkv):
+        dest_shape = ((HEADS + 2 * GROUPS) * DIM // tp, HIDDEN)
+    else:
+        dest_shape = (sum(s[0] for s in shapes) // tp, HIDDEN)
+    rows = verbatim_rows(kind, dest_shape, sources, layout)
+    whole_rows = {WeightKind.replicated, WeightKind.column, WeightKind.gate_up, WeightKind.fused_gate_up}
+    expected_offered = (
+        kind in whole_rows
+        or (kind is WeightKind.row and tp == 1)
+        or (kind is WeightKind.vocab and not padded)
+    )
+    assert (rows is not None) == expected_offered
+    if rows is not None:
+        memory = {source.untyped_storage().data_ptr() for source in sources}
+        assert all(block.untyped_storage().data_ptr() in memory for block in rows)  # views, not copies
+        assert torch.equal(torch.cat(rows), _load(kind, dest_shape, sources, layout))
+
+
+def test_verbatim_rows_refuse_a_norm_offset_and_interleaved_gate_up() -> None:
+    from bridgegen.runtime.transforms import verbatim_rows
+    from bridgegen.runtime.weight_rules import GateUp
+
+    norm = [_rand(HIDDEN, seed=0)]
+    assert verbatim_rows(WeightKind.replicated, (HIDDEN,), norm, _layout(), norm_offset=1.0) is None
+    fused = [_rand(16, HIDDEN, seed=0)]
+    assert verbatim_rows(WeightKind.fused_gate_up, (16, HIDDEN), fused, _layout(), gate_up=GateUp.interleaved) is None

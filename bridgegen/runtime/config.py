@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,7 +72,90 @@ def normalize_hf_config(data: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _ChecksAlongside:
+    """Config checks running in a thread beside the work that follows them (see
+    ``config_checks_alongside``)."""
+
+    def __init__(self) -> None:
+        self.threads: list[threading.Thread] = []
+        self.errors: list[BaseException] = []
+
+    def start(self, data: Mapping[str, Any], source: str) -> None:
+        data = copy.deepcopy(dict(data))  # the caller may go on to change its dict
+
+        def run() -> None:
+            try:
+                _check_with_transformers(data, source)
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                self.errors.append(exc)
+
+        thread = threading.Thread(target=run, name="bridgegen-config-check", daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def raise_if_failed(self) -> None:
+        if self.errors:
+            raise self.errors[0]
+
+    def wait(self) -> None:
+        for thread in self.threads:
+            thread.join()
+        self.raise_if_failed()
+
+
+_alongside: _ChecksAlongside | None = None
+
+
+@contextmanager
+def config_checks_alongside() -> Iterator[None]:
+    """Within the block, ``check_with_transformers`` starts its check in a thread and returns:
+    importing transformers' config classes alone takes about a second, which then overlaps
+    the conversion's reading and writing. ``publish_folder`` waits for every check before
+    anything appears (``wait_for_config_checks``), the conversion stops at the next tensor once
+    one has failed (``raise_if_a_config_check_failed``), and an error raised in the block while
+    a config was wrong is replaced by the config's error, the cause. One process only: ranks
+    check in line."""
+    global _alongside
+    outer, _alongside = _alongside, _ChecksAlongside()
+    checks = _alongside
+    try:
+        yield
+        checks.wait()
+    except Exception:
+        try:
+            checks.wait()
+        except ConfigError as problem:
+            raise problem from None  # the config's error is the cause
+        raise
+    finally:
+        _alongside = outer
+
+
+def wait_for_config_checks() -> None:
+    """Raise the error of a config check running alongside (if one fails); returns once all
+    have passed. Nothing is published before."""
+    if _alongside is not None:
+        _alongside.wait()
+
+
+def raise_if_a_config_check_failed() -> None:
+    """Raise the error of a config check running alongside that has already failed: cheap,
+    called once per tensor so a wrong config stops a long conversion early."""
+    if _alongside is not None:
+        _alongside.raise_if_failed()
+
+
 def check_with_transformers(data: Mapping[str, Any], source: str) -> None:
+    """Refuse a config whose values transformers' own config class for its ``model_type``
+    refuses (see ``_check_with_transformers``); within ``config_checks_alongside`` the check
+    runs in a thread beside what follows."""
+    if _alongside is not None:
+        _alongside.start(data, source)
+    else:
+        _check_with_transformers(data, source)
+
+
+def _check_with_transformers(data: Mapping[str, Any], source: str) -> None:
     """Refuse a config whose values transformers' own config class for its ``model_type``
     refuses: a field of the wrong type (``tie_word_embeddings: "false"``, ``rms_norm_eps:
     "1e-6"``, ``hidden_size: 64.0``), a value out of its range, an incomplete RoPE block.

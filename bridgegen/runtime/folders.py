@@ -14,6 +14,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from bridgegen.runtime.config import wait_for_config_checks
 from bridgegen.runtime.errors import BridgeWarning, WeightError
 
 TEMP_MARK = ".tmp-"
@@ -126,7 +127,9 @@ def publish_folder(tmp: Path, target: Path) -> None:
     """Make the finished folder ``tmp`` the folder ``target``: its files and folders are first
     flushed to disk, so a crash right after cannot leave a complete-looking folder of truncated
     files; an existing ``target`` is moved aside and removed only once ``tmp`` is in its place
-    (put back if that rename fails), so no moment leaves neither."""
+    (put back if that rename fails), so no moment leaves neither. A check of the input still
+    running beside the conversion is waited for first."""
+    wait_for_config_checks()
     for root, _, files in os.walk(tmp):
         for name in files:
             _fsync(Path(root) / name)

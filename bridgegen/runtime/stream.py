@@ -11,6 +11,7 @@ with the common state and ``metadata.json`` written by megatron-core as for any 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+from bridgegen.runtime.config import raise_if_a_config_check_failed
 from bridgegen.runtime.convert import ModelBridge
 from bridgegen.runtime.errors import WeightError
 from bridgegen.runtime.fp8 import block_size
@@ -26,7 +28,15 @@ from bridgegen.runtime.megatron_checkpoint import first_error_of_torch_checkpoin
 from bridgegen.runtime.plan import plan_tensors
 from bridgegen.runtime.progress import progress_bar
 from bridgegen.runtime.safetensors_io import Checkpoint
-from bridgegen.runtime.weights import LoadStats, check_sources, fill_parameter, model_tensors
+from bridgegen.runtime.weights import (
+    LoadStats,
+    check_sources,
+    fill_parameter,
+    model_tensors,
+    read_source_rows,
+    release_sources,
+    source_rows,
+)
 
 
 def return_freed_buffers_to_the_system() -> None:
@@ -72,6 +82,22 @@ class Piece:
         view = value.as_strided(self.shape, self.stride, value.storage_offset() + self.storage_offset)
         return view.reshape(self.region)
 
+    def of_rows(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        """This piece of a parameter held as consecutive blocks of whole rows (``source_rows``):
+        a view of the block it lies in when it is a run of whole rows, else a copy."""
+        row = math.prod(rows[0].shape[1:])
+        whole_rows = (
+            self.shape[1:] == tuple(rows[0].shape[1:])
+            and self.stride == torch.empty(self.shape, device="meta").stride()
+            and self.storage_offset % row == 0
+        )
+        first, start = self.storage_offset // row, 0
+        for block in rows:
+            if whole_rows and start <= first and first + self.shape[0] <= start + block.shape[0]:
+                return block[first - start : first - start + self.shape[0]].reshape(self.region)
+            start += block.shape[0]
+        return self.of(torch.cat(rows))
+
 
 def parameter_pieces(sharded_state_dict: Any, names: dict[int, str]) -> list[Piece]:
     """Every ShardedTensor of a (factories applied) sharded state dict of a model whose data
@@ -102,6 +128,11 @@ def parameter_pieces(sharded_state_dict: Any, names: dict[int, str]) -> list[Pie
     return pieces
 
 
+# A parameter's value: a tensor made from its sources, or (``source_rows``) blocks of whole
+# rows of the sources' memory-mapped bytes, written as they are.
+Value = torch.Tensor | list[torch.Tensor]
+
+
 class TensorProducer:
     """Makes the value of one Megatron parameter (single-process layout) from the HF files,
     keeping only the last one made (the writer asks for a parameter's pieces in a row)."""
@@ -120,8 +151,8 @@ class TensorProducer:
         params = list(model_tensors(model))
         self.plan = {entry.megatron_name: entry for entry in plan_tensors(self.weight_map, params)}
         self.names = {id(tensor): name for name, tensor in params}
-        self._last: tuple[str, torch.Tensor] | None = None
-        self._ahead: tuple[str, Future[torch.Tensor]] | None = None
+        self._last: tuple[str, Value] | None = None
+        self._ahead: tuple[str, Future[Value]] | None = None
         self._next: dict[str, str] = {}
         self._pool: ThreadPoolExecutor | None = None
         self.stats = LoadStats()
@@ -131,19 +162,20 @@ class TensorProducer:
         left unmapped, before any file is written (the model loader's own checks)."""
         check_sources(self.weight_map, list(self.plan.values()), self.checkpoint)
 
-    def parameter(self, name: str) -> torch.Tensor:
+    def parameter(self, name: str) -> Value:
         """The value of parameter ``name``; while the writer writes it, the next one in the
         writer's order (when not over ``READ_AHEAD_BYTES``) is made in a second thread, so
         reading the sources overlaps writing the files."""
         if self._last is not None and self._last[0] == name:
             return self._last[1]
-        self._last = None  # let the previous one go before making the next
+        self._let_go()  # the previous one goes before the next is made
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] == name:
             value = ahead[1].result()
         else:
-            if ahead is not None:
-                ahead[1].result()  # one parameter is made at a time
+            if ahead is not None:  # one parameter is made at a time
+                self._last = (ahead[0], ahead[1].result())
+                self._let_go()
             value = self._make(name)
         self._last = (name, value)
         following = self._next.get(name)
@@ -154,26 +186,47 @@ class TensorProducer:
 
     def read_ahead(self, order: list[tuple[str, tuple[int, ...]]]) -> None:
         """Make parameters ahead of the writer, which will ask for the items (key, offset) in
-        ``order``."""
+        ``order``, starting with the first."""
         names = [self.pieces[item].name for item in order if item in self.pieces]
         self._next = {a: b for a, b in zip(names, names[1:], strict=False) if a != b}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bridgegen-read-ahead")
+        if names:
+            self._ahead = (names[0], self._pool.submit(self._make, names[0]))
 
     def stop_reading_ahead(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
-        self._pool, self._ahead, self._last = None, None, None
+        self._let_go()
+        made = self._ahead[1] if self._ahead is not None else None
+        if made is not None and not made.cancelled() and made.exception() is None:
+            self._last = (self._ahead[0], made.result())  # type: ignore[index]
+            self._let_go()
+        self._pool, self._ahead = None, None
 
-    def _make(self, name: str) -> torch.Tensor:
+    def _let_go(self) -> None:
+        """Drop the value the writer is done with; a value still in the HF files' pages hands
+        them back (``fill_parameter`` did that for a value it made)."""
+        if self._last is not None and isinstance(self._last[1], list):
+            release_sources(self.plan[self._last[0]], self.checkpoint)
+        self._last = None
+
+    def _make(self, name: str) -> Value:
+        raise_if_a_config_check_failed()
         entry = self.plan[name]
-        target = torch.empty(entry.shape, dtype=entry.dtype)
         before = self.checkpoint.bytes_requested
-        fill_parameter(entry, target, self.checkpoint, self.fp8_block)
+        rows = source_rows(entry, self.checkpoint)
+        value: Value
+        if rows is not None:
+            read_source_rows(entry, rows, self.checkpoint)
+            value = rows
+        else:
+            value = torch.empty(entry.shape, dtype=entry.dtype)
+            fill_parameter(entry, value, self.checkpoint, self.fp8_block)
         self.stats.tensors += 1
         if self.progress is not None:
             self.progress(1)
         self.stats.bytes_requested += self.checkpoint.bytes_requested - before
-        return target
+        return value
 
     def register(self, sharded_state_dict: Any) -> None:
         """Note, for every checkpoint item (key, global offset), which parameter it is a piece
@@ -188,7 +241,9 @@ class TensorProducer:
             raise WeightError(
                 f"the checkpoint writer asked for {key!r} at {offset}, which no parameter holds"
             ) from None
-        return own_storage(piece.of(self.parameter(piece.name)).reshape(size))
+        value = self.parameter(piece.name)
+        part = piece.of(value) if isinstance(value, torch.Tensor) else piece.of_rows(value)
+        return own_storage(part.reshape(size))
 
 
 def own_storage(view: torch.Tensor) -> torch.Tensor:

@@ -132,6 +132,38 @@ def load_shard(
         dest.copy_(part)
 
 
+def verbatim_rows(
+    kind: WeightKind,
+    dest_shape: tuple[int, ...],
+    sources: list[torch.Tensor],
+    layout: Layout,
+    norm_offset: float = 0.0,
+    gate_up: GateUp = GateUp.stacked,
+) -> list[torch.Tensor] | None:
+    """The views of ``sources`` whose concatenation along dim 0 is what ``load_shard`` fills a
+    ``dest_shape`` shard with, when the transform only picks whole rows (a replicated or column
+    tensor, a row tensor at TP 1, a vocabulary shard without padding, stacked gate/up): such a
+    shard can be written straight from its sources' bytes. None when the transform computes or
+    rearranges (QKV, interleaved gate/up, a norm offset, padding, a row tensor's column slice).
+    Shapes are ``load_shard``'s to check."""
+    if norm_offset:
+        return None
+    if kind is WeightKind.fused_gate_up and gate_up is GateUp.stacked:
+        return verbatim_rows(WeightKind.gate_up, dest_shape, list(sources[0].chunk(2)), layout)
+    if kind is WeightKind.replicated or (kind is WeightKind.row and layout.tp_size == 1):
+        return [sources[0]]
+    if kind is WeightKind.column:
+        return [sources[0][_chunk(sources[0].shape[0], layout, "column")]]
+    if kind is WeightKind.vocab:
+        start = layout.tp_rank * dest_shape[0]
+        stop = min(start + dest_shape[0], layout.vocab_size)
+        return [sources[0][start:stop]] if stop - start == dest_shape[0] else None
+    if kind is WeightKind.gate_up:
+        rows = _chunk(sources[0].shape[0], layout, "gate_up")
+        return [sources[0][rows], sources[1][rows]]
+    return None
+
+
 def _owned_gate_rows(fused: torch.Tensor, layout: Layout, name: str) -> slice:
     """The gate (equally, up) rows this rank owns of a fused gate/up tensor."""
     if fused.dim() == 0 or fused.shape[0] % 2:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import torch
 
@@ -38,21 +39,28 @@ def checked_cast(value: torch.Tensor, dtype: torch.dtype, allow_lossy: bool, wha
     return cast
 
 
-def warn_if_not_finite(tensor: torch.Tensor, what: str) -> None:
-    """Warn (``BridgeWarning``), naming ``what``, if ``tensor`` holds NaN or infinite values:
-    they are converted as they are, but a user should know. One vectorised min/max pass (NaN
-    and +-inf show in it); the values are counted only when there is something to count."""
-    if tensor.is_meta or tensor.dtype not in CHECKED_DTYPES or tensor.numel() == 0:
-        return
-    low, high = torch.aminmax(tensor.detach())
-    if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
+def warn_if_not_finite(value: torch.Tensor | Sequence[torch.Tensor], what: str) -> None:
+    """Warn (``BridgeWarning``), naming ``what``, if ``value`` (a tensor, or the parts of one)
+    holds NaN or infinite values: they are converted as they are, but a user should know. One
+    vectorised min/max pass per part (NaN and +-inf show in it); the values are counted only
+    when there is something to count."""
+    parts = [value] if isinstance(value, torch.Tensor) else list(value)
+    checked = [p for p in parts if not p.is_meta and p.dtype in CHECKED_DTYPES and p.numel()]
+    if all(_finite(part) for part in checked):
         return
     nan = infinite = 0
-    for chunk in torch.split(tensor.detach().reshape(-1), COUNT_CHUNK):
-        nan += int(torch.isnan(chunk).sum())
-        infinite += int(torch.isinf(chunk).sum())
+    for part in checked:
+        for chunk in torch.split(part.detach().reshape(-1), COUNT_CHUNK):
+            nan += int(torch.isnan(chunk).sum())
+            infinite += int(torch.isinf(chunk).sum())
+    size = sum(part.numel() for part in parts)
     warnings.warn(
-        f"{what} holds {nan} NaN and {infinite} infinite value(s) of {tensor.numel()}; converted as they are",
+        f"{what} holds {nan} NaN and {infinite} infinite value(s) of {size}; converted as they are",
         BridgeWarning,
         stacklevel=2,
     )
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    low, high = torch.aminmax(tensor.detach())
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))

@@ -13,7 +13,7 @@ from bridgegen.runtime.fp8 import scale_name
 from bridgegen.runtime.mxfp4 import parts
 from bridgegen.runtime.plan import TensorPlan, WeightMap, plan_tensor, plan_tensors
 from bridgegen.runtime.safetensors_io import Checkpoint
-from bridgegen.runtime.transforms import load_shard, split_full
+from bridgegen.runtime.transforms import load_shard, split_full, verbatim_rows
 from bridgegen.runtime.values import checked_cast, warn_if_not_finite
 from bridgegen.runtime.weight_rules import GateUp, HFLayout
 
@@ -151,7 +151,38 @@ def fill_parameter(
     except WeightError as exc:
         raise WeightError(f"{checkpoint.folder}: {exc} ({_loading(entry)})") from None
     warn_if_not_finite(target, f"{checkpoint.folder}: Megatron {entry.megatron_name!r} (from {what})")
-    for hf_name in hf_names:
+    release_sources(entry, checkpoint)
+
+
+def source_rows(entry: TensorPlan, checkpoint: Checkpoint) -> list[torch.Tensor] | None:
+    """Planned tensor ``entry``'s value as blocks of whole rows of its HF tensors' memory-mapped
+    bytes (``transforms.verbatim_rows``), for a writer that takes them as they are: no copy is
+    made. None when the value must be made by ``fill_parameter``: a transform that computes, a
+    dtype to change, a quantized or transposed source."""
+    if not entry.shape or any(checkpoint.is_quantized(n) for n in entry.hf_names):
+        return None
+    sources = [entry.matched.select(checkpoint.view(n)) for n in entry.hf_names]
+    rule = entry.matched.rule
+    rows = verbatim_rows(entry.kind, entry.shape, sources, entry.layout, rule.norm_offset, rule.gate_up)
+    if rows is None or any(
+        block.dtype != entry.dtype or not block.is_contiguous() or tuple(block.shape[1:]) != entry.shape[1:]
+        for block in rows
+    ):
+        return None
+    return rows if sum(block.shape[0] for block in rows) == entry.shape[0] else None
+
+
+def read_source_rows(entry: TensorPlan, rows: list[torch.Tensor], checkpoint: Checkpoint) -> None:
+    """Read ``source_rows``' blocks from the files (their pages are then in memory for the
+    writer) with ``fill_parameter``'s accounting and NaN / Inf check."""
+    for block in rows:
+        checkpoint.count(block)
+    what = f"HF {', '.join(repr(n) for n in entry.hf_names)}"
+    warn_if_not_finite(rows, f"{checkpoint.folder}: Megatron {entry.megatron_name!r} (from {what})")
+
+
+def release_sources(entry: TensorPlan, checkpoint: Checkpoint) -> None:
+    for hf_name in entry.hf_names:
         checkpoint.release(hf_name)
 
 
