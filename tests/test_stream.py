@@ -358,7 +358,7 @@ def test_a_failure_while_reading_a_batch_ahead_leaves_nothing(
     leaves no HF folder and no temp folder, and no thread behind."""
     import torch.distributed.checkpoint.state_dict_loader as loader
 
-    from bridgegen.runtime.stream import stream_export
+    from bridgegen.runtime.stream import BATCHES_AHEAD, stream_export
 
     hf = dense("llama")(tmp_path / "hf")
     megatron = tmp_path / "megatron"
@@ -368,7 +368,8 @@ def test_a_failure_while_reading_a_batch_ahead_leaves_nothing(
     out = tmp_path / "exported"
     with pytest.raises(RuntimeError, match="the third batch cannot be read"):
         stream_export(megatron, out, batch_bytes=1)
-    assert failing.calls == 3
+    # Batches being read beside the third (BATCHES_AHEAD in flight) finish; none starts after.
+    assert 3 <= failing.calls <= 2 + BATCHES_AHEAD
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "megatron"]
     assert read_ahead_threads() == []

@@ -11,6 +11,7 @@ with the common state and ``metadata.json`` written by megatron-core as for any 
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 from collections.abc import Callable
@@ -60,7 +61,8 @@ def return_freed_buffers_to_the_system() -> None:
     mallopt(m_mmap_threshold, 1 << 20)
 
 
-# The most a parameter made ahead of the writer may hold (the one being written is held too).
+# The most the parameters made ahead of the writer may hold together (the one being written is
+# held too); a larger parameter is made when the writer asks for it.
 READ_AHEAD_BYTES = 512 * 2**20
 
 
@@ -152,7 +154,8 @@ class TensorProducer:
         self.plan = {entry.megatron_name: entry for entry in plan_tensors(self.weight_map, params)}
         self.names = {id(tensor): name for name, tensor in params}
         self._last: tuple[str, Value] | None = None
-        self._ahead: tuple[str, Future[Value]] | None = None
+        self._ahead: dict[str, Future[Value]] = {}  # in the writer's order
+        self._failure: BaseException | None = None
         self._next: dict[str, str] = {}
         self._pool: ThreadPoolExecutor | None = None
         self.stats = LoadStats()
@@ -163,26 +166,32 @@ class TensorProducer:
         check_sources(self.weight_map, list(self.plan.values()), self.checkpoint)
 
     def parameter(self, name: str) -> Value:
-        """The value of parameter ``name``; while the writer writes it, the next one in the
-        writer's order (when not over ``READ_AHEAD_BYTES``) is made in a second thread, so
-        reading the sources overlaps writing the files."""
+        """The value of parameter ``name``. While the writer writes it, the parameters after it
+        in the writer's order are made in a second thread, as many as ``READ_AHEAD_BYTES``
+        holds, so reading the sources overlaps writing the files."""
         if self._last is not None and self._last[0] == name:
             return self._last[1]
         self._let_go()  # the previous one goes before the next is made
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead[0] == name:
-            value = ahead[1].result()
-        else:
-            if ahead is not None:  # one parameter is made at a time
-                self._last = (ahead[0], ahead[1].result())
-                self._let_go()
+        made = self._ahead.pop(name, None)
+        if made is None:  # asked out of the planned order: what was made ahead is let go
+            self._drop_ahead()
             value = self._make(name)
+        else:
+            value = made.result()
         self._last = (name, value)
-        following = self._next.get(name)
-        if self._pool is not None and following is not None:
-            if self.plan[following].nbytes <= READ_AHEAD_BYTES:
-                self._ahead = (following, self._pool.submit(self._make, following))
+        self._make_ahead(name)
         return value
+
+    def _make_ahead(self, name: str) -> None:
+        if self._pool is None:
+            return
+        queued = sum(self.plan[n].nbytes for n in self._ahead)
+        following = next(reversed(self._ahead), name)
+        while (following := self._next.get(following)) is not None:  # type: ignore[assignment]
+            if following in self._ahead or queued + self.plan[following].nbytes > READ_AHEAD_BYTES:
+                break
+            self._ahead[following] = self._pool.submit(self._make, following)
+            queued += self.plan[following].nbytes
 
     def read_ahead(self, order: list[tuple[str, tuple[int, ...]]]) -> None:
         """Make parameters ahead of the writer, which will ask for the items (key, offset) in
@@ -191,17 +200,23 @@ class TensorProducer:
         self._next = {a: b for a, b in zip(names, names[1:], strict=False) if a != b}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bridgegen-read-ahead")
         if names:
-            self._ahead = (names[0], self._pool.submit(self._make, names[0]))
+            self._ahead[names[0]] = self._pool.submit(self._make, names[0])
+            self._make_ahead(names[0])
 
     def stop_reading_ahead(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         self._let_go()
-        made = self._ahead[1] if self._ahead is not None else None
-        if made is not None and not made.cancelled() and made.exception() is None:
-            self._last = (self._ahead[0], made.result())  # type: ignore[index]
-            self._let_go()
-        self._pool, self._ahead = None, None
+        self._drop_ahead()
+        self._pool = None
+
+    def _drop_ahead(self) -> None:
+        """Let go of every value made ahead (waiting for the one being made)."""
+        for name, made in self._ahead.items():
+            if not made.cancelled() and made.exception() is None:
+                self._last = (name, made.result())
+                self._let_go()
+        self._ahead.clear()
 
     def _let_go(self) -> None:
         """Drop the value the writer is done with; a value still in the HF files' pages hands
@@ -211,6 +226,15 @@ class TensorProducer:
         self._last = None
 
     def _make(self, name: str) -> Value:
+        if self._failure is not None:  # nothing more is read once one has failed
+            raise self._failure
+        try:
+            return self._make_one(name)
+        except BaseException as exc:
+            self._failure = exc
+            raise
+
+    def _make_one(self, name: str) -> Value:
         raise_if_a_config_check_failed()
         entry = self.plan[name]
         before = self.checkpoint.bytes_requested
@@ -403,6 +427,9 @@ def _batches(sizes: list[tuple[str, int]], batch_bytes: int) -> list[list[str]]:
 
 _PLANNERS: dict[str, Any] = {}
 
+# Batches of a streaming export read ahead of the one being written, each in its own thread.
+BATCHES_AHEAD = 2
+
 
 def _region_planner(regions: dict[tuple[str, tuple[int, ...]], torch.Tensor]) -> Any:
     """A torch DCP load planner that reads rectangular regions of saved global tensors
@@ -481,13 +508,13 @@ def checkpoint_values(
         for name, tensor in tensors.items()
         if only is None or name in only
     ]
-    # One reader, its metadata read once: torch reads .metadata on every load otherwise, and a
-    # large model's index is big and its batches many.
-    reader = dist_checkpoint.verifying_reader(folder)
-    metadata = reader.read_metadata()
-    reader.read_metadata = lambda *args, **kwargs: metadata
+    # The metadata is read once: torch reads .metadata on every load otherwise, and a large
+    # model's index is big and its batches many.
+    metadata = dist_checkpoint.verifying_reader(folder).read_metadata()
 
     def read(batch: list[str]) -> dict[str, torch.Tensor]:
+        reader = dist_checkpoint.verifying_reader(folder)  # one per batch: batches are read in parallel
+        reader.read_metadata = lambda *args, **kwargs: metadata
         real = {
             name: torch.empty(tensors[name].shape, dtype=tensors[name].dtype)
             if tensors[name].is_meta
@@ -514,15 +541,16 @@ def checkpoint_values(
         planner.regions = {}
         return real
 
-    # The next batch is read in a second thread while this one is converted and written.
+    # The next batches are read in other threads while this one is converted and written: each
+    # read spends as long checking CRC32s and copying as waiting for the disk, so two keep it busy.
     batches = _batches(sizes, batch_bytes)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bridgegen-read-ahead")
+    pool = ThreadPoolExecutor(max_workers=BATCHES_AHEAD, thread_name_prefix="bridgegen-read-ahead")
     try:
-        ahead = pool.submit(read, batches[0]) if batches else None
+        ahead = collections.deque(pool.submit(read, batch) for batch in batches[:BATCHES_AHEAD])
         for index, batch in enumerate(batches):
-            assert ahead is not None
-            real = ahead.result()
-            ahead = pool.submit(read, batches[index + 1]) if index + 1 < len(batches) else None
+            real = ahead.popleft().result()
+            if index + BATCHES_AHEAD < len(batches):
+                ahead.append(pool.submit(read, batches[index + BATCHES_AHEAD]))
             for name in batch:
                 if progress is not None:
                     progress(1)
