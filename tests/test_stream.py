@@ -354,17 +354,17 @@ def test_a_failure_while_making_a_tensor_ahead_leaves_nothing(
 def test_a_failure_while_reading_a_batch_ahead_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A checkpoint batch read in the read-ahead thread fails: the export raises that error,
+    """A checkpoint batch read in a read-ahead thread fails: the export raises that error,
     leaves no HF folder and no temp folder, and no thread behind."""
-    import torch.distributed.checkpoint.state_dict_loader as loader
-
+    import bridgegen.runtime.stream as stream
     from bridgegen.runtime.stream import BATCHES_AHEAD, stream_export
 
     hf = dense("llama")(tmp_path / "hf")
     megatron = tmp_path / "megatron"
     stream_import(ModelBridge.from_hf_dir(hf), hf, megatron, dtype=torch.float32)
-    failing = FailingOnCall(loader._load_state_dict, 3, RuntimeError("injected: the third batch cannot be read"))
-    monkeypatch.setattr(loader, "_load_state_dict", failing)
+    # Called once per parameter, i.e. once per batch of one parameter (batch_bytes=1).
+    failing = FailingOnCall(stream._whole_item, 3, RuntimeError("injected: the third batch cannot be read"))
+    monkeypatch.setattr(stream, "_whole_item", failing)
     out = tmp_path / "exported"
     with pytest.raises(RuntimeError, match="the third batch cannot be read"):
         stream_export(megatron, out, batch_bytes=1)

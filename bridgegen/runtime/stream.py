@@ -471,6 +471,51 @@ def _region_planner(regions: dict[tuple[str, tuple[int, ...]], torch.Tensor]) ->
     return planner
 
 
+def region_reads(metadata: Any, piece: Piece) -> list[Any]:
+    """torch's read items for ``piece``'s region of its saved global tensor: which stored chunks
+    hold which parts of it, whatever layout the checkpoint was saved at."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    stored = metadata.state_dict_metadata[piece.key]
+    chunk = ChunkStorageMetadata(offsets=torch.Size(piece.offset), sizes=torch.Size(piece.region))
+    return list(create_read_items_for_chunk_list(piece.key, stored, [chunk]))
+
+
+def _whole_item(tensor: torch.Tensor, plans: list[tuple[Piece, list[Any]]]) -> Any:
+    """The storage index of the one saved item that is all of meta tensor ``tensor`` (one
+    piece, the whole parameter, read from one whole stored chunk), else None."""
+    if not tensor.is_meta or len(plans) != 1 or len(plans[0][1]) != 1:
+        return None
+    piece, (read,) = plans[0]
+    whole_parameter = (
+        piece.storage_offset == 0
+        and piece.shape == tuple(tensor.shape)
+        and piece.stride == tuple(tensor.stride())
+    )
+    whole_chunk = not any(read.storage_offsets) and tuple(read.lengths) == piece.region
+    return read.storage_index if whole_parameter and whole_chunk else None
+
+
+def _copy_mapped(items: Any, metadata: Any, reads: list[Any], region: torch.Tensor) -> bool:
+    """Copy the parts of ``region`` that ``reads`` name from the memory-mapped items; False
+    (nothing copied) when one of them is not a plain tensor item."""
+    sources = [(read, metadata.storage_data[read.storage_index]) for read in reads]
+    stored = [(read, info, items.tensor(info)) for read, info in sources]
+    if any(value is None for _, _, value in stored):
+        return False
+    for read, info, value in stored:
+        part, target = value, region
+        for dim, (source_start, target_start, length) in enumerate(
+            zip(read.storage_offsets, read.dest_offsets, read.lengths, strict=True)
+        ):
+            part = part.narrow(dim, int(source_start), int(length))
+            target = target.narrow(dim, int(target_start), int(length))
+        target.copy_(part)
+        items.release(info)
+    return True
+
+
 def checkpoint_values(
     model: torch.nn.Module,
     folder: Any,
@@ -511,35 +556,52 @@ def checkpoint_values(
     # The metadata is read once: torch reads .metadata on every load otherwise, and a large
     # model's index is big and its batches many.
     metadata = dist_checkpoint.verifying_reader(folder).read_metadata()
+    items = dist_checkpoint.MappedItems(folder)
 
-    def read(batch: list[str]) -> dict[str, torch.Tensor]:
-        reader = dist_checkpoint.verifying_reader(folder)  # one per batch: batches are read in parallel
-        reader.read_metadata = lambda *args, **kwargs: metadata
-        real = {
-            name: torch.empty(tensors[name].shape, dtype=tensors[name].dtype)
-            if tensors[name].is_meta
-            else tensors[name].detach()  # filled in place (this thread has no no_grad)
-            for name in batch
-        }
-        regions: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+    def read(batch: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The batch's values, and for each one that is a view of a checkpoint file, its item
+        (released once the value is used). Regions whose items are plain tensors are read from
+        the memory-mapped files (``MappedItems``); any other, by torch's reader."""
+        real: dict[str, torch.Tensor] = {}
+        held: dict[str, Any] = {}
+        by_torch: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
         for name in batch:
             if name not in pieces:
                 raise WeightError(f"{folder}: no checkpoint key holds Megatron tensor {name!r}")
-            for piece in pieces[name]:
-                regions[(piece.key, piece.offset)] = piece.of(real[name])
-        planner = _region_planner(regions)
-        try:
-            with first_error_of_torch_checkpoint():
-                _load_state_dict({}, reader, planner=planner, no_dist=True)
-            reader.checks.finish()
-        except Exception:
-            # A failed CRC check raised inside torch's zip reader comes out wrapped.
-            problem = reader.checks.problem()
-            if problem is not None:
-                raise problem from None
-            raise
-        planner.regions = {}
-        return real
+            plans = [(piece, region_reads(metadata, piece)) for piece in pieces[name]]
+            whole = _whole_item(tensors[name], plans)
+            if whole is not None:
+                value = items.tensor(metadata.storage_data[whole])
+                if value is not None:
+                    real[name] = value.reshape(tensors[name].shape)
+                    held[name] = metadata.storage_data[whole]
+                    continue
+            target = (
+                torch.empty(tensors[name].shape, dtype=tensors[name].dtype)
+                if tensors[name].is_meta
+                else tensors[name].detach()  # filled in place (this thread has no no_grad)
+            )
+            real[name] = target
+            for piece, reads in plans:
+                region = piece.of(target)
+                if not _copy_mapped(items, metadata, reads, region):
+                    by_torch[(piece.key, piece.offset)] = region
+        if by_torch:
+            reader = dist_checkpoint.verifying_reader(folder)  # one per batch: batches are read in parallel
+            reader.read_metadata = lambda *args, **kwargs: metadata
+            planner = _region_planner(by_torch)
+            try:
+                with first_error_of_torch_checkpoint():
+                    _load_state_dict({}, reader, planner=planner, no_dist=True)
+                reader.checks.finish()
+            except Exception:
+                # A failed CRC check raised inside torch's zip reader comes out wrapped.
+                problem = reader.checks.problem()
+                if problem is not None:
+                    raise problem from None
+                raise
+            planner.regions = {}
+        return real, held
 
     # The next batches are read in other threads while this one is converted and written: each
     # read spends as long checking CRC32s and copying as waiting for the disk, so two keep it busy.
@@ -548,13 +610,15 @@ def checkpoint_values(
     try:
         ahead = collections.deque(pool.submit(read, batch) for batch in batches[:BATCHES_AHEAD])
         for index, batch in enumerate(batches):
-            real = ahead.popleft().result()
+            real, held = ahead.popleft().result()
             if index + BATCHES_AHEAD < len(batches):
                 ahead.append(pool.submit(read, batches[index + BATCHES_AHEAD]))
             for name in batch:
                 if progress is not None:
                     progress(1)
                 yield name, real.pop(name)
+                if name in held:  # the value was a view of the file, and is used now
+                    items.release(held.pop(name))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

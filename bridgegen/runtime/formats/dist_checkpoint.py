@@ -12,10 +12,14 @@ names enums 0.16 does not have).
 
 from __future__ import annotations
 
+import collections
 import io
+import mmap
 import os
 import pickle
 import struct
+import threading
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -111,8 +115,6 @@ def read_common_state(folder: Path) -> dict[str, Any]:
             target.seek(0)
 
     state: dict[str, Any] = {keys[0]: io.BytesIO()}
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "torch.distributed is disabled": we read on one process
         dcp_load(state, storage_reader=FileSystemReader(str(folder)), planner=RawBytesPlanner(), no_dist=True)
@@ -329,3 +331,167 @@ def verifying_reader(folder: str | Path) -> Any:
     reader = VerifyingReader(str(folder))
     reader.checks = ItemChecks()
     return reader
+
+
+# ------------------------------------------------------------------------ reading without a copy
+#
+# A tensor item is a torch.save archive: ``data.pkl`` says how the tensor views its storage
+# (``torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, ...)``, the storage
+# a persistent id ``("storage", <dtype>Storage, key, location, numel)``), the record
+# ``data/<key>`` holds the storage's bytes, uncompressed, in the byte order of ``byteorder``.
+# ``MappedItems`` reads such an item as a view of the memory-mapped file: the bytes are read
+# once, by the CRC32 check, and never copied. An item that says anything else (another
+# pickle, compression, big-endian bytes) is left to torch's reader.
+
+
+class _NotPlain(Exception):
+    """The item is not one plainly stored tensor."""
+
+
+@dataclass(frozen=True)
+class _StorageId:
+    dtype: torch.dtype
+    key: str
+
+
+@dataclass(frozen=True)
+class _TensorView:
+    storage: _StorageId
+    storage_offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+def _rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any, *rest: Any) -> _TensorView:
+    if not isinstance(storage, _StorageId) or not isinstance(storage_offset, int):
+        raise _NotPlain
+    if not all(isinstance(x, int) and x >= 0 for x in (*size, *stride)) or len(size) != len(stride):
+        raise _NotPlain
+    return _TensorView(storage, storage_offset, tuple(size), tuple(stride))
+
+
+class _TensorPickle(pickle.Unpickler):
+    """Reads a tensor archive's data.pkl into a ``_TensorView``; anything but a plain tensor
+    (any other class) raises ``_NotPlain``."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor_v2
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch" and name.endswith("Storage") and name != "UntypedStorage":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the legacy storage classes say they are deprecated
+                dtype = getattr(getattr(torch, name, None), "dtype", None)
+            if isinstance(dtype, torch.dtype):
+                return dtype
+        raise _NotPlain
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise _NotPlain
+        _, dtype, key, _, _ = pid
+        if not isinstance(dtype, torch.dtype) or not isinstance(key, str):
+            raise _NotPlain
+        return _StorageId(dtype, key)
+
+
+class MappedItems:
+    """The ``.distcp`` files of a checkpoint folder, memory-mapped. ``tensor`` reads an item
+    holding one plainly stored tensor as a view of its file, every record checked against its
+    CRC32 (the storage's bytes by the one pass that reads them from the disk); ``release``
+    hands a view's pages back once it is used."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self._maps: dict[str, tuple[mmap.mmap, torch.Tensor]] = {}
+        self._lock = threading.Lock()  # items are read from several threads
+
+    def _mapped(self, relative_path: str) -> tuple[mmap.mmap, torch.Tensor]:
+        with self._lock:
+            if relative_path not in self._maps:
+                with (self.folder / relative_path).open("rb") as handle:
+                    mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # a read-only buffer: views are never written
+                    self._maps[relative_path] = (mapped, torch.frombuffer(mapped, dtype=torch.uint8))
+            return self._maps[relative_path]
+
+    def tensor(self, sinfo: Any) -> torch.Tensor | None:
+        """The tensor of item ``sinfo`` (a DCP ``_StorageInfo``) as a view of its file, or
+        None when the item is not one plainly stored tensor (torch's reader reads it then). A
+        truncated file or a failed CRC32 check is a WeightError naming file, item and record."""
+        if getattr(sinfo, "transform_descriptors", None):
+            return None  # not a plain torch.save archive
+        path = self.folder / sinfo.relative_path
+        where = f"{path}: item at bytes {sinfo.offset}-{sinfo.offset + sinfo.length}"
+        with path.open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if sinfo.offset + sinfo.length > size:
+                raise WeightError(f"{where}: the file ends at byte {size}; the checkpoint file is truncated")
+            item = CheckedItem(handle, sinfo.offset, sinfo.length, where)
+            # Record names are "<archive>/data.pkl", "<archive>/data/0", ...: keyed without the prefix.
+            records = {record.name.partition("/")[2]: record for record in item.records}
+            small = {
+                name: item._pread(record.start, record.size)
+                for name, record in records.items()
+                if not name.startswith("data/")
+            }
+        for name, content in small.items():
+            records[name].running = zlib.crc32(content)
+            item._compare(records[name])
+        view = _plain_tensor(small)
+        record = records.get(f"data/{view.storage.key}") if view is not None else None
+        if view is None or record is None:
+            return None
+        itemsize = torch.empty((), dtype=view.storage.dtype).element_size()
+        if record.size % itemsize or (view.storage_offset * itemsize + _span(view.size, view.stride) * itemsize) > record.size:
+            return None
+        _, buffer = self._mapped(sinfo.relative_path)
+        start = sinfo.offset + record.start
+        data = buffer[start : start + record.size]
+        record.running = zlib.crc32(data.numpy().data)  # reads the bytes from the disk
+        item._compare(record)
+        if start % itemsize:
+            # torch aligns a storage within its archive, not the archive within the file: a
+            # storage at an odd offset cannot be viewed as 2-byte values, so it is copied.
+            storage = torch.empty(record.size // itemsize, dtype=view.storage.dtype)
+            storage.view(torch.uint8).copy_(data)
+            self.release(sinfo)
+        else:
+            storage = data.view(view.storage.dtype)
+        return storage.as_strided(view.size, view.stride, storage.storage_offset() + view.storage_offset)
+
+    def release(self, sinfo: Any) -> None:
+        """Drop the pages of item ``sinfo`` from this process's mapping and from the page cache
+        once its tensor is used: each item is read once."""
+        mapped, _ = self._mapped(sinfo.relative_path)
+        start = sinfo.offset - sinfo.offset % mmap.PAGESIZE
+        end = sinfo.offset + sinfo.length
+        if end <= start:
+            return
+        mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
+        descriptor = os.open(self.folder / sinfo.relative_path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(descriptor, start, end - start, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(descriptor)
+
+
+def _plain_tensor(small: dict[str, bytes]) -> _TensorView | None:
+    """How the archive's tensor views its storage, from its data.pkl; None for anything else
+    than one little-endian tensor."""
+    if small.get("byteorder", b"little") != b"little" or "data.pkl" not in small:
+        return None
+    try:
+        view = _TensorPickle(io.BytesIO(small["data.pkl"])).load()
+    except (_NotPlain, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError):
+        return None
+    return view if isinstance(view, _TensorView) else None
+
+
+def _span(size: tuple[int, ...], stride: tuple[int, ...]) -> int:
+    """Elements from a strided tensor's first to its last, inclusive (0 when empty)."""
+    if not all(size):
+        return 0
+    return 1 + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
