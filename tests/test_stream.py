@@ -373,3 +373,27 @@ def test_a_failure_while_reading_a_batch_ahead_leaves_nothing(
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "megatron"]
     assert read_ahead_threads() == []
+
+
+def test_a_piece_of_a_parameter_held_as_row_blocks_is_a_view_of_its_block() -> None:
+    """A checkpoint item of a parameter the import writes from its sources' rows (the gate and
+    the up half of a stacked fc1): an item lying in one block is a view of that block, one
+    spanning two blocks is put together; either way the bytes ``Piece.of`` gives of the whole
+    parameter."""
+    from bridgegen.runtime.stream import Piece
+
+    gate, up = torch.arange(12.0).view(3, 4), torch.arange(100.0, 112.0).view(3, 4)
+    whole = torch.cat([gate, up])
+
+    def piece(first_row: int, rows: int) -> Piece:
+        view = whole[first_row : first_row + rows]
+        return Piece("fc1", (first_row, 0), (1, rows, 4), "fc1", tuple(view.shape), view.stride(), view.storage_offset())
+
+    in_up = piece(3, 3).of_rows([gate, up])
+    assert in_up.untyped_storage().data_ptr() == up.untyped_storage().data_ptr()  # a view, no copy
+    assert torch.equal(in_up, piece(3, 3).of(whole))
+    across = piece(2, 2).of_rows([gate, up])
+    assert torch.equal(across, piece(2, 2).of(whole))
+    column = whole[:, 1:3]
+    strided = Piece("fc1", (0, 1), (6, 2), "fc1", tuple(column.shape), column.stride(), column.storage_offset())
+    assert torch.equal(strided.of_rows([gate, up]), strided.of(whole))
