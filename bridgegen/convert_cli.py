@@ -206,7 +206,7 @@ def run_command(name: str, args: argparse.Namespace, report: bool = True) -> Any
         warnings.simplefilter("always", BridgeWarning)  # one line per tensor, however many
         warnings.showwarning = _show_our_warnings(name, warnings.showwarning)
         try:
-            if os.environ.get("WORLD_SIZE", "1") == "1" and ranks_for(args) == 1:
+            if name != "verify" and os.environ.get("WORLD_SIZE", "1") == "1" and ranks_for(args) == 1:
                 # One process: transformers' check of the config runs beside the conversion.
                 from bridgegen.runtime.config import config_checks_alongside
 

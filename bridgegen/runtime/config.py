@@ -73,31 +73,39 @@ def normalize_hf_config(data: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class _ChecksAlongside:
-    """Config checks running in a thread beside the work that follows them (see
+    """Config checks held back, then run in a thread beside the work that follows them (see
     ``config_checks_alongside``)."""
 
     def __init__(self) -> None:
+        self.held: list[tuple[dict[str, Any], str]] = []
         self.threads: list[threading.Thread] = []
         self.errors: list[BaseException] = []
 
-    def start(self, data: Mapping[str, Any], source: str) -> None:
-        data = copy.deepcopy(dict(data))  # the caller may go on to change its dict
+    def hold(self, data: Mapping[str, Any], source: str) -> None:
+        self.held.append((copy.deepcopy(dict(data)), source))  # the caller may go on to change its dict
 
-        def run() -> None:
-            try:
-                _check_with_transformers(data, source)
-            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
-                self.errors.append(exc)
+    def start(self) -> None:
+        held, self.held = self.held, []
+        for data, source in held:
 
-        thread = threading.Thread(target=run, name="bridgegen-config-check", daemon=True)
-        thread.start()
-        self.threads.append(thread)
+            def run(data: dict[str, Any] = data, source: str = source) -> None:
+                try:
+                    _check_with_transformers(data, source)
+                except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                    self.errors.append(exc)
+
+            thread = threading.Thread(target=run, name="bridgegen-config-check", daemon=True)
+            thread.start()
+            self.threads.append(thread)
 
     def raise_if_failed(self) -> None:
         if self.errors:
             raise self.errors[0]
 
     def wait(self) -> None:
+        held, self.held = self.held, []
+        for data, source in held:  # never started: checked here
+            _check_with_transformers(data, source)
         for thread in self.threads:
             thread.join()
         self.raise_if_failed()
@@ -108,13 +116,14 @@ _alongside: _ChecksAlongside | None = None
 
 @contextmanager
 def config_checks_alongside() -> Iterator[None]:
-    """Within the block, ``check_with_transformers`` starts its check in a thread and returns:
-    importing transformers' config classes alone takes about a second, which then overlaps
-    the conversion's reading and writing. ``publish_folder`` waits for every check before
-    anything appears (``wait_for_config_checks``), the conversion stops at the next tensor once
-    one has failed (``raise_if_a_config_check_failed``), and an error raised in the block while
-    a config was wrong is replaced by the config's error, the cause. One process only: ranks
-    check in line."""
+    """Within the block, ``check_with_transformers`` holds its check back; ``start_config_checks``
+    runs the held checks in a thread beside the conversion: with a cold page cache, importing
+    transformers' config classes takes 1-2 s, which then overlaps the conversion's reading and
+    writing. ``publish_folder`` waits for every check (running one not started) before anything
+    appears (``wait_for_config_checks``), the conversion stops at the next tensor once one has
+    failed (``raise_if_a_config_check_failed``), and an error raised in the block while a config
+    was wrong is replaced by the config's error, the cause. One process only: ranks check in
+    line."""
     global _alongside
     outer, _alongside = _alongside, _ChecksAlongside()
     checks = _alongside
@@ -131,9 +140,17 @@ def config_checks_alongside() -> Iterator[None]:
         _alongside = outer
 
 
+def start_config_checks() -> None:
+    """Start the checks held back so far, in a thread. Called once every import the work needs
+    is done: two threads importing at once can meet in Python's import locks (a circular import
+    between them is a deadlock error), and the check imports transformers."""
+    if _alongside is not None and _alongside.held:
+        _alongside.start()
+
+
 def wait_for_config_checks() -> None:
-    """Raise the error of a config check running alongside (if one fails); returns once all
-    have passed. Nothing is published before."""
+    """Run the checks held back, wait for those running; raise the first failure. Nothing is
+    published before."""
     if _alongside is not None:
         _alongside.wait()
 
@@ -148,9 +165,9 @@ def raise_if_a_config_check_failed() -> None:
 def check_with_transformers(data: Mapping[str, Any], source: str) -> None:
     """Refuse a config whose values transformers' own config class for its ``model_type``
     refuses (see ``_check_with_transformers``); within ``config_checks_alongside`` the check
-    runs in a thread beside what follows."""
+    is held back, to run beside what follows (``start_config_checks``)."""
     if _alongside is not None:
-        _alongside.start(data, source)
+        _alongside.hold(data, source)
     else:
         _check_with_transformers(data, source)
 

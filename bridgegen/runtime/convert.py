@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from bridgegen.runtime.bridge import Bridge, Wrapper
-from bridgegen.runtime.config import MegatronConfig, raise_if_a_config_check_failed
+from bridgegen.runtime.config import MegatronConfig, raise_if_a_config_check_failed, start_config_checks
 from bridgegen.runtime.errors import BridgeWarning, ConfigError, WeightError
 from bridgegen.runtime.formats.key_names import KeyNames
 from bridgegen.runtime.fp8 import block_size
@@ -427,6 +427,7 @@ class ModelBridge:
             converted = iter_hf_from_full(weight_map, values if values is not None else tensors, dtype=target)
             passed = stream_tensors(source, carried) if source is not None else iter(())
             for item in itertools.chain(converted, passed):
+                start_config_checks()  # the first tensor is read: every import the export needs is done
                 raise_if_a_config_check_failed()
                 yield item
                 if update is not None:

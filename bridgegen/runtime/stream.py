@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from bridgegen.runtime.config import raise_if_a_config_check_failed
+from bridgegen.runtime.config import raise_if_a_config_check_failed, start_config_checks
 from bridgegen.runtime.convert import ModelBridge
 from bridgegen.runtime.errors import WeightError
 from bridgegen.runtime.fp8 import block_size
@@ -265,6 +265,7 @@ class TensorProducer:
             raise WeightError(
                 f"the checkpoint writer asked for {key!r} at {offset}, which no parameter holds"
             ) from None
+        start_config_checks()  # the writer has started: every import the conversion needs is done
         value = self.parameter(piece.name)
         part = piece.of(value) if isinstance(value, torch.Tensor) else piece.of_rows(value)
         return own_storage(part.reshape(size))
