@@ -146,6 +146,22 @@ def _whole_number(value: object) -> int:
 MXFP4_KEPT = 2  # dequantized MXFP4 tensors a Checkpoint keeps
 
 
+def drop_pages(mapped: mmap.mmap, path: Path, start: int, end: int, from_page_cache: bool) -> None:
+    """Drop bytes ``start`` to ``end`` of file ``path`` from this process's memory map of it
+    (they are read again from the file if touched), and with ``from_page_cache`` from the page
+    cache too (for data read once)."""
+    start -= start % mmap.PAGESIZE
+    if end <= start or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
+    if from_page_cache and hasattr(os, "posix_fadvise"):
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(descriptor, start, end - start, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(descriptor)
+
+
 @dataclass
 class Checkpoint:
     """An HF checkpoint folder (single file or sharded with an index), read lazily."""
@@ -290,16 +306,8 @@ class Checkpoint:
         ``read_once``)."""
         info = self.tensors.get(name)
         mapped = self._mmaps.get(info.file) if info is not None else None
-        if info is None or mapped is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        start = info.start - info.start % mmap.PAGESIZE
-        mapped.madvise(mmap.MADV_DONTNEED, start, info.end - start)
-        if self.read_once and hasattr(os, "posix_fadvise"):
-            descriptor = os.open(info.file, os.O_RDONLY)
-            try:
-                os.posix_fadvise(descriptor, start, info.end - start, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(descriptor)
+        if info is not None and mapped is not None:
+            drop_pages(mapped, info.file, info.start, info.end, self.read_once)
 
     def count(self, tensor: torch.Tensor) -> torch.Tensor:
         """Record that ``tensor`` (a slice of a view) is read; returns it unchanged."""

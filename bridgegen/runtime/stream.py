@@ -186,12 +186,15 @@ class TensorProducer:
         if self._pool is None:
             return
         queued = sum(self.plan[n].nbytes for n in self._ahead)
-        following = next(reversed(self._ahead), name)
-        while (following := self._next.get(following)) is not None:  # type: ignore[assignment]
-            if following in self._ahead or queued + self.plan[following].nbytes > READ_AHEAD_BYTES:
-                break
+        following = self._next.get(next(reversed(self._ahead), name))
+        while (
+            following is not None
+            and following not in self._ahead
+            and queued + self.plan[following].nbytes <= READ_AHEAD_BYTES
+        ):
             self._ahead[following] = self._pool.submit(self._make, following)
             queued += self.plan[following].nbytes
+            following = self._next.get(following)
 
     def read_ahead(self, order: list[tuple[str, tuple[int, ...]]]) -> None:
         """Make parameters ahead of the writer, which will ask for the items (key, offset) in
@@ -214,16 +217,20 @@ class TensorProducer:
         """Let go of every value made ahead (waiting for the one being made)."""
         for name, made in self._ahead.items():
             if not made.cancelled() and made.exception() is None:
-                self._last = (name, made.result())
-                self._let_go()
+                self._let_go_of(name, made.result())
         self._ahead.clear()
 
     def _let_go(self) -> None:
-        """Drop the value the writer is done with; a value still in the HF files' pages hands
-        them back (``fill_parameter`` did that for a value it made)."""
-        if self._last is not None and isinstance(self._last[1], list):
-            release_sources(self.plan[self._last[0]], self.checkpoint)
+        """Drop the value the writer is done with."""
+        if self._last is not None:
+            self._let_go_of(*self._last)
         self._last = None
+
+    def _let_go_of(self, name: str, value: Value) -> None:
+        """A value still in the HF files' pages hands them back (``fill_parameter`` did that
+        for a value it made)."""
+        if isinstance(value, list):
+            release_sources(self.plan[name], self.checkpoint)
 
     def _make(self, name: str) -> Value:
         if self._failure is not None:  # nothing more is read once one has failed
@@ -504,6 +511,9 @@ def _copy_mapped(items: Any, metadata: Any, reads: list[Any], region: torch.Tens
     sources = [(read, metadata.storage_data[read.storage_index]) for read in reads]
     stored = [(read, info, items.tensor(info)) for read, info in sources]
     if any(value is None for _, _, value in stored):
+        for _, info, value in stored:
+            if value is not None:
+                items.release(info)  # read for nothing: torch's reader reads the region
         return False
     for read, info, value in stored:
         part, target = value, region

@@ -150,8 +150,14 @@ def fill_parameter(
             )
     except WeightError as exc:
         raise WeightError(f"{checkpoint.folder}: {exc} ({_loading(entry)})") from None
-    warn_if_not_finite(target, f"{checkpoint.folder}: Megatron {entry.megatron_name!r} (from {what})")
+    _warn_if_not_finite(entry, target, checkpoint)
     release_sources(entry, checkpoint)
+
+
+def _warn_if_not_finite(entry: TensorPlan, value: torch.Tensor | list[torch.Tensor], checkpoint: Checkpoint) -> None:
+    """The NaN / Inf warning of a loaded Megatron tensor, naming it and its HF sources."""
+    what = f"HF {', '.join(repr(n) for n in entry.hf_names)}"
+    warn_if_not_finite(value, f"{checkpoint.folder}: Megatron {entry.megatron_name!r} (from {what})")
 
 
 def source_rows(entry: TensorPlan, checkpoint: Checkpoint) -> list[torch.Tensor] | None:
@@ -177,8 +183,7 @@ def read_source_rows(entry: TensorPlan, rows: list[torch.Tensor], checkpoint: Ch
     writer) with ``fill_parameter``'s accounting and NaN / Inf check."""
     for block in rows:
         checkpoint.count(block)
-    what = f"HF {', '.join(repr(n) for n in entry.hf_names)}"
-    warn_if_not_finite(rows, f"{checkpoint.folder}: Megatron {entry.megatron_name!r} (from {what})")
+    _warn_if_not_finite(entry, rows, checkpoint)
 
 
 def release_sources(entry: TensorPlan, checkpoint: Checkpoint) -> None:

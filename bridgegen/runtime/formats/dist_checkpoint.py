@@ -29,6 +29,7 @@ from typing import IO, Any, cast
 import torch
 
 from bridgegen.runtime.errors import WeightError
+from bridgegen.runtime.safetensors_io import drop_pages
 
 COMMON_FILE = "common.pt"
 COMMON_OBJECT = "common_state"
@@ -273,13 +274,17 @@ class CheckedItem(_Window):
                 f"record {record.name!r} fails its CRC32 check (stored {record.crc:08x}, read {record.running:08x})"
             )
 
+    def check_whole(self, record: _Record, data: Any) -> None:
+        """Check ``record`` against ``data``, all of its bytes (a buffer)."""
+        record.running = zlib.crc32(data)
+        record.checked = record.size
+        self._compare(record)
+
     def finish(self) -> None:
         """Check the records torch read only out of order: read again whole."""
         for record in self.records:
             if record.touched and record.checked < record.size:
-                record.running = zlib.crc32(self._pread(record.start, record.size))
-                record.checked = record.size
-                self._compare(record)
+                self.check_whole(record, self._pread(record.start, record.size))
 
 
 class ItemChecks:
@@ -309,6 +314,16 @@ class ItemChecks:
         return self.failed or current
 
 
+def _item_in_file(folder: Path, sinfo: Any, file: Any) -> str:
+    """How errors name item ``sinfo`` (a DCP ``_StorageInfo``) of the open ``file``, once it is
+    known to lie whole in the file (a truncated file is a WeightError)."""
+    where = f"{folder / sinfo.relative_path}: item at bytes {sinfo.offset}-{sinfo.offset + sinfo.length}"
+    size = os.fstat(file.fileno()).st_size
+    if sinfo.offset + sinfo.length > size:
+        raise WeightError(f"{where}: the file ends at byte {size}; the checkpoint file is truncated")
+    return where
+
+
 def verifying_reader(folder: str | Path) -> Any:
     """A torch DCP FileSystemReader for ``folder`` whose items are read through
     ``CheckedItem``. After each load call ``reader.checks.finish()``; when a load fails,
@@ -320,10 +335,7 @@ def verifying_reader(folder: str | Path) -> Any:
         checks: ItemChecks
 
         def _slice_file(self, file: Any, sinfo: Any) -> IO[bytes]:
-            where = f"{Path(folder) / sinfo.relative_path}: item at bytes {sinfo.offset}-{sinfo.offset + sinfo.length}"
-            size = os.fstat(file.fileno()).st_size
-            if sinfo.offset + sinfo.length > size:
-                raise WeightError(f"{where}: the file ends at byte {size}; the checkpoint file is truncated")
+            where = _item_in_file(Path(folder), sinfo, file)
             if getattr(sinfo, "transform_descriptors", None):
                 return super()._slice_file(file, sinfo)  # not a plain torch.save archive
             return cast(IO[bytes], self.checks.hand(CheckedItem(file, sinfo.offset, sinfo.length, where)))
@@ -423,12 +435,8 @@ class MappedItems:
         truncated file or a failed CRC32 check is a WeightError naming file, item and record."""
         if getattr(sinfo, "transform_descriptors", None):
             return None  # not a plain torch.save archive
-        path = self.folder / sinfo.relative_path
-        where = f"{path}: item at bytes {sinfo.offset}-{sinfo.offset + sinfo.length}"
-        with path.open("rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if sinfo.offset + sinfo.length > size:
-                raise WeightError(f"{where}: the file ends at byte {size}; the checkpoint file is truncated")
+        with (self.folder / sinfo.relative_path).open("rb") as handle:
+            where = _item_in_file(self.folder, sinfo, handle)
             item = CheckedItem(handle, sinfo.offset, sinfo.length, where)
             # Record names are "<archive>/data.pkl", "<archive>/data/0", ...: keyed without the prefix.
             records = {record.name.partition("/")[2]: record for record in item.records}
@@ -438,8 +446,7 @@ class MappedItems:
                 if not name.startswith("data/")
             }
         for name, content in small.items():
-            records[name].running = zlib.crc32(content)
-            item._compare(records[name])
+            item.check_whole(records[name], content)
         view = _plain_tensor(small)
         record = records.get(f"data/{view.storage.key}") if view is not None else None
         if view is None or record is None:
@@ -450,8 +457,7 @@ class MappedItems:
         _, buffer = self._mapped(sinfo.relative_path)
         start = sinfo.offset + record.start
         data = buffer[start : start + record.size]
-        record.running = zlib.crc32(data.numpy().data)  # reads the bytes from the disk
-        item._compare(record)
+        item.check_whole(record, data.numpy().data)  # reads the bytes from the disk
         if start % itemsize:
             # torch aligns a storage within its archive, not the archive within the file: a
             # storage at an odd offset cannot be viewed as 2-byte values, so it is copied.
@@ -466,16 +472,7 @@ class MappedItems:
         """Drop the pages of item ``sinfo`` from this process's mapping and from the page cache
         once its tensor is used: each item is read once."""
         mapped, _ = self._mapped(sinfo.relative_path)
-        start = sinfo.offset - sinfo.offset % mmap.PAGESIZE
-        end = sinfo.offset + sinfo.length
-        if end <= start:
-            return
-        mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
-        descriptor = os.open(self.folder / sinfo.relative_path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(descriptor, start, end - start, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(descriptor)
+        drop_pages(mapped, self.folder / sinfo.relative_path, sinfo.offset, sinfo.offset + sinfo.length, True)
 
 
 def _plain_tensor(small: dict[str, bytes]) -> _TensorView | None:
