@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 
@@ -26,6 +28,19 @@ def assert_bit_exact(source: Path, exported: Path) -> None:
         assert a[name].dtype == b[name].dtype, (name, a[name].dtype, b[name].dtype)
         assert a[name].shape == b[name].shape, name
         assert torch.equal(bits(a[name]), bits(b[name])), name
+
+
+def tensor_digests(folder: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], str]]:
+    """Every tensor of an HF folder as (dtype, shape, SHA-256 of its bytes), read one at a time:
+    compared in place of the folder where keeping it would cost too much disk."""
+    out: dict[str, tuple[torch.dtype, tuple[int, ...], str]] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                tensor = handle.get_tensor(name)
+                digest = hashlib.sha256(bits(tensor).numpy()).hexdigest()
+                out[name] = (tensor.dtype, tuple(tensor.shape), digest)
+    return out
 
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:

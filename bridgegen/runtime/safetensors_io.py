@@ -15,6 +15,7 @@ import mmap
 import os
 import shutil
 import struct
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -171,6 +172,8 @@ class Checkpoint:
     bytes_requested: int = 0
     _maps: dict[Path, torch.Tensor] = field(default_factory=dict, repr=False)
     _mmaps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
+    # Views are taken by the streaming import's read-ahead thread and by the writer's thread.
+    _mapping: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # Read-once conversions (the streaming import: each tensor read whole by one process) also
     # drop a tensor's pages from the page cache once it is copied, leaving the cache, and the
     # memory its writes need, to the output.
@@ -268,14 +271,21 @@ class Checkpoint:
             raise WeightError(f"{self.folder}: missing tensor {name!r}") from None
         buffer = self._maps.get(info.file)
         if buffer is None:
-            with info.file.open("rb") as handle:
-                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # read-only buffer: we never write through views
-                buffer = torch.frombuffer(mapped, dtype=torch.uint8)
-            self._maps[info.file] = buffer
-            self._mmaps[info.file] = mapped
+            buffer = self._map(info.file)
         return buffer[info.start : info.end].view(info.dtype).view(info.shape)
+
+    def _map(self, file: Path) -> torch.Tensor:
+        with self._mapping:
+            buffer = self._maps.get(file)
+            if buffer is None:
+                with file.open("rb") as handle:
+                    mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # read-only buffer: we never write through views
+                    buffer = torch.frombuffer(mapped, dtype=torch.uint8)
+                self._maps[file] = buffer
+                self._mmaps[file] = mapped
+            return buffer
 
     def source(self, name: str, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
         """Tensor ``name`` ready to convert: a zero-copy view, for a block-quantized FP8

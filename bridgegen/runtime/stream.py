@@ -64,6 +64,10 @@ def return_freed_buffers_to_the_system() -> None:
 # The most the parameters made ahead of the writer may hold together (the one being written is
 # held too); a larger parameter is made when the writer asks for it.
 READ_AHEAD_BYTES = 512 * 2**20
+# Of those, the most that may be new tensors (a value made by a transform); the others are views
+# of the mapped HF files, whose pages are page cache. One made parameter is made ahead whatever
+# its size.
+MADE_AHEAD_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,7 @@ class TensorProducer:
         self._ahead: dict[str, Future[Value]] = {}  # in the writer's order
         self._failure: BaseException | None = None
         self._next: dict[str, str] = {}
+        self._made: dict[str, int] = {}
         self._pool: ThreadPoolExecutor | None = None
         self.stats = LoadStats()
 
@@ -186,15 +191,23 @@ class TensorProducer:
         if self._pool is None:
             return
         queued = sum(self.plan[n].nbytes for n in self._ahead)
+        made = sum(self._made_bytes(n) for n in self._ahead)
         following = self._next.get(next(reversed(self._ahead), name))
-        while (
-            following is not None
-            and following not in self._ahead
-            and queued + self.plan[following].nbytes <= READ_AHEAD_BYTES
-        ):
+        while following is not None and following not in self._ahead:
+            size, new = self.plan[following].nbytes, self._made_bytes(following)
+            if queued + size > READ_AHEAD_BYTES or (made and made + new > MADE_AHEAD_BYTES):
+                break
             self._ahead[following] = self._pool.submit(self._make, following)
-            queued += self.plan[following].nbytes
+            queued, made = queued + size, made + new
             following = self._next.get(following)
+
+    def _made_bytes(self, name: str) -> int:
+        """The bytes of new memory parameter ``name``'s value takes: none when it is a view of
+        the mapped sources (``source_rows``)."""
+        if name not in self._made:
+            entry = self.plan[name]
+            self._made[name] = 0 if source_rows(entry, self.checkpoint) is not None else entry.nbytes
+        return self._made[name]
 
     def read_ahead(self, order: list[tuple[str, tuple[int, ...]]]) -> None:
         """Make parameters ahead of the writer, which will ask for the items (key, offset) in
