@@ -136,3 +136,22 @@ def leftovers(folder: Path) -> list[str]:
 def always_fail() -> None:
     """A rank function that raises (for the launcher's cleanup tests)."""
     raise RuntimeError("this rank always fails")
+
+
+def finish_with_an_exit_handler(marker_dir: str) -> tuple[int, bool, bool]:
+    """Sets up megatron-core's parallel state, registers an exit handler that would leave a
+    file, and returns (rank, groups still up, parallel state still up) as seen once
+    ``end_process_groups`` ran."""
+    import atexit
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from bridgegen.runtime.convert import ensure_model_parallel
+    from bridgegen.runtime.launch import end_process_groups
+
+    ensure_model_parallel(tensor_parallel_size=2)
+    rank = dist.get_rank()
+    atexit.register(lambda: Path(marker_dir, f"teardown-{rank}").write_text("ran"))
+    end_process_groups()
+    return rank, dist.is_initialized(), parallel_state.model_parallel_is_initialized()

@@ -172,3 +172,14 @@ def test_cli_runs_a_layout_on_local_processes(models: dict[str, Any], tmp_path: 
     # An existing output is refused on every rank, and nothing is changed.
     assert main(["import", "--hf", str(folder), "--out", str(checkpoint), "--tp", "2"]) == 2
     shutil.rmtree(out)
+
+
+def test_a_finished_rank_ends_its_groups_and_skips_the_teardown(tmp_path: Path) -> None:
+    """A rank that is done drops megatron-core's and torch's process groups, then leaves
+    without the interpreter's teardown (no exit handler runs): gloo threads of groups that
+    outlive it have aborted finished ranks there (SIGABRT, "terminate called without an
+    active exception")."""
+    results = run_on_ranks(dist_cases.finish_with_an_exit_handler, 2, str(tmp_path))
+    assert results == [(0, False, False), (1, False, False)]
+    assert list(tmp_path.iterdir()) == []
+

@@ -3,8 +3,10 @@ setting torchrun gives, without torchrun. Used by tests and by users on one mach
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -47,11 +49,30 @@ def _entry(
     try:
         result = fn(*args)
         Path(result_dir, f"{rank}.pkl").write_bytes(pickle.dumps(result))
+        code = 0
     except BridgeError as exc:
         Path(result_dir, f"{rank}.error").write_text(str(exc))
-        raise SystemExit(2) from None  # said by the parent (RankErrors), no traceback here
+        code = 2  # said by the parent (RankErrors), no traceback here
     finally:
+        end_process_groups()
+    # A rank that is done leaves without the interpreter's teardown, where gloo threads of
+    # groups still referenced (megatron-core keeps some) have aborted a finished rank
+    # ("terminate called without an active exception"). Another error goes to torch's spawn,
+    # which records its traceback.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def end_process_groups() -> None:
+    """Drop megatron-core's parallel state (if it was set up) and every torch.distributed
+    group, so that their gloo threads end while the interpreter is whole."""
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is not None:
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()
 
 
 def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:

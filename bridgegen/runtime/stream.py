@@ -173,7 +173,8 @@ class TensorProducer:
     def parameter(self, name: str) -> Value:
         """The value of parameter ``name``. While the writer writes it, the parameters after it
         in the writer's order are made in a second thread, as many as ``READ_AHEAD_BYTES``
-        holds, so reading the sources overlaps writing the files."""
+        holds (``MADE_AHEAD_BYTES`` of them new tensors), so reading the sources overlaps
+        writing the files."""
         if self._last is not None and self._last[0] == name:
             return self._last[1]
         self._let_go()  # the previous one goes before the next is made
