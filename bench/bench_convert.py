@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -67,6 +66,17 @@ LLAMA_32_1B = {
 def rss_bytes() -> int:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that across exec from the
+    forked parent, so a phase started by a parent that had just built the checkpoint reported
+    the parent's ~2.2 GB."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line")
 
 
 def make_checkpoint(folder: Path) -> None:
@@ -197,7 +207,7 @@ def phase(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
             bridge.export_hf(model, scratch / "hf-export", overwrite=True)
             result["seconds"] = time.perf_counter() - start
     result["rss_before_mb"] = before / 2**20
-    result["peak_above_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20
+    result["peak_above_mb"] = (peak_rss_bytes() - before) / 2**20
     return result
 
 
@@ -273,7 +283,7 @@ def _end_to_end(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
         from bridgegen.runtime.launch import run_on_ranks
 
         ranks = run_on_ranks(stream_import_on_rank, 2, checkpoint, megatron_dir)
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20
+        peak = (peak_rss_bytes() - before) / 2**20
         return {
             "seconds": max(r[1] for r in ranks),
             "bytes": sum(r[0] for r in ranks),
@@ -284,7 +294,7 @@ def _end_to_end(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
         from bridgegen.runtime.launch import run_on_ranks
 
         ranks = run_on_ranks(stream_export_on_rank, 2, scratch / "megatron-stream", hf_dir)
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20
+        peak = (peak_rss_bytes() - before) / 2**20
         return {
             "seconds": max(r[1] for r in ranks),
             "bytes": ranks[0][0],
@@ -306,7 +316,7 @@ def _end_to_end(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
         bridge.export_hf(model, hf_dir, overwrite=True)
         moved = float(sum(p.stat().st_size for p in hf_dir.glob("*.safetensors")))
     seconds = time.perf_counter() - start
-    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20
+    peak = (peak_rss_bytes() - before) / 2**20
     return {"seconds": seconds, "bytes": moved, "rss_before_mb": before / 2**20, "peak_above_mb": peak}
 
 
@@ -337,7 +347,7 @@ def rank_phase(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
         export_hf(bridge, chunks, scratch / "hf-export-tp2")
         result["seconds"] = time.perf_counter() - start
     result["rss_before_mb"] = before / 2**20
-    result["peak_above_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20
+    result["peak_above_mb"] = (peak_rss_bytes() - before) / 2**20
     return result
 
 
