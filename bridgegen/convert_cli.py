@@ -332,16 +332,15 @@ def _run_here_or_on_ranks(name: str, args: argparse.Namespace) -> int:
     processes its layout needs; a rank's failure or a stop ends them all, and the temp folders
     the ended ranks leave beside --out are removed."""
     world = ranks_for(args)
-    if "WORLD_SIZE" in os.environ:  # a rank torchrun started: its groups end with the command
-        from bridgegen.runtime.launch import end_process_groups
-
+    torchrun = "WORLD_SIZE" in os.environ
+    if torchrun or world == 1:
         try:
             result = run_command(name, args)
         finally:
-            end_process_groups()
-        return 1 if result is False else 0
-    if world == 1:
-        result = run_command(name, args)
+            if torchrun:  # a rank torchrun started: its groups end with the command
+                from bridgegen.runtime.launch import end_process_groups
+
+                end_process_groups()
         return 1 if result is False else 0
     from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException
 
