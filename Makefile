@@ -41,6 +41,7 @@ check: $(STAMP)
 	$(PY) -m bridgegen check
 	$(PY) -m mypy --strict generated bridgegen
 	$(PY) -m ruff check bridgegen generated tests tests_cross bench
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_architecture.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -52,7 +53,7 @@ test-latest: $(STAMP) $(STAMP_LATEST)
 		$(PY_LATEST) -m pytest -q tests_cross
 
 demo: $(STAMP)
-	$(PY) -m bridgegen.demo
+	$(PY) -m bridgegen.cli.demo
 
 bench: $(STAMP)
 	$(PY) bench/bench_convert.py

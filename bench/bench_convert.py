@@ -147,7 +147,7 @@ def phase(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
     """Run one phase in this process; returns seconds and peak RSS above the start."""
     import torch
 
-    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.engines.model import ModelBridge
 
     start_cold(name, scratch)
     result: dict[str, float] = {}
@@ -228,8 +228,8 @@ def stream_import_on_rank(checkpoint: Path, out: Path) -> tuple[float, float]:
     import torch
     import torch.distributed as dist
 
-    from bridgegen.runtime.convert import ModelBridge
-    from bridgegen.runtime.stream import stream_import
+    from bridgegen.engines.model import ModelBridge
+    from bridgegen.engines.stream_import import stream_import
 
     dist.barrier()
     start = time.perf_counter()
@@ -244,7 +244,7 @@ def stream_export_on_rank(megatron_dir: Path, out: Path) -> tuple[float, float]:
     import megatron.core.models.gpt.gpt_model  # noqa: F401 - imported before the timer, as there
     import torch.distributed as dist
 
-    from bridgegen.runtime.stream import stream_export
+    from bridgegen.engines.stream_export import stream_export
 
     dist.barrier()
     start = time.perf_counter()
@@ -255,7 +255,7 @@ def stream_export_on_rank(megatron_dir: Path, out: Path) -> tuple[float, float]:
 def end_to_end(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
     """One whole conversion, as the CLI runs it (torch and megatron-core already imported); in
     one process, transformers' config check runs beside the conversion, as there."""
-    from bridgegen.runtime.config import config_checks_alongside
+    from bridgegen.bridge.config_checks import config_checks_alongside
 
     if name.endswith("-w2"):
         return _end_to_end(name, checkpoint, scratch)
@@ -267,10 +267,11 @@ def _end_to_end(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
     import megatron.core.models.gpt.gpt_model  # noqa: F401 - imported before the timer
     import torch
 
-    import bridgegen.runtime.stream  # noqa: F401 - imports before the measured part
-    from bridgegen.runtime.convert import ModelBridge
-    from bridgegen.runtime.megatron_checkpoint import bridge_for_checkpoint, load_megatron, save_megatron
-    from bridgegen.runtime.stream import stream_export, stream_import
+    import bridgegen.engines.stream_import  # noqa: F401 - imports before the measured part
+    from bridgegen.engines.checkpoint import load_megatron, save_megatron
+    from bridgegen.engines.model import ModelBridge, bridge_for_checkpoint
+    from bridgegen.engines.stream_export import stream_export
+    from bridgegen.engines.stream_import import stream_import
 
     megatron_dir, hf_dir = scratch / f"megatron-{name.split('-')[0]}", scratch / f"hf-{name.split('-')[0]}"
     before = rss_bytes()
@@ -280,7 +281,7 @@ def _end_to_end(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
         stats = stream_import(bridge, checkpoint, megatron_dir, dtype=torch.bfloat16, overwrite=True)
         moved = float(stats.bytes_requested)
     elif name == "stream-import-w2":
-        from bridgegen.runtime.launch import run_on_ranks
+        from bridgegen.engines.launch import run_on_ranks
 
         ranks = run_on_ranks(stream_import_on_rank, 2, checkpoint, megatron_dir)
         peak = (peak_rss_bytes() - before) / 2**20
@@ -291,7 +292,7 @@ def _end_to_end(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
             "peak_above_mb": peak,
         }
     elif name == "stream-export-w2":
-        from bridgegen.runtime.launch import run_on_ranks
+        from bridgegen.engines.launch import run_on_ranks
 
         ranks = run_on_ranks(stream_export_on_rank, 2, scratch / "megatron-stream", hf_dir)
         peak = (peak_rss_bytes() - before) / 2**20
@@ -321,12 +322,12 @@ def _end_to_end(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
 
 
 def rank_phase(name: str, checkpoint: Path, scratch: Path) -> dict[str, float]:
-    """One rank's part of a TP=2 phase (run by bridgegen.runtime.launch.run_on_ranks)."""
+    """One rank's part of a TP=2 phase (run by bridgegen.engines.launch.run_on_ranks)."""
     import torch
     import torch.distributed as dist
 
-    from bridgegen.runtime.convert import ModelBridge
-    from bridgegen.runtime.distributed import ParallelLayout, build_chunks, export_hf, load_hf
+    from bridgegen.engines.distributed import ParallelLayout, build_chunks, export_hf, load_hf
+    from bridgegen.engines.model import ModelBridge
 
     bridge = ModelBridge.from_hf_dir(checkpoint)
     chunks = build_chunks(bridge, ParallelLayout(tp=2), torch.bfloat16)
@@ -363,7 +364,7 @@ def main() -> int:
     workdir = Path(args.workdir)
     checkpoint, scratch = workdir / "llama-3.2-1b-synthetic", workdir / "scratch"
     if args.phase in ("import-tp2", "export-tp2"):
-        from bridgegen.runtime.launch import run_on_ranks
+        from bridgegen.engines.launch import run_on_ranks
 
         ranks = run_on_ranks(rank_phase, 2, args.phase, checkpoint, scratch)
         print(

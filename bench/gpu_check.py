@@ -44,8 +44,8 @@ def tiny_llama(folder: Path, dtype: torch.dtype) -> Path:
 
 
 def megatron_logits(hf_dir: Path, dtype: torch.dtype, device: str, tokens: torch.Tensor) -> torch.Tensor:
-    from bridgegen.runtime.convert import ModelBridge
-    from bridgegen.runtime.distributed import ParallelLayout, build_chunks, forward_logits, load_hf
+    from bridgegen.engines.distributed import ParallelLayout, build_chunks, forward_logits, load_hf
+    from bridgegen.engines.model import ModelBridge
 
     bridge = ModelBridge.from_hf_dir(hf_dir)
     chunks = build_chunks(bridge, ParallelLayout(), dtype, parallel_output=False, device=device)
@@ -74,7 +74,7 @@ def main() -> int:
 
     from transformers import AutoModelForCausalLM
 
-    from bridgegen.runtime.verify import compare
+    from bridgegen.engines.verify import compare
 
     gpu = megatron_logits(fp32_dir, torch.float32, args.device, tokens)
     hf = AutoModelForCausalLM.from_pretrained(fp32_dir, dtype=torch.float32)
@@ -90,8 +90,8 @@ def main() -> int:
 
     from safetensors.torch import load_file
 
-    from bridgegen.runtime.convert import ModelBridge
-    from bridgegen.runtime.distributed import ParallelLayout, build_chunks, export_hf, forward_logits, load_hf
+    from bridgegen.engines.distributed import ParallelLayout, build_chunks, export_hf, forward_logits, load_hf
+    from bridgegen.engines.model import ModelBridge
 
     bridge = ModelBridge.from_hf_dir(bf16_dir)
     chunks = build_chunks(bridge, ParallelLayout(), torch.bfloat16, parallel_output=False, device=args.device)
@@ -111,8 +111,9 @@ def main() -> int:
     parity = compare(reference16, logits.float().cpu())
     results.append(("bf16 GPU vs HF bf16 (argmax >= 95%)", parity.argmax_agreement >= 0.95, str(parity)))
 
-    from bridgegen.runtime.formats import dist_checkpoint, megatron_lm
-    from bridgegen.runtime.megatron_checkpoint import bridge_for_checkpoint, load_megatron, save_megatron
+    from bridgegen.engines.checkpoint import load_megatron, save_megatron
+    from bridgegen.engines.model import bridge_for_checkpoint
+    from bridgegen.formats import dist_checkpoint, megatron_lm
 
     checkpoint = work / "bf16_megatron"
     shutil.rmtree(checkpoint, ignore_errors=True)

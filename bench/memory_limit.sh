@@ -42,8 +42,8 @@ print(f"round trip bit-exact: {same}")
 PYEOF
 limited "$PY" - "$HF" "$OUT/model" > "$OUT/model.log" 2>&1 <<'PYEOF'
 import sys, torch
-from bridgegen.runtime.convert import ModelBridge
-from bridgegen.runtime.megatron_checkpoint import save_megatron
+from bridgegen.engines.model import ModelBridge
+from bridgegen.engines.checkpoint import save_megatron
 bridge = ModelBridge.from_hf_dir(sys.argv[1])
 model = bridge.build_model(torch.bfloat16)
 bridge.load_hf_weights(model)

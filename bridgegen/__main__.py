@@ -1,5 +1,5 @@
 import sys
 
-from bridgegen.cli import main
+from bridgegen.cli.main import main
 
 sys.exit(main())

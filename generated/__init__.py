@@ -24,8 +24,7 @@ from bridgegen.generated.qwen3 import Qwen3Bridge
 from bridgegen.generated.qwen3_moe import Qwen3MoeBridge
 from bridgegen.generated.starcoder2 import Starcoder2Bridge
 
-from bridgegen.runtime.bridge import Bridge
-from bridgegen.runtime.registry import find_bridge
+from bridgegen.bridge.base import Bridge, find_bridge
 
 BRIDGES: tuple[type[Bridge], ...] = (
     DeepseekV2Bridge,

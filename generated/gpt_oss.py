@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridgegen.runtime import helpers  # noqa: F401
-from bridgegen.runtime.bridge import Bridge
-from bridgegen.runtime.config import HFConfigReader, MegatronConfig
-from bridgegen.runtime.weight_rules import GateUp, HFLayout, WeightKind, WeightRule
+from bridgegen.bridge import helpers  # noqa: F401
+from bridgegen.bridge.base import Bridge
+from bridgegen.bridge.config import HFConfigReader, MegatronConfig
+from bridgegen.bridge.weight_rules import GateUp, HFLayout, WeightKind, WeightRule
 
 
 def _when_output_layer_weight(config: MegatronConfig) -> bool:

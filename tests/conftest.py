@@ -10,9 +10,9 @@ import pytest
 
 @pytest.fixture(scope="session")
 def megatron_transformer_config() -> Callable[..., Any]:
-    """``bridgegen.runtime.megatron.transformer_config``, with megatron-core imported once (~8 s)."""
+    """``bridgegen.megatron.config.transformer_config``, with megatron-core imported once (~8 s)."""
     import megatron.core.transformer.transformer_config  # noqa: F401
 
-    from bridgegen.runtime.megatron import transformer_config
+    from bridgegen.megatron.config import transformer_config
 
     return transformer_config

@@ -21,7 +21,7 @@ def bridge_class(bridge_file: str | Path) -> Any:
     import importlib.util
     import sys
 
-    from bridgegen.runtime.bridge import Bridge
+    from bridgegen.bridge.base import Bridge
 
     name = f"bridgegen_test_{Path(bridge_file).stem}"
     spec = importlib.util.spec_from_file_location(name, bridge_file)
@@ -39,7 +39,7 @@ def model_bridge(hf_dir: str, bridge_file: str | None = None) -> Any:
     """The ModelBridge for an HF folder: from the generated bridges, or from ``bridge_file``."""
     import json
 
-    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.engines.model import ModelBridge
 
     if bridge_file is None:
         return ModelBridge.from_hf_dir(hf_dir)
@@ -57,8 +57,8 @@ def convert(
 ) -> dict[str, Any]:
     """Import at ``layout``, run forward, export to ``out_dir`` (and optionally save a dist
     checkpoint). Returns this rank's logits (last stage only) and bytes read."""
-    from bridgegen.runtime.distributed import ParallelLayout, build_chunks, export_hf, forward_logits, load_hf
-    from bridgegen.runtime.megatron_checkpoint import save_megatron
+    from bridgegen.engines.checkpoint import save_megatron
+    from bridgegen.engines.distributed import ParallelLayout, build_chunks, export_hf, forward_logits, load_hf
 
     bridge = model_bridge(hf_dir, bridge_file)
     chunks = build_chunks(bridge, ParallelLayout(**layout), torch.float32, parallel_output=False)
@@ -78,8 +78,9 @@ def convert(
 
 def export_checkpoint(checkpoint_dir: str, out_dir: str, layout: dict[str, Any]) -> None:
     """Load a dist checkpoint at ``layout`` and export it to an HF folder."""
-    from bridgegen.runtime.distributed import ParallelLayout, build_chunks, export_hf
-    from bridgegen.runtime.megatron_checkpoint import bridge_for_checkpoint, load_megatron
+    from bridgegen.engines.checkpoint import load_megatron
+    from bridgegen.engines.distributed import ParallelLayout, build_chunks, export_hf
+    from bridgegen.engines.model import bridge_for_checkpoint
 
     bridge, dtype = bridge_for_checkpoint(checkpoint_dir)
     chunks = build_chunks(bridge, ParallelLayout(**layout), dtype)
@@ -96,11 +97,11 @@ def fail_on_rank_1(hf_dir: str, out_dir: str, layout: dict[str, Any], when: str)
     (``"export"``) or while saving the dist checkpoint (``"save"``)."""
     import torch.distributed as dist
 
-    import bridgegen.runtime.distributed as distributed
-    import bridgegen.runtime.weights as weights
-    from bridgegen.runtime.convert import ModelBridge
-    from bridgegen.runtime.distributed import ParallelLayout, build_chunks, export_hf, load_hf
-    from bridgegen.runtime.megatron_checkpoint import save_megatron
+    import bridgegen.engines.distributed as distributed
+    import bridgegen.engines.weights as weights
+    from bridgegen.engines.checkpoint import save_megatron
+    from bridgegen.engines.distributed import ParallelLayout, build_chunks, export_hf, load_hf
+    from bridgegen.engines.model import ModelBridge
 
     if dist.get_rank() == 1:
         if when == "import":
@@ -147,8 +148,8 @@ def finish_with_an_exit_handler(marker_dir: str) -> tuple[int, bool, bool]:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from bridgegen.runtime.convert import ensure_model_parallel
-    from bridgegen.runtime.launch import end_process_groups
+    from bridgegen.engines.launch import end_process_groups
+    from bridgegen.engines.model import ensure_model_parallel
 
     ensure_model_parallel(tensor_parallel_size=2)
     rank = dist.get_rank()

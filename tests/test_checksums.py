@@ -1,4 +1,4 @@
-"""``dist_checkpoint.CheckedItem``: a torch.save archive read through it has every record torch
+"""``dist_items.CheckedItem``: a torch.save archive read through it has every record torch
 reads checked against its CRC32, in order as it passes or, read out of order, again at
 ``finish``. The CLI cases (a flipped bit in a .distcp at three layouts, a truncated file) are in
 test_hostile.py."""
@@ -11,8 +11,8 @@ import zipfile
 import pytest
 import torch
 
-from bridgegen.runtime.errors import WeightError
-from bridgegen.runtime.formats.dist_checkpoint import CheckedItem
+from bridgegen.bridge.errors import WeightError
+from bridgegen.formats.dist_items import CheckedItem
 
 
 def archive(flip: bool = False) -> tuple[io.BytesIO, tuple[int, int]]:

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from bridgegen.runtime.config import (
+from bridgegen.bridge.config_checks import (
     check_with_transformers,
     config_checks_alongside,
     raise_if_a_config_check_failed,
     start_config_checks,
     wait_for_config_checks,
 )
-from bridgegen.runtime.errors import ConfigError, WeightError
-from bridgegen.runtime.folders import publish_folder
+from bridgegen.bridge.errors import ConfigError, WeightError
+from bridgegen.formats.folders import publish_folder
 
 WRONG = {"model_type": "llama", "rms_norm_eps": "1e-6"}  # a str where LlamaConfig wants a float
 RIGHT = {"model_type": "llama", "rms_norm_eps": 1e-6}
@@ -49,7 +49,7 @@ def test_a_wrong_config_is_refused_when_the_block_ends(started: bool) -> None:
 def test_a_held_check_runs_in_a_thread_once_started(monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
 
-    import bridgegen.runtime.config as config
+    import bridgegen.bridge.config_checks as config
 
     ran_in: list[str] = []
     monkeypatch.setattr(config, "_check_with_transformers", lambda *_: ran_in.append(threading.current_thread().name))

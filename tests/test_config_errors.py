@@ -22,7 +22,7 @@ from bridgegen.generated import (
     bridge_for_config,
 )
 
-from bridgegen.runtime.errors import BridgeError, ConfigError, UnsupportedModelError
+from bridgegen.bridge.errors import BridgeError, ConfigError, UnsupportedModelError
 
 # Every architecture of every built-in bridge, sorted.
 SUPPORTED_ARCHITECTURES = ", ".join(sorted(a for bridge in BRIDGES for a in bridge.architectures))
@@ -217,7 +217,7 @@ def test_rope_scaling_missing_parameters() -> None:
 def test_rope_type_without_megatron_equivalent(megatron_transformer_config: Callable[..., Any]) -> None:
     import dataclasses
 
-    from bridgegen.runtime.rope import RopeScaling
+    from bridgegen.bridge.rope import RopeScaling
 
     megatron = LlamaBridge.to_megatron_config(llama_3_1_8b())
     longrope = RopeScaling("longrope", {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0]})

@@ -28,10 +28,10 @@ from bridgegen.generated import (
     bridge_for_config,
 )
 
-from bridgegen.runtime.bridge import Bridge
-from bridgegen.runtime.config import HF_VOLATILE_FIELDS, MODEL_FIELDS, MegatronConfig
-from bridgegen.runtime.errors import ConfigError
-from bridgegen.runtime.rope import MEGATRON_LLAMA3_CONSTANTS
+from bridgegen.bridge.base import Bridge
+from bridgegen.bridge.config import HF_VOLATILE_FIELDS, MODEL_FIELDS, MegatronConfig
+from bridgegen.bridge.errors import ConfigError
+from bridgegen.bridge.rope import MEGATRON_LLAMA3_CONSTANTS
 
 # Published configs, copied into the repository (tests/data/hf_configs/SOURCES.tsv says where from).
 REPO_ROOT = Path(__file__).resolve().parents[1]

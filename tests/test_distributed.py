@@ -1,6 +1,6 @@
 """Conversion at TP / PP / VPP layouts on several gloo processes (CPU).
 
-Each case spawns its ranks with bridgegen.runtime.launch.run_on_ranks; the functions they run
+Each case spawns its ranks with bridgegen.engines.launch.run_on_ranks; the functions they run
 live in tests/dist_cases.py. Models are tiny (4 layers, hidden 64) so 2 cores suffice.
 """
 
@@ -16,7 +16,7 @@ import torch
 from checkpoints import assert_bit_exact, tensors_of
 from torch.multiprocessing.spawn import ProcessRaisedException
 
-from bridgegen.runtime.launch import run_on_ranks
+from bridgegen.engines.launch import run_on_ranks
 
 VOCAB = 250
 LOGIT_ATOL = 1e-5
@@ -152,7 +152,7 @@ def test_one_rank_failing_stops_all_and_leaves_nothing(
     with pytest.raises(ProcessRaisedException, match="rank 1 fails"):
         run_on_ranks(dist_cases.fail_on_rank_1, 2, str(folder), str(out), layout, when)
     assert not out.exists()
-    from bridgegen.runtime.folders import remove_partial_outputs
+    from bridgegen.formats.folders import remove_partial_outputs
 
     # A rank killed while blocked in a collective cannot clean up; what it may leave is a
     # hidden temp folder, which the launcher (or the next run) removes.
@@ -161,7 +161,7 @@ def test_one_rank_failing_stops_all_and_leaves_nothing(
 
 
 def test_cli_runs_a_layout_on_local_processes(models: dict[str, Any], tmp_path: Path) -> None:
-    from bridgegen.cli import main
+    from bridgegen.cli.main import main
 
     folder, _ = models["untied"]
     checkpoint, out = tmp_path / "ckpt", tmp_path / "hf"

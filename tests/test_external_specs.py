@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from bridgegen.generated.qwen3 import Qwen3Bridge
 
-from bridgegen.cli import main
-from bridgegen.runtime.registry import BRIDGES_ENV, BridgesFolderError, all_bridges, bridge_for_config
+from bridgegen.cli.main import main
+from bridgegen.plan.bridges import BRIDGES_ENV, BridgesFolderError, all_bridges, bridge_for_config
 from bridgegen.spec.generate import builtin_specs_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,7 +65,7 @@ def bridges_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]
     yield monkeypatch
 
 
-def test_generate_writes_a_package_that_imports_only_the_public_runtime(
+def test_generate_writes_a_package_that_imports_only_the_bridge_surface(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     specs, out = _team(tmp_path)
@@ -84,7 +84,7 @@ def test_generate_writes_a_package_that_imports_only_the_public_runtime(
             else:
                 continue
             for name in names:
-                public_runtime = name.startswith("bridgegen.runtime") and not any(
+                public_runtime = name.startswith("bridgegen.bridge") and not any(
                     part.startswith("_") for part in name.split(".")
                 )
                 assert public_runtime or name in STDLIB_IMPORTS, f"{path.name} imports {name}"
@@ -177,7 +177,7 @@ def test_bridges_folder_found_by_the_python_api_and_list(
     assert bridge.example_config["hidden_size"] == 64
     from transformers import LlamaConfig
 
-    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.engines.model import ModelBridge
 
     hf_config = {**LlamaConfig(**bridge.example_config).to_dict(), **config}
     model_bridge = ModelBridge.from_hf_config(hf_config)

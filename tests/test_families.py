@@ -25,7 +25,7 @@ import torch
 from bridgegen.generated import BRIDGES
 from checkpoints import assert_bit_exact
 
-from bridgegen.runtime.bridge import Bridge
+from bridgegen.bridge.base import Bridge
 
 LOGIT_ATOL = 1e-5  # fp32 on both sides; the families' math needs no looser bound
 SEQ = 24  # longer than the example configs' sliding windows
@@ -94,7 +94,7 @@ def test_every_spec_has_an_example_config() -> None:
 @pytest.fixture(scope="module")
 def families(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """``families(bridge)``: the family's HF model, imported and exported by the CLI (cached)."""
-    from bridgegen.cli import main
+    from bridgegen.cli.main import main
 
     cache: dict[str, Family] = {}
 
@@ -124,8 +124,9 @@ def test_example_config_is_served_by_its_bridge(bridge: type[Bridge]) -> None:
 @pytest.mark.parametrize("bridge", FAMILIES, ids=_family)
 def test_logits_parity_fp32(families: Any, bridge: type[Bridge]) -> None:
     """A megatron-core model loaded from the imported checkpoint against transformers."""
-    from bridgegen.runtime.megatron_checkpoint import bridge_for_checkpoint, load_megatron
-    from bridgegen.runtime.verify import compare, megatron_logits
+    from bridgegen.engines.checkpoint import load_megatron
+    from bridgegen.engines.model import bridge_for_checkpoint
+    from bridgegen.engines.verify import compare, megatron_logits
 
     family = families(bridge)
     loaded, dtype = bridge_for_checkpoint(family.checkpoint)

@@ -29,8 +29,8 @@ from bridgegen.generated import (
     Qwen3Bridge,
 )
 
-from bridgegen.runtime.errors import ConfigError
-from bridgegen.runtime.rope import RUNTIME_ROPE_KEYS, TRANSFORMERS_ROPE_KEYS, unhandled_rope_keys
+from bridgegen.bridge.errors import ConfigError
+from bridgegen.bridge.rope import RUNTIME_ROPE_KEYS, TRANSFORMERS_ROPE_KEYS, unhandled_rope_keys
 from bridgegen.spec.coverage import (
     ConfigClass,
     coverage_problems,
@@ -353,8 +353,8 @@ def hf_llama(folder: Path, **fields: Any) -> Any:
 
 
 def megatron_parity(folder: Path, reference: torch.Tensor, tokens: torch.Tensor) -> Any:
-    from bridgegen.runtime.convert import ModelBridge
-    from bridgegen.runtime.verify import compare, megatron_logits
+    from bridgegen.engines.model import ModelBridge
+    from bridgegen.engines.verify import compare, megatron_logits
 
     bridge = ModelBridge.from_hf_dir(folder)
     model = bridge.build_model(torch.float32)

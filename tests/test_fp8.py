@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bridgegen.runtime.errors import WeightError
-from bridgegen.runtime.fp8 import dequantize
+from bridgegen.bridge.errors import WeightError
+from bridgegen.formats.fp8 import dequantize
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -64,8 +64,8 @@ def test_fp8_deepseek_checkpoint_imports_dequantized(tmp_path: Path) -> None:
     dequantized weights, and the export is a plain (unquantized) checkpoint."""
     from test_mla import build
 
-    from bridgegen.runtime.convert import ModelBridge
-    from bridgegen.runtime.verify import compare, megatron_logits
+    from bridgegen.engines.model import ModelBridge
+    from bridgegen.engines.verify import compare, megatron_logits
 
     folder, _ = build(tmp_path / "hf", "deepseek_v3")
     tensors = load_file(folder / "model.safetensors")

@@ -45,7 +45,7 @@ def saved(model: torch.nn.Module, folder: Path, dtype: torch.dtype = torch.float
 
 def test_gemma_bf16_round_trip_is_bit_exact(tmp_path: Path) -> None:
     """bf16 on both sides (fp32 parity and round trip: tests/test_families.py)."""
-    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.engines.model import ModelBridge
 
     folder, _ = make_gemma(tmp_path / "hf", torch.bfloat16)
     bridge = ModelBridge.from_hf_dir(folder)
@@ -101,8 +101,8 @@ def make_variant(folder: Path, name: str) -> tuple[Path, object]:
 # tests/test_families.py; linear RoPE scaling on the global layers only is run here.
 @pytest.mark.parametrize("name", ["gemma3_text_linear"])
 def test_gemma2_and_gemma3_parity_with_windows_longer_than_sliding(name: str, tmp_path: Path) -> None:
-    from bridgegen.runtime.convert import ModelBridge
-    from bridgegen.runtime.verify import compare, megatron_logits
+    from bridgegen.engines.model import ModelBridge
+    from bridgegen.engines.verify import compare, megatron_logits
 
     folder, hf = make_variant(tmp_path / "hf", name)
     bridge = ModelBridge.from_hf_dir(folder)
@@ -175,8 +175,8 @@ def make_multimodal(folder: Path, *, tied: bool, dtype: torch.dtype = torch.floa
 def test_multimodal_gemma3_text_parity_and_round_trip(tied: bool, dtype: torch.dtype, tmp_path: Path) -> None:
     import json
 
-    from bridgegen.runtime.convert import ModelBridge
-    from bridgegen.runtime.verify import compare, megatron_logits
+    from bridgegen.engines.model import ModelBridge
+    from bridgegen.engines.verify import compare, megatron_logits
 
     folder, hf = make_multimodal(tmp_path / "hf", tied=tied, dtype=dtype)
     bridge = ModelBridge.from_hf_dir(folder)
@@ -215,7 +215,7 @@ def _loaded_config(folder: Path) -> dict[str, object]:
 
 
 def _tensor_names(folder: Path) -> list[str]:
-    from bridgegen.runtime.safetensors_io import Checkpoint
+    from bridgegen.formats.safetensors import Checkpoint
 
     return Checkpoint.open(folder).names()
 
@@ -223,8 +223,8 @@ def _tensor_names(folder: Path) -> list[str]:
 def test_multimodal_export_without_its_vision_tower_is_refused(tmp_path: Path) -> None:
     import json
 
-    from bridgegen.runtime.convert import ModelBridge
-    from bridgegen.runtime.errors import WeightError
+    from bridgegen.bridge.errors import WeightError
+    from bridgegen.engines.model import ModelBridge
 
     folder, _ = make_multimodal(tmp_path / "hf", tied=True)
     loaded = ModelBridge.from_hf_dir(folder)
@@ -248,7 +248,7 @@ def test_multimodal_export_without_its_vision_tower_is_refused(tmp_path: Path) -
 def test_multimodal_export_in_bf16_casts_the_carried_tensors_too(tmp_path: Path) -> None:
     from checkpoints import tensors_of
 
-    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.engines.model import ModelBridge
 
     folder, _ = make_multimodal(tmp_path / "hf", tied=True)
     bridge = ModelBridge.from_hf_dir(folder)
@@ -266,8 +266,8 @@ def test_multimodal_import_names_an_unknown_tensor(tmp_path: Path) -> None:
     """Tensors outside the language model are carried only under the spec's prefixes."""
     from safetensors.torch import load_file, save_file
 
-    from bridgegen.runtime.convert import ModelBridge
-    from bridgegen.runtime.errors import WeightError
+    from bridgegen.bridge.errors import WeightError
+    from bridgegen.engines.model import ModelBridge
 
     folder, _ = make_multimodal(tmp_path / "hf", tied=True)
     tensors = load_file(folder / "model.safetensors")
@@ -281,7 +281,7 @@ def test_multimodal_import_names_an_unknown_tensor(tmp_path: Path) -> None:
 def test_multimodal_through_a_dist_checkpoint_at_tp2_pp2(tmp_path: Path) -> None:
     """CLI import at TP=2 keeps the vision tower beside the Megatron checkpoint; export at
     PP=2 writes it back: bit-exact, and HF's logits match the checkpoint's."""
-    from bridgegen.cli import main
+    from bridgegen.cli.main import main
 
     folder, _ = make_multimodal(tmp_path / "hf", tied=False)
     checkpoint, out = tmp_path / "ckpt", tmp_path / "out"

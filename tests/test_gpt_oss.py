@@ -19,7 +19,7 @@ import torch
 from bridgegen.generated.gpt_oss import GptOssBridge
 from checkpoints import assert_bit_exact, tensors_of
 
-from bridgegen.runtime.launch import run_on_ranks
+from bridgegen.engines.launch import run_on_ranks
 
 # fp32 logits, HF vs Megatron; measured 2.5e-7.
 LOGIT_ATOL = 1e-5
@@ -57,8 +57,8 @@ def gpt_oss(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def megatron_logits_of(folder: Path) -> torch.Tensor:
-    from bridgegen.runtime.convert import ModelBridge
-    from bridgegen.runtime.verify import megatron_logits
+    from bridgegen.engines.model import ModelBridge
+    from bridgegen.engines.verify import megatron_logits
 
     bridge = ModelBridge.from_hf_dir(folder)
     model = bridge.build_model(torch.float32)
@@ -83,7 +83,7 @@ def test_tiny_model_has_the_gpt_oss_storage(gpt_oss: dict[str, Any]) -> None:
 
 def test_yarn_truncation_is_honoured(tmp_path: Path) -> None:
     """The same weights with ``truncate: true`` give other HF logits, and the bridge follows."""
-    from bridgegen.runtime.verify import compare
+    from bridgegen.engines.verify import compare
 
     rope = {**GptOssBridge.example_config["rope_parameters"], "truncate": True}
     reference = logits_of(make_gpt_oss(tmp_path / "truncated", rope_parameters=rope))
@@ -96,7 +96,7 @@ def test_cli_round_trip_is_bit_exact_and_loads_in_transformers(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    from bridgegen.cli import main
+    from bridgegen.cli.main import main
 
     checkpoint, out = tmp_path / "megatron", tmp_path / "hf"
     assert main(["import", "--hf", str(gpt_oss["folder"]), "--out", str(checkpoint)]) == 0
@@ -113,7 +113,7 @@ def test_config_round_trip(gpt_oss: dict[str, Any], tmp_path: Path) -> None:
     ``rope_parameters``)."""
     from transformers import AutoConfig
 
-    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.engines.model import ModelBridge
 
     exported = ModelBridge.from_hf_dir(gpt_oss["folder"]).export_config(torch.float32)
     (tmp_path / "config.json").write_text(json.dumps(exported))
@@ -134,7 +134,7 @@ def test_config_round_trip(gpt_oss: dict[str, Any], tmp_path: Path) -> None:
     ],
 )
 def test_configs_megatron_cannot_run_are_refused(change: dict[str, Any], message: str) -> None:
-    from bridgegen.runtime.errors import ConfigError
+    from bridgegen.bridge.errors import ConfigError
 
     config = {**GptOssBridge.example_config, "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss"}
     with pytest.raises(ConfigError, match=message):
@@ -175,7 +175,7 @@ def test_mxfp4_dequantization_matches_transformers() -> None:
     ``convert_moe_packed_tensors``, which GptOss loading uses for ``*_blocks`` / ``*_scales``)."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    from bridgegen.runtime.mxfp4 import dequantize
+    from bridgegen.formats.mxfp4 import dequantize
 
     blocks, scales = random_mxfp4((3, 10, 2), seed=0)
     # Low nibble first: 0x10 -> +0.0, +0.5; 0xF8 -> -0.0, -6.0.
@@ -199,8 +199,8 @@ def test_mxfp4_experts_are_dequantized_on_import(
     from safetensors.torch import save_file
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    from bridgegen.runtime import mxfp4
-    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.engines.model import ModelBridge
+    from bridgegen.formats import mxfp4
 
     dequantized: list[str] = []
     real_dequantize = mxfp4.dequantize
@@ -256,8 +256,8 @@ def test_biased_experts_need_expert_tensor_parallel_1() -> None:
     """megatron-core asserts ETP == 1 for experts with biases (transformer_config.py, "Bias in Moe
     is only supported when ETP==1"); ETP defaults to the TP size, so TP=2 alone is refused with
     the option that fixes it."""
-    from bridgegen.runtime.convert import ModelBridge
-    from bridgegen.runtime.errors import ConfigError
+    from bridgegen.bridge.errors import ConfigError
+    from bridgegen.engines.model import ModelBridge
 
     bridge = ModelBridge.from_hf_config(GptOssBridge.example_hf_config())
     with pytest.raises(

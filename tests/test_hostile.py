@@ -26,7 +26,7 @@ import psutil
 import pytest
 import torch
 
-from bridgegen.cli import main
+from bridgegen.cli.main import main
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +313,7 @@ def test_a_failed_replace_keeps_the_old_output(
 ) -> None:
     """--overwrite moves the old output aside and removes it only once the new one is in
     place: when renaming the new one in fails, the old one is put back as it was."""
-    import bridgegen.runtime.folders as folders
+    import bridgegen.formats.folders as folders
 
     out = tmp_path / "out"
     assert main(["import", "--hf", str(hf), "--out", str(out)]) == 0
@@ -327,8 +327,8 @@ def test_a_failed_replace_keeps_the_old_output(
     monkeypatch.setattr(folders.os, "replace", failing)
     before = snapshot(out)
     with pytest.raises(OSError, match="cannot rename the new output in"):
-        from bridgegen.runtime.convert import ModelBridge
-        from bridgegen.runtime.stream import stream_import
+        from bridgegen.engines.model import ModelBridge
+        from bridgegen.engines.stream_import import stream_import
 
         stream_import(ModelBridge.from_hf_dir(hf), hf, out, dtype=torch.float32, overwrite=True)
     assert snapshot(out) == before
@@ -339,7 +339,7 @@ def test_temp_folders_belong_to_one_run(tmp_path: Path) -> None:
     """Leftovers are matched by exact name and owner: a folder of a run still alive (another
     process writing the same --out), a folder of another target whose name a glob of this one
     would match, and a folder not in our naming stay; a dead run's folder goes."""
-    from bridgegen.runtime.folders import remove_partial_outputs
+    from bridgegen.formats.folders import remove_partial_outputs
 
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     finished = subprocess.run(
@@ -417,7 +417,7 @@ def test_a_failed_local_run_leaves_nothing_in_the_temp_folder(
     import dist_cases
     from torch.multiprocessing.spawn import ProcessRaisedException
 
-    from bridgegen.runtime.launch import run_on_ranks
+    from bridgegen.engines.launch import run_on_ranks
 
     private = tmp_path / "temp"
     private.mkdir()
@@ -486,7 +486,7 @@ def test_the_cli_takes_expert_parallel_layouts(layout: list[str], ranks: int, tm
     import test_moe
     from checkpoints import assert_bit_exact
 
-    from bridgegen.convert_cli import ranks_for
+    from bridgegen.cli.convert import ranks_for
 
     hf = test_moe.make_qwen3_moe(tmp_path / "hf")
     parsed = argparse.Namespace(tp=1, pp=1, ep=1, etp=None)
@@ -684,8 +684,8 @@ def test_an_error_after_the_progress_bar_started_is_the_last_thing_shown(
     stale bar drawn again after it."""
     from checkpoints import FailingOnCall
 
-    import bridgegen.runtime.stream as stream
-    from bridgegen.runtime.errors import WeightError
+    import bridgegen.engines.stream_import as stream
+    from bridgegen.bridge.errors import WeightError
 
     failing = FailingOnCall(stream.source_rows, 4, WeightError("injected: the fourth tensor is unreadable"))
     monkeypatch.setattr(stream, "source_rows", failing)

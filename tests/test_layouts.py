@@ -21,10 +21,10 @@ import pytest
 import torch
 from checkpoints import assert_bit_exact, tensors_of
 
-from bridgegen.runtime.errors import WeightError
-from bridgegen.runtime.launch import run_on_ranks
-from bridgegen.runtime.transforms import Layout, interleave_gate_up, load_shard, shard_writes
-from bridgegen.runtime.weight_rules import GateUp, WeightKind
+from bridgegen.bridge.errors import WeightError
+from bridgegen.bridge.weight_rules import GateUp, WeightKind
+from bridgegen.engines.launch import run_on_ranks
+from bridgegen.plan.transforms import Layout, interleave_gate_up, load_shard, shard_writes
 
 VOCAB = 200
 HIDDEN = 64
@@ -167,7 +167,7 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def logits_of(case: dict[str, Any], folder: Path) -> torch.Tensor:
-    from bridgegen.runtime.verify import megatron_logits
+    from bridgegen.engines.verify import megatron_logits
 
     bridge = dist_cases.model_bridge(str(folder), case["bridge_file"])
     model = bridge.build_model(torch.float32)
@@ -213,7 +213,7 @@ def test_interleaved_shards_hold_whole_gate_and_up_rows(tp_size: int) -> None:
 
 
 def test_logits_match_hf_and_round_trip_is_bit_exact(case: dict[str, Any], tmp_path: Path) -> None:
-    from bridgegen.runtime.verify import compare, megatron_logits
+    from bridgegen.engines.verify import compare, megatron_logits
 
     bridge = dist_cases.model_bridge(str(case["stored"]), case["bridge_file"])
     model = bridge.build_model(torch.float32)
@@ -231,14 +231,15 @@ def test_streaming_import_and_export_are_bit_exact(
     case: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """HF -> Megatron checkpoint -> HF without a model in memory (the CLI's path)."""
-    from bridgegen.runtime import megatron_checkpoint
-    from bridgegen.runtime.stream import stream_export, stream_import
+    from bridgegen.engines import stream_export as stream_export_module
+    from bridgegen.engines.stream_export import stream_export
+    from bridgegen.engines.stream_import import stream_import
 
     bridge = dist_cases.model_bridge(str(case["stored"]), case["bridge_file"])
     stream_import(bridge, case["stored"], tmp_path / "megatron", dtype=torch.float32)
     # The test's family is not among the generated bridges the checkpoint's family is looked up in.
     monkeypatch.setattr(
-        megatron_checkpoint, "bridge_for_checkpoint", lambda *_, **__: (bridge, torch.float32)
+        stream_export_module, "conversion_for_checkpoint", lambda *_, **__: (bridge, torch.float32)
     )
     stream_export(tmp_path / "megatron", tmp_path / "out")
     assert_same_tensors(case["tensors"], tmp_path / "out")

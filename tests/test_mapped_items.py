@@ -1,4 +1,4 @@
-"""``dist_checkpoint.MappedItems``: a checkpoint item holding one plainly stored tensor, read as
+"""``dist_items.MappedItems``: a checkpoint item holding one plainly stored tensor, read as
 a view of the memory-mapped ``.distcp`` file instead of through ``torch.load``.
 
 Every tensor item of the checkpoints Megatron-Bridge and Megatron-LM wrote (and of ours) must
@@ -16,10 +16,11 @@ import torch
 from checkpoints import assert_bit_exact
 from test_checksums import archive
 
-from bridgegen.runtime.convert import ModelBridge
-from bridgegen.runtime.errors import WeightError
-from bridgegen.runtime.formats.dist_checkpoint import MappedItems, verifying_reader
-from bridgegen.runtime.stream import stream_export, stream_import
+from bridgegen.bridge.errors import WeightError
+from bridgegen.engines.model import ModelBridge
+from bridgegen.engines.stream_export import stream_export
+from bridgegen.engines.stream_import import stream_import
+from bridgegen.formats.dist_items import MappedItems, verifying_reader
 
 FIXTURES = Path(__file__).parent / "data" / "megatron_checkpoints"
 

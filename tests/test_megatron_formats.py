@@ -19,8 +19,8 @@ import pytest
 import torch
 from checkpoints import assert_bit_exact, tensors_of
 
-from bridgegen.cli import main
-from bridgegen.runtime.formats import dist_checkpoint, megatron_lm
+from bridgegen.cli.main import main
+from bridgegen.formats import dist_checkpoint, megatron_lm
 
 FIXTURES = Path(__file__).parent / "data" / "megatron_checkpoints"
 VOCAB = 128

@@ -109,7 +109,7 @@ def build(folder: Path, name: str, dtype: torch.dtype = torch.float32, **overrid
 
 
 def convert(folder: Path, dtype: torch.dtype | None, out: Path) -> Any:
-    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.engines.model import ModelBridge
 
     bridge = ModelBridge.from_hf_dir(folder)
     model = bridge.build_model(dtype)
@@ -122,7 +122,7 @@ def convert(folder: Path, dtype: torch.dtype | None, out: Path) -> Any:
 # tests/test_families.py.
 @pytest.mark.parametrize("name", ["deepseek_v3_yarn", "moonlight"])
 def test_logits_match_hf_and_round_trip_is_exact(name: str, tmp_path: Path) -> None:
-    from bridgegen.runtime.verify import compare, megatron_logits
+    from bridgegen.engines.verify import compare, megatron_logits
 
     folder, hf = build(tmp_path / "hf", name)
     bridge, model = convert(folder, torch.float32, tmp_path / "out")
@@ -172,7 +172,7 @@ def test_bf16_routing_matches_transformers(name: str, tmp_path: Path) -> None:
     same); the spec sets megatron-core's ``moe_router_dtype: fp32`` for it. The same router in
     bf16 (megatron-core's default) picks another expert set for some tokens of this layer, so
     the test would fail without the setting."""
-    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.engines.model import ModelBridge
 
     experts = dict(n_routed_experts=16, num_experts_per_tok=4, n_group=1, topk_group=1)
     folder, _ = build(tmp_path / "hf", name, torch.bfloat16, **experts)
@@ -198,7 +198,7 @@ def test_bf16_routing_matches_transformers(name: str, tmp_path: Path) -> None:
 
 
 def test_kimi_k2_model_type_is_served_by_the_deepseek_v3_bridge(tmp_path: Path) -> None:
-    from bridgegen.runtime.verify import compare, megatron_logits
+    from bridgegen.engines.verify import compare, megatron_logits
 
     folder, hf = build(tmp_path / "hf", "moonlight")
     config = json.loads((folder / "config.json").read_text())
@@ -238,8 +238,8 @@ def with_mtp_layer(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_multi_token_prediction_layer_round_trips(tmp_path: Path) -> None:
-    from bridgegen.runtime.convert import ModelBridge
-    from bridgegen.runtime.verify import compare, megatron_logits
+    from bridgegen.engines.model import ModelBridge
+    from bridgegen.engines.verify import compare, megatron_logits
 
     folder, hf = build(tmp_path / "hf", "deepseek_v3")
     source = with_mtp_layer(folder)
@@ -272,7 +272,7 @@ def test_mtp_copies_are_written_at_tp2_pp2(tmp_path: Path) -> None:
     head (last stage) from the ranks that hold them, each TP rank its vocab slice."""
     from checkpoints import assert_bit_exact
 
-    from bridgegen.runtime.launch import run_on_ranks
+    from bridgegen.engines.launch import run_on_ranks
 
     folder, _ = build(tmp_path / "hf", "deepseek_v3")
     with_mtp_layer(folder)
@@ -291,8 +291,8 @@ def test_mtp_copies_are_written_at_tp2_pp2(tmp_path: Path) -> None:
 def test_mtp_layers_can_be_left_out(tmp_path: Path) -> None:
     """A checkpoint with an MTP layer after its decoder layers (model.layers.3.*) converts
     without it; the decoder is unaffected."""
-    from bridgegen.runtime.convert import ModelBridge
-    from bridgegen.runtime.verify import compare, megatron_logits
+    from bridgegen.engines.model import ModelBridge
+    from bridgegen.engines.verify import compare, megatron_logits
 
     folder, hf = build(tmp_path / "hf", "deepseek_v3")
     tensors = load_file(folder / "model.safetensors")
@@ -306,7 +306,7 @@ def test_mtp_layers_can_be_left_out(tmp_path: Path) -> None:
     config["num_nextn_predict_layers"] = 1
     (folder / "config.json").write_text(json.dumps(config))
 
-    from bridgegen.runtime.errors import WeightError
+    from bridgegen.bridge.errors import WeightError
 
     partial = ModelBridge.from_hf_dir(folder)  # layer 3 is there in part: not left out silently
     with pytest.raises(WeightError, match=r"missing tensor 'model\.layers\.3\.enorm\.weight'.*--drop-mtp"):
@@ -332,7 +332,7 @@ def test_declared_mtp_layer_without_tensors_is_left_out(
     tensor bit-exact."""
     from checkpoints import assert_bit_exact
 
-    from bridgegen.cli import main
+    from bridgegen.cli.main import main
 
     folder, _ = build(tmp_path / "hf", "deepseek_v3", num_nextn_predict_layers=1)
     assert json.loads((folder / "config.json").read_text())["num_nextn_predict_layers"] == 1
@@ -351,7 +351,7 @@ def test_deepseek_v3_at_expert_parallel_2(tmp_path: Path) -> None:
     """Routed experts split over two EP ranks, shared experts and the expert bias replicated."""
     from checkpoints import assert_bit_exact
 
-    from bridgegen.runtime.launch import run_on_ranks
+    from bridgegen.engines.launch import run_on_ranks
 
     folder, hf = build(tmp_path / "hf", "deepseek_v3")
     with torch.no_grad():
@@ -374,7 +374,7 @@ def test_latent_attention_at_tensor_parallel_2(name: str, layout: dict[str, int]
     group: parity with HF and a bit-exact export."""
     from checkpoints import assert_bit_exact
 
-    from bridgegen.runtime.launch import run_on_ranks
+    from bridgegen.engines.launch import run_on_ranks
 
     folder, hf = build(tmp_path / "hf", name)
     with torch.no_grad():

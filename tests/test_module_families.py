@@ -19,8 +19,8 @@ import torch
 from bridgegen.generated import BRIDGES
 from checkpoints import assert_bit_exact, tensors_of
 
-from bridgegen.runtime.bridge import Bridge
-from bridgegen.runtime.launch import run_on_ranks
+from bridgegen.bridge.base import Bridge
+from bridgegen.engines.launch import run_on_ranks
 
 LOGIT_ATOL = 1e-5  # fp32 max |HF - Megatron| over every logit
 
@@ -68,8 +68,8 @@ def test_import_export_is_bit_exact_and_loads_in_transformers(family: str, tmp_p
     (transformers/models/auto/auto_factory.py:261, transformers/modeling_utils.py:3903) and computes the original model's logits exactly."""
     from transformers import AutoModelForCausalLM
 
-    from bridgegen.cli import main
-    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.cli.main import main
+    from bridgegen.engines.model import ModelBridge
 
     bridge = MODULE_FAMILIES[family]
     hf = save_tiny(bridge, tmp_path / "hf")
@@ -159,7 +159,7 @@ def test_olmo2_dist_checkpoint_at_tp2_round_trips(
     """CLI import at TP=2 writes each rank's half of q_norm / k_norm into the dist checkpoint;
     export at TP=1 puts the halves back together, bit-exact; models at TP=2 and TP=1 load the
     checkpoint (megatron-core's sharded_state_dict of the norms) and match HF's logits."""
-    from bridgegen.cli import main
+    from bridgegen.cli.main import main
 
     folder, _ = olmo2_folder
     checkpoint, out = tmp_path / "ckpt", tmp_path / "out"
@@ -183,7 +183,7 @@ def test_olmo2_refuses_tp_wider_than_its_key_value_heads(
 ) -> None:
     """megatron-core would repeat one key/value head on both ranks; a norm over all heads of a
     repeated head is not OLMo 2's, so import at TP=2 with one key/value head is refused."""
-    from bridgegen.cli import main
+    from bridgegen.cli.main import main
 
     save_tiny(MODULE_FAMILIES["olmo2"], tmp_path / "hf", num_key_value_heads=1)
     code = main(["import", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt"), "--tp", "2"])

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-from bridgegen.runtime import modules, quirks
-from bridgegen.runtime.quirks import RuntimeModule
+from bridgegen.bridge import module_parameters as quirks
+from bridgegen.bridge.module_parameters import RuntimeModule
+from bridgegen.megatron import modules
 
 
 def test_every_runtime_module_has_one_implementation() -> None:
@@ -198,7 +199,7 @@ def test_norm_over_heads_refuses_heads_that_do_not_split_over_tensor_parallel_ra
     config = SimpleNamespace(
         num_attention_heads=4, num_query_groups=1, tensor_model_parallel_size=2, params_dtype=torch.float32
     )
-    from bridgegen.runtime.errors import ConfigError
+    from bridgegen.bridge.errors import ConfigError
 
     with pytest.raises(ConfigError, match="num_query_groups 1 does not split over tensor parallel size 2"):
         modules.KeyNormOverHeads(config, 8)
@@ -217,7 +218,7 @@ class _Recording(torch.nn.Module):
 
 
 def test_local_rope_base_reaches_only_the_windowed_layers() -> None:
-    from bridgegen.runtime.cpu_support import enable_cpu_execution
+    from bridgegen.megatron.cpu_support import enable_cpu_execution
 
     enable_cpu_execution()  # as the model builder does: megatron-core's rotary embedding is CUDA-first
     dim, seq, local_base = 16, 12, 10000.0
@@ -277,7 +278,7 @@ def _gemma2_config(**changes: Any) -> dict[str, Any]:
 
 
 def test_the_bridge_selects_the_modules_its_spec_names() -> None:
-    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.engines.model import ModelBridge
 
     bridge = ModelBridge.from_hf_config(_gemma2_config())
     assert dict(bridge.runtime_modules()) == {
@@ -300,8 +301,8 @@ def test_the_bridge_selects_the_modules_its_spec_names() -> None:
 def test_an_extra_field_no_module_reads_is_refused_at_build() -> None:
     from bridgegen.generated.gemma2 import Gemma2Bridge
 
-    from bridgegen.runtime.convert import ModelBridge
-    from bridgegen.runtime.errors import ConfigError
+    from bridgegen.bridge.errors import ConfigError
+    from bridgegen.engines.model import ModelBridge
 
     class WithoutSoftcapping(Gemma2Bridge):
         runtime_modules = {
@@ -334,8 +335,8 @@ def test_every_module_says_what_megatron_lm_lacks_with_its_values(module: Runtim
 def test_a_module_value_of_the_wrong_type_is_refused_naming_field_and_module() -> None:
     import dataclasses
 
-    from bridgegen.runtime.convert import ModelBridge
-    from bridgegen.runtime.errors import ConfigError
+    from bridgegen.bridge.errors import ConfigError
+    from bridgegen.engines.model import ModelBridge
 
     bridge = ModelBridge.from_hf_config(_gemma2_config())
     values = dict(bridge.config.values, post_layer_norms=1.5)

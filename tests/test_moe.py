@@ -13,7 +13,7 @@ import torch
 from checkpoints import assert_bit_exact, tensors_of
 from routing import hf_expert_sets, megatron_expert_sets, tokens_routed_differently
 
-from bridgegen.runtime.launch import run_on_ranks
+from bridgegen.engines.launch import run_on_ranks
 
 VOCAB = 250
 LOGIT_ATOL = 1e-5
@@ -72,7 +72,7 @@ def test_expert_tensors_on_disk_are_per_expert(moe: dict[str, Any]) -> None:
 
 def test_single_process_bf16_round_trip_is_bit_exact(tmp_path: Path) -> None:
     """(fp32 parity and round trip of this config: tests/test_families.py, qwen3_moe.)"""
-    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.engines.model import ModelBridge
 
     folder = make_qwen3_moe(tmp_path / "bf16", torch.bfloat16)
     bridge = ModelBridge.from_hf_dir(folder)
@@ -165,8 +165,8 @@ def stack_experts(source: Path, target: Path, experts: int = 4) -> dict[str, tor
 
 
 def test_stacked_expert_tensors_map_by_spec_alone(moe: dict[str, Any], tmp_path: Path) -> None:
-    from bridgegen.runtime.convert import ModelBridge
-    from bridgegen.runtime.verify import compare, megatron_logits
+    from bridgegen.engines.model import ModelBridge
+    from bridgegen.engines.verify import compare, megatron_logits
 
     bridge_class = stacked_bridge(tmp_path / "project")
     stacked = stack_experts(moe["fp32"], tmp_path / "stacked")
@@ -193,7 +193,7 @@ def test_bf16_routing_matches_transformers(tmp_path: Path) -> None:
     float32 routing some tokens would go elsewhere, so the test would see a wrong setting."""
     from transformers import AutoModelForCausalLM
 
-    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.engines.model import ModelBridge
 
     folder = make_qwen3_moe(tmp_path / "hf", torch.bfloat16, experts=16, top_k=4)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)

@@ -24,8 +24,8 @@ from bridgegen.generated import BRIDGES, bridge_for_config
 from checkpoints import assert_bit_exact
 from routing import hf_expert_sets, megatron_expert_sets, tokens_routed_differently
 
-from bridgegen.cli import main
-from bridgegen.runtime.formats import dist_checkpoint, foreign_config
+from bridgegen.cli.main import main
+from bridgegen.formats import dist_checkpoint, foreign_config
 
 FAMILIES = ("mixtral", "qwen2_moe", "starcoder2")
 SEQ = 16  # longer than the example configs' sliding windows
@@ -100,8 +100,8 @@ def saved(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
 
 def fp32_parity(folder: Path, reference: torch.Tensor, ids: torch.Tensor) -> Any:
-    from bridgegen.runtime.convert import ModelBridge
-    from bridgegen.runtime.verify import compare, megatron_logits
+    from bridgegen.engines.model import ModelBridge
+    from bridgegen.engines.verify import compare, megatron_logits
 
     bridge = ModelBridge.from_hf_dir(folder)
     model = bridge.build_model(torch.float32)
@@ -189,7 +189,7 @@ def test_bf16_routing_picks_the_experts_transformers_picks(
     the softmax and top-k in float32 (modeling_mixtral.py MixtralTopKRouter.forward,
     modeling_qwen2_moe.py Qwen2MoeTopKRouter.forward); megatron-core's top-k-then-softmax on
     model-dtype logits (moe_router_dtype unset) picks the same sets, float32 logits would not."""
-    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.engines.model import ModelBridge
 
     hf = example_model(family, **overrides)
     hf.save_pretrained(tmp_path / "hf")
@@ -230,7 +230,7 @@ def test_configs_the_bridge_cannot_convert_are_refused(
 ) -> None:
     from transformers import AutoConfig
 
-    from bridgegen.runtime.errors import ConfigError
+    from bridgegen.bridge.errors import ConfigError
 
     bridge = bridge_of(family)
     config = {**AutoConfig.for_model(family, **bridge.example_config).to_dict(), **fields}

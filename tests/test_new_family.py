@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from bridgegen.runtime.bridge import Bridge
-from bridgegen.runtime.config import MegatronConfig
-from bridgegen.runtime.errors import ConfigError
-from bridgegen.runtime.registry import find_bridge
-from bridgegen.runtime.weight_rules import WeightKind
+from bridgegen.bridge.base import Bridge
+from bridgegen.bridge.config import MegatronConfig
+from bridgegen.bridge.errors import ConfigError
+from bridgegen.bridge.weight_rules import WeightKind
+from bridgegen.plan.bridges import find_bridge
 from bridgegen.spec.generate import render_project
 
 REPO = Path(__file__).resolve().parent.parent

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bridgegen.runtime.convert import ModelBridge
-from bridgegen.runtime.plan import plan_tensor, plan_tensors
-from bridgegen.runtime.safetensors_io import Checkpoint
-from bridgegen.runtime.stream import meta_model
-from bridgegen.runtime.weights import model_tensors
+from bridgegen.engines.model import ModelBridge
+from bridgegen.engines.weights import model_tensors
+from bridgegen.formats.safetensors import Checkpoint
+from bridgegen.megatron.build import meta_model
+from bridgegen.plan.weight_map import plan_tensor, plan_tensors
 from tests.test_weight_map import QWEN3_MOE
 
 

@@ -29,8 +29,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridgegen.runtime.errors import WeightError
-from bridgegen.runtime.safetensors_io import DTYPES, read_header
+from bridgegen.bridge.errors import WeightError
+from bridgegen.formats.safetensors import DTYPES, read_header
 from bridgegen.spec.errors import SpecErrors
 from bridgegen.spec.generate import load_specs
 from bridgegen.spec.models import SpecFile

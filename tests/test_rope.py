@@ -66,8 +66,8 @@ def llama(folder: Path, rope_scaling: dict[str, Any] | None, max_positions: int)
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_rope_scaling_parity(name: str, tmp_path: Path) -> None:
-    from bridgegen.runtime.convert import ModelBridge
-    from bridgegen.runtime.verify import compare, megatron_logits
+    from bridgegen.engines.model import ModelBridge
+    from bridgegen.engines.verify import compare, megatron_logits
 
     rope_scaling, max_positions, seq_len = CASES[name]
     hf = llama(tmp_path / "hf", rope_scaling, max_positions)
@@ -93,8 +93,8 @@ def test_rope_scaling_parity(name: str, tmp_path: Path) -> None:
 def test_partial_rotary_phi3(tmp_path: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from bridgegen.runtime.convert import ModelBridge
-    from bridgegen.runtime.verify import compare, megatron_logits
+    from bridgegen.engines.model import ModelBridge
+    from bridgegen.engines.verify import compare, megatron_logits
 
     config = AutoConfig.for_model(
         "phi3",

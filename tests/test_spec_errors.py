@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from bridgegen.megatron.rule_check import example_models_errors
 from bridgegen.spec.errors import SpecErrors
 from bridgegen.spec.generate import load_specs, spec_schema
-from bridgegen.spec.model_check import example_models_errors
 from bridgegen.spec.render import render_all
 
 CASES_DIR = Path(__file__).parent / "bad_specs"

@@ -15,10 +15,10 @@ import pytest
 import torch
 from checkpoints import FailingOnCall, assert_bit_exact, dist_checkpoint_tensors, tensor_digests
 
-from bridgegen.runtime.convert import ModelBridge
-from bridgegen.runtime.formats import dist_checkpoint
-from bridgegen.runtime.megatron_checkpoint import save_megatron
-from bridgegen.runtime.stream import stream_import
+from bridgegen.engines.checkpoint import save_megatron
+from bridgegen.engines.model import ModelBridge
+from bridgegen.engines.stream_import import stream_import
+from bridgegen.formats import dist_checkpoint
 
 pytestmark = pytest.mark.slow
 FIXTURES = Path(__file__).parent / "data" / "megatron_checkpoints"
@@ -110,7 +110,7 @@ def test_streaming_import_equals_the_model_built_one(name: str, tmp_path: Path) 
     assert sorted(p.name for p in built.iterdir()) == sorted(p.name for p in streamed.iterdir())
     assert stats.tensors > 0
     exported = tmp_path / "exported"
-    from bridgegen.cli import main
+    from bridgegen.cli.main import main
 
     assert main(["export", "--megatron", str(streamed), "--out", str(exported)]) == 0
     assert_bit_exact(hf, exported)
@@ -121,7 +121,7 @@ def test_streaming_import_of_a_megatron_bridge_fixture_has_its_keys(tmp_path: Pa
     bytes Megatron-Bridge wrote."""
     case = FIXTURES / "mb-qwen3-moe"
     bridge = ModelBridge.from_hf_dir(case / "hf")
-    from bridgegen.runtime.formats.key_names import KeyNames
+    from bridgegen.formats.key_names import KeyNames
 
     bridge = bridge.__class__(bridge.bridge, bridge.config, bridge.hf_dir, key_names=KeyNames.local)
     stream_import(bridge, case / "hf", tmp_path / "out", dtype=torch.float32)
@@ -137,11 +137,11 @@ def test_streaming_import_of_a_megatron_bridge_fixture_has_its_keys(tmp_path: Pa
 MEMORY_SCRIPT = """
 import json, resource, sys, torch
 from pathlib import Path
-from bridgegen.runtime.convert import ModelBridge
-from bridgegen.runtime.stream import stream_import
-import bridgegen.runtime.stream  # megatron-core and torch imported before the baseline
+from bridgegen.engines.model import ModelBridge
+from bridgegen.engines.stream_import import stream_import
+import bridgegen.engines.stream_import  # megatron-core and torch imported before the baseline
 import megatron.core.models.gpt.gpt_model
-from bridgegen.runtime.stream import stream_export
+from bridgegen.engines.stream_export import stream_export
 import megatron.core.dist_checkpointing.strategies.torch
 import torch.distributed.checkpoint
 what, source, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
@@ -278,7 +278,7 @@ def test_streaming_memory_is_bounded_by_a_buffer_not_the_model(scratch: Path) ->
 def test_two_workers_split_the_import_and_write_the_same_checkpoint(tmp_path: Path) -> None:
     """--workers 2: two local processes, each writing its own file with about half the bytes;
     the checkpoint holds the same tensors as one process writes."""
-    from bridgegen.cli import main
+    from bridgegen.cli.main import main
 
     hf = qwen3_moe(tmp_path / "hf")
     assert main(["import", "--hf", str(hf), "--out", str(tmp_path / "one")]) == 0
@@ -297,7 +297,7 @@ def test_two_workers_split_the_import_and_write_the_same_checkpoint(tmp_path: Pa
 
 
 def test_a_worker_count_below_one_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from bridgegen.cli import main
+    from bridgegen.cli.main import main
 
     hf = FIXTURES / "mb-llama" / "hf"
     assert main(["import", "--hf", str(hf), "--out", str(tmp_path / "out"), "--workers", "0"]) == 2
@@ -310,8 +310,9 @@ def test_a_worker_count_below_one_is_refused(tmp_path: Path, capsys: pytest.Capt
 def test_two_workers_split_the_export(name: str, tmp_path: Path) -> None:
     """--workers 2 on an export: the same folder as one process writes (every tensor, the
     carried vision tower, the MTP copies), each worker converting about half of the bytes."""
-    from bridgegen.cli import main
-    from bridgegen.runtime.stream import meta_model, owned_parameters
+    from bridgegen.cli.main import main
+    from bridgegen.engines.stream_export import owned_parameters
+    from bridgegen.megatron.build import meta_model
 
     hf = MODELS[name](tmp_path / "hf")
     assert main(["import", "--hf", str(hf), "--out", str(tmp_path / "megatron")]) == 0
@@ -351,7 +352,7 @@ def test_new_tensors_made_ahead_of_the_writer_are_bounded(
     ``MADE_AHEAD_BYTES`` at most ahead of the writer, one parameter whatever its size: at 0, one
     at a time; unbounded, all of them at once (the 512 MiB of views do not bound them
     here). Counted where they are asked for, not where they are made: the thread's pace varies."""
-    import bridgegen.runtime.stream as stream
+    import bridgegen.engines.stream_import as stream
 
     hf = dense("llama")(tmp_path / "hf")
     queued: list[int] = []
@@ -381,7 +382,7 @@ def test_a_failure_while_making_a_tensor_ahead_leaves_nothing(
 ) -> None:
     """A tensor made in the read-ahead thread fails: the import raises that error, leaves no
     checkpoint and no temp folder, and no thread behind."""
-    import bridgegen.runtime.stream as stream
+    import bridgegen.engines.stream_import as stream
 
     hf = dense("llama")(tmp_path / "hf")
     failing = FailingOnCall(stream.read_source_rows, 5, RuntimeError("injected: the fifth tensor cannot be made"))
@@ -400,8 +401,9 @@ def test_a_failure_while_reading_a_batch_ahead_leaves_nothing(
 ) -> None:
     """A checkpoint batch read in a read-ahead thread fails: the export raises that error,
     leaves no HF folder and no temp folder, and no thread behind."""
-    import bridgegen.runtime.stream as stream
-    from bridgegen.runtime.stream import BATCHES_AHEAD, stream_export
+    import bridgegen.engines.checkpoint_read as stream
+    from bridgegen.engines.checkpoint_read import BATCHES_AHEAD
+    from bridgegen.engines.stream_export import stream_export
 
     hf = dense("llama")(tmp_path / "hf")
     megatron = tmp_path / "megatron"
@@ -424,7 +426,7 @@ def test_a_piece_of_a_parameter_held_as_row_blocks_is_a_view_of_its_block() -> N
     the up half of a stacked fc1): an item lying in one block is a view of that block, one
     spanning two blocks is put together; either way the bytes ``Piece.of`` gives of the whole
     parameter."""
-    from bridgegen.runtime.stream import Piece
+    from bridgegen.engines.pieces import Piece
 
     gate, up = torch.arange(12.0).view(3, 4), torch.arange(100.0, 112.0).view(3, 4)
     whole = torch.cat([gate, up])

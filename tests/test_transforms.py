@@ -14,9 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bridgegen.runtime.errors import WeightError
-from bridgegen.runtime.transforms import Layout, gather_tp_shards, load_shard, split_full
-from bridgegen.runtime.weight_rules import WeightKind
+from bridgegen.bridge.errors import WeightError
+from bridgegen.bridge.weight_rules import WeightKind
+from bridgegen.plan.transforms import Layout, gather_tp_shards, load_shard, split_full
 
 HEADS, GROUPS, DIM, HIDDEN, VOCAB = 8, 2, 3, 5, 10
 PADDED = 16  # divisible by 1, 2 and 4
@@ -456,7 +456,7 @@ WRITE_CASES: dict[WeightKind, list[tuple[int, int]]] = {  # kind: HF source shap
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("kind", sorted(WRITE_CASES, key=lambda k: k.value))
 def test_shard_writes_from_every_rank_rebuild_the_hf_tensors(kind: WeightKind, tp: int) -> None:
-    from bridgegen.runtime.transforms import store_shard
+    from bridgegen.plan.transforms import store_shard
 
     shapes = WRITE_CASES[kind]
     sources = [_rand(*shape, seed=i) for i, shape in enumerate(shapes)]
@@ -479,7 +479,7 @@ def test_shard_writes_from_every_rank_rebuild_the_hf_tensors(kind: WeightKind, t
 
 
 def test_contiguous_runs_of_a_column_slice() -> None:
-    from bridgegen.runtime.safetensors_io import contiguous_runs
+    from bridgegen.formats.hf_writer import contiguous_runs
 
     base = torch.empty(4, 6, device="meta")
     assert list(contiguous_runs(base[:, 2:5])) == [(2, 3), (8, 3), (14, 3), (20, 3)]
@@ -501,7 +501,7 @@ def test_verbatim_rows_are_what_load_shard_fills(kind: WeightKind, tp: int, padd
     ``load_shard`` makes (so a writer may take them instead); where the transform computes or
     rearranges it offers nothing. Which kinds are offered is pinned too: a change there changes
     what the streaming import copies."""
-    from bridgegen.runtime.transforms import verbatim_rows
+    from bridgegen.plan.transforms import verbatim_rows
 
     shapes = VERBATIM_CASES[kind]
     sources = [_rand(*shape, seed=i) for i, shape in enumerate(shapes)]
@@ -533,8 +533,8 @@ def test_verbatim_rows_are_what_load_shard_fills(kind: WeightKind, tp: int, padd
 
 
 def test_verbatim_rows_refuse_a_norm_offset_and_interleaved_gate_up() -> None:
-    from bridgegen.runtime.transforms import verbatim_rows
-    from bridgegen.runtime.weight_rules import GateUp
+    from bridgegen.bridge.weight_rules import GateUp
+    from bridgegen.plan.transforms import verbatim_rows
 
     norm = [_rand(HIDDEN, seed=0)]
     assert verbatim_rows(WeightKind.replicated, (HIDDEN,), norm, _layout(), norm_offset=1.0) is None

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bridgegen.runtime.errors import ConfigError, UnsupportedModelError, WeightError
+from bridgegen.bridge.errors import ConfigError, UnsupportedModelError, WeightError
 
 VOCAB = 250
 
@@ -59,7 +59,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def bridge(source: Path) -> Any:
-    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.engines.model import ModelBridge
 
     return ModelBridge.from_hf_dir(source)
 
@@ -225,7 +225,7 @@ def test_truncated_file(bridge: Any, broken: Path) -> None:
     match = rf"^{re.escape(str(path))}: truncated: tensor '[\w.]+' ends at byte \d+ but the file has {size // 2} bytes$"
     load_error(bridge, broken, WeightError, match)
     # building with the checkpoint's dtype reads the header too, with the same error
-    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.engines.model import ModelBridge
 
     with pytest.raises(WeightError, match=match):
         ModelBridge.from_hf_dir(broken).build_model()
@@ -349,7 +349,7 @@ def test_export_with_unknown_dtype_writes_nothing(bridge: Any, loaded: Any, tmp_
 def test_unsupported_architecture(source: Path, tmp_path: Path) -> None:
     from bridgegen.generated import BRIDGES
 
-    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.engines.model import ModelBridge
 
     folder = tmp_path / "foo"
     folder.mkdir()
@@ -368,14 +368,14 @@ def test_unsupported_architecture(source: Path, tmp_path: Path) -> None:
 
 
 def test_missing_config(tmp_path: Path) -> None:
-    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.engines.model import ModelBridge
 
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path / 'config.json'))}: no config\.json"):
         ModelBridge.from_hf_dir(tmp_path)
 
 
 def test_invalid_config_json(tmp_path: Path) -> None:
-    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.engines.model import ModelBridge
 
     (tmp_path / "config.json").write_text("{")
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path / 'config.json'))}: not valid JSON"):
@@ -430,7 +430,7 @@ class DiskFull(OSError):
 
 def failing_save(monkeypatch: pytest.MonkeyPatch, fail_on_call: int) -> list[str]:
     """Make the writer's safetensors save raise on call ``fail_on_call`` (1-based)."""
-    import bridgegen.runtime.safetensors_io as io
+    import bridgegen.formats.hf_writer as io
 
     real = io.write_safetensors
     calls: list[str] = []

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from bridgegen.generated import Qwen3MoeBridge
 
-from bridgegen.runtime.errors import WeightError
-from bridgegen.runtime.plan import WeightMap
+from bridgegen.bridge.errors import WeightError
+from bridgegen.plan.weight_map import WeightMap
 
 REFERENCE = Path(__file__).resolve().parent / "data" / "hf_configs"
 QWEN3_MOE = {
@@ -82,7 +82,7 @@ def test_rotary_buffers_of_old_checkpoints_are_ignored(weight_map: WeightMap) ->
 
 
 def test_deepseek_v3_mtp_layers_are_ignored_only_when_left_out() -> None:
-    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.engines.model import ModelBridge
 
     config = json.loads((REFERENCE / "DeepSeek-V3.json").read_text())
     bridge = ModelBridge.from_hf_config(config)

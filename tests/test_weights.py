@@ -104,7 +104,7 @@ def token_ids(seed: int = 0, batch: int = 2, seq: int = SEQ) -> torch.Tensor:
 
 
 def megatron_logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
-    from bridgegen.runtime.cpu_support import enable_cpu_execution
+    from bridgegen.megatron.cpu_support import enable_cpu_execution
 
     enable_cpu_execution()
     model.eval()
@@ -165,7 +165,7 @@ def convert(workspace: Path) -> Any:
     """``convert(variant)``: the HF checkpoint, saved, and its Megatron import (cached)."""
     from transformers import AutoModelForCausalLM
 
-    from bridgegen.runtime.convert import ModelBridge
+    from bridgegen.engines.model import ModelBridge
 
     cache: dict[Variant, Converted] = {}
 
@@ -363,7 +363,7 @@ def test_mistral_sliding_window_shorter_than_sequence(convert: Any) -> None:
 def test_sharded_source_and_sharded_export(convert: Any) -> None:
     from transformers import AutoModelForCausalLM
 
-    from bridgegen.runtime.safetensors_io import Checkpoint
+    from bridgegen.formats.safetensors import Checkpoint
 
     converted = convert(Variant("qwen2", max_shard_size="100KB"))
     source_index = json.loads((converted.hf_dir / "model.safetensors.index.json").read_text())

@@ -23,9 +23,10 @@ def strict_load(checkpoint: Path, hf_dir: Path) -> dict[str, object]:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    from bridgegen.runtime.convert import ModelBridge
-    from bridgegen.runtime.formats import dist_checkpoint, megatron_lm
-    from bridgegen.runtime.megatron_checkpoint import _check_keys, sharded_state_dict
+    from bridgegen.engines.model import ModelBridge
+    from bridgegen.formats import dist_checkpoint, megatron_lm
+    from bridgegen.formats.megatron_checkpoint import check_keys as _check_keys
+    from bridgegen.formats.megatron_checkpoint import sharded_state_dict
 
     bridge = ModelBridge.from_hf_dir(hf_dir)
     model = bridge.build_model("float32")
@@ -52,7 +53,7 @@ def strict_load(checkpoint: Path, hf_dir: Path) -> dict[str, object]:
 def main() -> int:
     command, *rest = sys.argv[1:]
     if command == "import":
-        from bridgegen.cli import main as cli
+        from bridgegen.cli.main import main as cli
 
         hf, out = rest
         return cli(["import", "--hf", hf, "--out", out])

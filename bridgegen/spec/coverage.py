@@ -14,7 +14,7 @@ import inspect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from bridgegen.runtime.rope import unhandled_rope_keys
+from bridgegen.bridge.rope import unhandled_rope_keys
 from bridgegen.spec.render import hf_fields_of
 from bridgegen.spec.resolve import ResolvedSpec
 
@@ -91,7 +91,7 @@ def coverage_problems(spec: ResolvedSpec, model_type: str, config_class: ConfigC
 
 def rope_problems(spec: ResolvedSpec) -> list[str]:
     """RoPE keys transformers reads for a type the spec supports that our RoPE handling neither
-    reads nor refuses (bridgegen.runtime.rope keeps both lists)."""
+    reads nor refuses (bridgegen.bridge.rope keeps both lists)."""
     where = _first_line(spec, spec.model_types[0]) if spec.model_types else spec.source
     return [
         f"{where}: {spec.family}: rope type {rope_type!r}: transformers reads rope_scaling key {key!r}, "

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 # Helpers an expression may call. Builtins are emitted as-is; the rest live in
-# bridgegen.runtime.helpers and are emitted as ``helpers.<name>``.
+# bridgegen.bridge.helpers and are emitted as ``helpers.<name>``.
 BUILTIN_FUNCTIONS = frozenset(
     {"len", "min", "max", "int", "float", "bool", "abs", "round", "sum", "all", "any"}
 )

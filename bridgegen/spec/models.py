@@ -20,8 +20,8 @@ from pydantic import (
     StringConstraints,
 )
 
-from bridgegen.runtime.quirks import RuntimeModule
-from bridgegen.runtime.weight_rules import GateUp, HFLayout, WeightKind
+from bridgegen.bridge.module_parameters import RuntimeModule
+from bridgegen.bridge.weight_rules import GateUp, HFLayout, WeightKind
 
 Name = Annotated[
     str, StringConstraints(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -231,7 +231,7 @@ class SpecFile(Strict):
         default_factory=dict,
         description="runtime modules for quirks megatron-core's layer spec cannot express: module: "
         "{parameter: Megatron field} (every parameter the module declares in "
-        "bridgegen.runtime.quirks, each field set in config; {} for a module without parameters; "
+        "bridgegen.bridge.module_parameters, each field set in config; {} for a module without parameters; "
         "null removes an inherited one). A module applies when every field it reads has a value",
     )
     config: ConfigSection = Field(default_factory=ConfigSection)

@@ -14,7 +14,7 @@ from typing import Any
 
 import jinja2
 
-from bridgegen.runtime.weight_rules import GateUp, HFLayout
+from bridgegen.bridge.weight_rules import GateUp, HFLayout
 from bridgegen.spec.resolve import ResolvedSpec, ResolvedWeight, mapped_hf_fields
 
 # The formatter is part of the output's definition: another ruff could format differently.

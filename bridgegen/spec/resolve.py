@@ -32,9 +32,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from bridgegen.runtime.config import MODEL_FIELDS
-from bridgegen.runtime.quirks import RuntimeModule, parameter_names, parameter_type_error
-from bridgegen.runtime.weight_rules import HF_ARITY, TRANSPOSABLE_KINDS, GateUp, HFLayout, WeightKind
+from bridgegen.bridge.config import MODEL_FIELDS
+from bridgegen.bridge.module_parameters import RuntimeModule, parameter_names, parameter_type_error
+from bridgegen.bridge.weight_rules import HF_ARITY, TRANSPOSABLE_KINDS, GateUp, HFLayout, WeightKind
 from bridgegen.spec.errors import Location, SpecError, SpecErrors
 from bridgegen.spec.expr import ExpressionError, check_names, emit_python, parse_expression, variable_name
 from bridgegen.spec.loader import FieldPath, LoadedSpec

@@ -8,8 +8,7 @@ from typing import Any
 
 from bridgegen.generated.tiny import TinyBridge
 
-from bridgegen.runtime.bridge import Bridge
-from bridgegen.runtime.registry import find_bridge
+from bridgegen.bridge.base import Bridge, find_bridge
 
 BRIDGES: tuple[type[Bridge], ...] = (TinyBridge,)
 

@@ -1,0 +1,5 @@
+"""The ``bridgegen`` command: ``main`` (generate, check, list, schema), ``convert`` (import,
+export, verify) and ``demo``.
+
+May import: anything in bridgegen.
+"""

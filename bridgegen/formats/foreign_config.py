@@ -1,0 +1,182 @@
+"""The model config of a checkpoint bridgegen did not write: Megatron-LM's saved ``args`` or
+Megatron-Bridge's ``run_config.yaml``, read into Megatron-side values, turned into the HF config
+of a chosen family (the spec's own reverse mapping), and converted back into a bridge so every
+check of a normal import applies.
+
+Megatron-Bridge writes ``<iter folder>/run_config.yaml``; its ``model:`` section holds the model
+provider's TransformerConfig fields by name (Megatron-Bridge 0.6 ``training/checkpointing.py``,
+``ConfigContainer.to_yaml``). Megatron-LM saves its argparse ``Namespace`` as ``args``, whose
+names follow its flags (``num_experts``, ``swiglu``, ``untie_embeddings_and_output_weights``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from bridgegen.bridge.config import MegatronConfig
+from bridgegen.bridge.errors import ConfigError
+from bridgegen.bridge.rope import MEGATRON_LLAMA3_CONSTANTS, RopeScaling
+from bridgegen.formats.megatron_lm import MOE_VALUE_FIELDS
+
+RUN_CONFIG = "run_config.yaml"
+
+# Fields both tools name as megatron-core's TransformerConfig does.
+SHARED_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "kv_channels",
+    "normalization",
+    "layernorm_epsilon",
+    "layernorm_zero_centered_gamma",
+    "add_bias_linear",
+    "add_qkv_bias",
+    "qk_layernorm",
+    "position_embedding_type",
+    "rotary_percent",
+    "window_size",
+    "window_attn_skip_freq",
+    *MOE_VALUE_FIELDS,
+    "moe_router_pre_softmax",
+    "moe_router_enable_expert_bias",
+    "moe_shared_expert_gate",
+    "moe_layer_freq",
+    "multi_latent_attention",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_head_dim",
+    "qk_pos_emb_head_dim",
+    "v_head_dim",
+    "mtp_num_layers",
+    "init_method_std",
+    "attention_dropout",
+    "hidden_dropout",
+)
+
+
+def read_run_config(folder: Path) -> dict[str, Any] | None:
+    """Megatron-Bridge's ``model:`` section, or None when the folder has no run config."""
+    import yaml
+
+    path = folder / RUN_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict):
+        raise ConfigError(f"{path}: no 'model' section")
+    return model
+
+
+def _activation_of(target: Any) -> str:
+    name = str(target.get("_target_", "")) if isinstance(target, Mapping) else str(target)
+    short = name.rsplit(".", 1)[-1]
+    table = {"silu": "silu", "gelu": "gelu", "squared_relu": "squared_relu", "relu": "relu"}
+    if short not in table:
+        raise ConfigError(f"activation {name!r} in the run config is not one the bridges know")
+    return table[short]
+
+
+def values_from_run_config(model: Mapping[str, Any]) -> tuple[dict[str, Any], str, RopeScaling]:
+    """Megatron-side values, activation and RoPE scaling from a Megatron-Bridge run config."""
+    values = {name: model[name] for name in SHARED_FIELDS if model.get(name) is not None}
+    values["num_query_groups"] = model.get("num_query_groups") or model["num_attention_heads"]
+    values["vocab_size"] = int(model["vocab_size"])
+    values["max_sequence_length"] = int(model.get("max_position_embeddings") or model["seq_length"])
+    values["share_embeddings_and_output_weights"] = bool(model.get("share_embeddings_and_output_weights"))
+    values["rotary_base"] = model.get("rotary_base", 10000)
+    values["gated_linear_unit"] = bool(model.get("gated_linear_unit"))
+    if model.get("num_moe_experts"):
+        values["num_moe_experts"] = int(model["num_moe_experts"])
+    rope = RopeScaling()
+    if model.get("rope_scaling"):
+        rope = _llama3(float(model.get("rope_scaling_factor", 8.0)))
+    elif model.get("multi_latent_attention") and model.get("rope_type", "yarn") == "yarn":
+        rope = _mla_yarn(model)
+    return values, _activation_of(model.get("activation_func", "gelu")), rope
+
+
+def values_from_args(args: Any) -> tuple[dict[str, Any], str, RopeScaling]:
+    """Megatron-side values, activation and RoPE scaling from Megatron-LM's saved ``args``."""
+    source = vars(args)
+    values = {name: source[name] for name in SHARED_FIELDS if source.get(name) is not None}
+    heads = int(source["num_attention_heads"])
+    values["num_query_groups"] = (
+        int(source["num_query_groups"]) if source.get("group_query_attention") else heads
+    )
+    vocab = source.get("vocab_size") or source.get("padded_vocab_size")
+    if not vocab:
+        raise ConfigError("the checkpoint's args name neither vocab_size nor padded_vocab_size")
+    values["vocab_size"] = int(vocab)
+    values["max_sequence_length"] = int(source.get("max_position_embeddings") or source["seq_length"])
+    values["share_embeddings_and_output_weights"] = not source.get("untie_embeddings_and_output_weights")
+    values["rotary_base"] = source.get("rotary_base", 10000)
+    values["gated_linear_unit"] = bool(source.get("swiglu"))
+    if source.get("apply_layernorm_1p"):
+        values["layernorm_zero_centered_gamma"] = True
+    if source.get("num_experts"):
+        values["num_moe_experts"] = int(source["num_experts"])
+    activation = "silu" if source.get("swiglu") else "squared_relu" if source.get("squared_relu") else "gelu"
+    rope = RopeScaling()
+    if source.get("use_rope_scaling"):
+        rope = _llama3(float(source.get("rope_scaling_factor", 8.0)))
+    elif source.get("rotary_seq_len_interpolation_factor"):
+        factor = float(source["rotary_seq_len_interpolation_factor"])
+        rope = RopeScaling("linear", {"rope_type": "linear", "factor": factor})
+    elif source.get("multi_latent_attention") and source.get("rope_type", "yarn") == "yarn":
+        rope = _mla_yarn(source)
+    return values, activation, rope
+
+
+def _llama3(factor: float) -> RopeScaling:
+    return RopeScaling("llama3", {"rope_type": "llama3", "factor": factor, **MEGATRON_LLAMA3_CONSTANTS})
+
+
+def _mla_yarn(source: Mapping[str, Any]) -> RopeScaling:
+    return RopeScaling(
+        "yarn",
+        {
+            "type": "yarn",
+            "factor": float(source.get("rotary_scaling_factor") or 1.0),
+            "mscale": float(source.get("mscale") or 1.0),
+            "mscale_all_dim": float(source.get("mscale_all_dim") or 0.0),
+            "original_max_position_embeddings": int(source.get("original_max_position_embeddings") or 4096),
+            "beta_fast": source.get("beta_fast", 32),
+            "beta_slow": source.get("beta_slow", 1),
+        },
+    )
+
+
+def hf_config_for(
+    family: str, values: dict[str, Any], activation: str, rope: RopeScaling, where: str
+) -> dict[str, Any]:
+    """The HF config dict ``family``'s bridge writes for these Megatron values."""
+    from bridgegen.plan.bridges import all_bridges, bridge_for_family
+
+    bridge = bridge_for_family(family)
+    if bridge is None:
+        known = ", ".join(sorted(b.family for b in all_bridges()))
+        raise ConfigError(f"unknown family {family!r}; known: {known}")
+    if isinstance(values.get("moe_layer_freq"), int) and values.get("num_moe_experts"):
+        freq = int(values["moe_layer_freq"])
+        values["moe_layer_freq"] = [1 if i % freq == 0 else 0 for i in range(int(values["num_layers"]))]
+    config = MegatronConfig(
+        family=family,
+        megatron_model="mla" if values.get("multi_latent_attention") else "gpt",
+        values=values,
+        activation=activation,
+        rope=rope,
+    )
+    try:
+        return dict(bridge.to_hf_config(config))
+    except (KeyError, ConfigError) as exc:
+        raise ConfigError(
+            f"{where}: the {family} bridge cannot describe this model from the checkpoint's config "
+            f"({exc}); pass --hf-config with the HF config folder instead"
+        ) from None

@@ -1,0 +1,386 @@
+"""Megatron-LM's checkpoint layout and arguments.
+
+Facts this module is written against (NVIDIA/Megatron-LM ``megatron/training/checkpointing.py``
+and ``arguments.py`` at d98e8a64):
+
+- ``--load DIR`` reads ``DIR/latest_checkpointed_iteration.txt``: an integer or ``release``
+  (``read_metadata``, checkpointing.py:388-430). Without it Megatron-LM prints a warning and
+  trains from random weights (checkpointing.py:2050-2053).
+- The checkpoint lives in ``DIR/release/`` or ``DIR/iter_%07d/`` (checkpointing.py:243-246);
+  ``metadata.json`` there marks it torch_dist (``check_is_distributed_checkpoint``).
+- ``release`` loads without optimizer, RNG or iteration, with no extra flag
+  (checkpointing.py:2576, 2612, 2852, 2958, 3071): the right folder for a converted model.
+- The common state holds ``args`` (an ``argparse.Namespace``), ``checkpoint_version`` 3.0,
+  ``iteration`` (read bare by ``--use-checkpoint-args``, checkpointing.py:2233) and
+  ``content_metadata``. A plain ``--load`` compares ``num_layers``, ``hidden_size``,
+  ``num_attention_heads`` and ``add_position_embedding`` of ``args`` with its own
+  (``check_checkpoint_args``, checkpointing.py:176-221).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bridgegen.bridge.config import MegatronConfig
+from bridgegen.bridge.errors import WeightError
+from bridgegen.bridge.module_parameters import ModuleParameters
+from bridgegen.plan.conversion import Conversion, KeyNames
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+RELEASE = "release"
+CHECKPOINT_VERSION = 3.0
+# What Megatron-LM and Megatron-Bridge save as content metadata and pass to the model's
+# sharded_state_dict (checkpointing.py:560-561): stacked layers and experts.
+CONTENT_METADATA: dict[str, Any] = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+# Megatron-LM names the model's entry `model`, or `model0`, `model1`, ... with virtual stages.
+ITERATION_PATTERN = re.compile(r"^iter_(\d{7})$")
+
+def folder_name(iteration: int | None) -> str:
+    """``release`` for a converted model, ``iter_0000010`` for iteration 10."""
+    return RELEASE if iteration is None else f"iter_{iteration:07d}"
+
+
+@dataclass(frozen=True)
+class CheckpointFolder:
+    """Where a Megatron checkpoint's tensors are, and the root it was found under."""
+
+    root: Path
+    path: Path
+    iteration: int | None  # None: release, or a flat folder with no tracker
+
+
+def find_checkpoint(path: str | os.PathLike[str], iteration: str | None = None) -> CheckpointFolder:
+    """The checkpoint folder that Megatron-LM's ``--load`` would read, given a tracker root
+    (latest iteration, or ``iteration``: a number or ``release``), an ``iter_*`` / ``release``
+    folder, or a flat folder holding ``metadata.json``."""
+    root = Path(path)
+    if not root.is_dir():
+        raise WeightError(f"{root}: no such checkpoint folder")
+    tracker = root / TRACKER_FILE
+    if iteration is None and (root / "metadata.json").is_file():
+        match = ITERATION_PATTERN.match(root.name)
+        return CheckpointFolder(root.parent, root, int(match.group(1)) if match else None)
+    if iteration is not None:
+        chosen = RELEASE if iteration == RELEASE else folder_name(_iteration_number(iteration, root))
+    elif tracker.is_file():
+        text = tracker.read_text().strip()
+        chosen = RELEASE if text == RELEASE else folder_name(_iteration_number(text, tracker))
+    else:
+        found = sorted(p.name for p in root.iterdir() if ITERATION_PATTERN.match(p.name) or p.name == RELEASE)
+        raise WeightError(
+            f"{root}: neither {TRACKER_FILE} nor metadata.json"
+            + (f"; it holds {', '.join(found)}: pass --iteration or the folder itself" if found else "")
+        )
+    folder = root / chosen
+    if not (folder / "metadata.json").is_file():
+        raise WeightError(f"{folder}: not a torch_dist checkpoint folder (no metadata.json)")
+    number = None if chosen == RELEASE else int(chosen.removeprefix("iter_"))
+    return CheckpointFolder(root, folder, number)
+
+
+def _iteration_number(text: str, where: Path) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise WeightError(f"{where}: {text!r} is neither an iteration number nor 'release'") from None
+    if number < 0:
+        raise WeightError(f"{where}: iteration {number} is negative")
+    return number
+
+
+def write_tracker(root: Path) -> None:
+    """Point Megatron-LM's ``--load`` at ``release/``."""
+    (root / TRACKER_FILE).write_text(RELEASE)
+
+
+# ------------------------------------------------------------------------ arguments
+
+
+@dataclass
+class LmArguments:
+    """Megatron-LM arguments for one model: the ``args`` namespace values saved in the
+    checkpoint, the command-line flags that build the same model, and what no flag can say."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    flags: list[str] = field(default_factory=list)
+    not_expressible: list[str] = field(default_factory=list)
+
+    def value(self, dest: str, value: Any, flag: str | None = None) -> None:
+        self.values[dest] = value
+        if flag is not None and value is not None:
+            self.flags.append(f"{flag} {_flag_text(value)}")
+
+    def switch(self, dest: str, on: bool, flag: str | None) -> None:
+        """A store_true argument (``flag`` printed when on)."""
+        self.values[dest] = on
+        if on and flag is not None:
+            self.flags.append(flag)
+
+    def namespace(self) -> argparse.Namespace:
+        return argparse.Namespace(**self.values)
+
+    def command_text(self, load_dir: str) -> str:
+        lines = [f"--load {load_dir}", *self.flags]
+        text = " \\\n".join(f"    {line}" for line in lines)
+        if self.not_expressible:
+            text += "\n# Not in Megatron-LM (a model built from these flags lacks it):\n"
+            text += "\n".join(f"#   - {item}" for item in self.not_expressible)
+        return text + "\n"
+
+
+def _flag_text(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, str) and any(c in value for c in "[]()* "):
+        return f'"{value}"'
+    return str(value)
+
+
+def _int_if_integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _layer_freq_text(freq: Any) -> int | str:
+    """``--moe-layer-freq`` / ``--window-attn-skip-freq``: an int, or a list expression."""
+    if isinstance(freq, int):
+        return freq
+    values = list(freq)
+    runs: list[tuple[int, int]] = []
+    for item in values:
+        if runs and runs[-1][0] == item:
+            runs[-1] = (item, runs[-1][1] + 1)
+        else:
+            runs.append((int(item), 1))
+    return "(" + "+".join(f"[{item}]*{count}" for item, count in runs) + ")"
+
+
+def arguments_for(conversion: Conversion, dtype: torch.dtype, tokenizer_model: str | None = None) -> LmArguments:
+    """Megatron-LM's arguments for the model of ``conversion``, its weights in ``dtype``."""
+    return lm_arguments(
+        conversion.config,
+        padded_vocab_size=conversion.config.padded_vocab_size(),
+        vocab_multiple=conversion.config.vocab_multiple,
+        key_names=conversion.key_names,
+        dtype=dtype,
+        tokenizer_model=tokenizer_model,
+        runtime_modules=[parameters for _, parameters in conversion.runtime_modules()],
+    )
+
+
+def lm_arguments(
+    config: MegatronConfig,
+    *,
+    padded_vocab_size: int,
+    vocab_multiple: int,
+    key_names: KeyNames,
+    dtype: torch.dtype,
+    tokenizer_model: str | None,
+    runtime_modules: list[ModuleParameters],
+) -> LmArguments:
+    """The Megatron-LM arguments of ``config``, from the bridge's Megatron-side values."""
+    v = config.values
+    args = LmArguments()
+    heads = int(v["num_attention_heads"])
+    groups = int(v.get("num_query_groups") or heads)
+    args.value("num_layers", int(v["num_layers"]), "--num-layers")
+    args.value("hidden_size", int(v["hidden_size"]), "--hidden-size")
+    args.value("ffn_hidden_size", int(v["ffn_hidden_size"]), "--ffn-hidden-size")
+    args.value("num_attention_heads", heads, "--num-attention-heads")
+    args.switch("group_query_attention", groups != heads, "--group-query-attention")
+    args.value("num_query_groups", groups, "--num-query-groups" if groups != heads else None)
+    args.value("kv_channels", v.get("kv_channels"), "--kv-channels")
+    max_positions = int(v["max_sequence_length"])
+    args.value("max_position_embeddings", max_positions, "--max-position-embeddings")
+    args.value("seq_length", min(max_positions, 4096), "--seq-length")
+    args.value("add_position_embedding", True)  # the default; a rope model ignores it
+    _normalization(args, config)
+    _activation(args, config)
+    args.switch("add_bias_linear", bool(v.get("add_bias_linear", False)), None)
+    if not args.values["add_bias_linear"]:
+        args.flags.append("--disable-bias-linear")
+    args.switch("add_qkv_bias", bool(v.get("add_qkv_bias", False)), "--add-qkv-bias")
+    args.switch("qk_layernorm", bool(v.get("qk_layernorm", False)), "--qk-layernorm")
+    args.switch(
+        "untie_embeddings_and_output_weights",
+        not v.get("share_embeddings_and_output_weights", False),
+        "--untie-embeddings-and-output-weights",
+    )
+    args.value("attention_dropout", float(v.get("attention_dropout") or 0.0), "--attention-dropout")
+    args.value("hidden_dropout", float(v.get("hidden_dropout") or 0.0), "--hidden-dropout")
+    _rope(args, config)
+    if v.get("window_size"):
+        args.value("window_size", tuple(int(x) for x in v["window_size"]), "--window-size")
+        skip = v.get("window_attn_skip_freq")
+        args.value(
+            "window_attn_skip_freq", _layer_freq_text(skip) if skip else None, "--window-attn-skip-freq"
+        )
+    _moe(args, config)
+    _latent_attention(args, config)
+    args.value("mtp_num_layers", v.get("mtp_num_layers") or None, "--mtp-num-layers")
+    args.value("vocab_size", config.vocab_size)
+    args.value("make_vocab_size_divisible_by", vocab_multiple, "--make-vocab-size-divisible-by")
+    args.value("padded_vocab_size", padded_vocab_size, "--padded-vocab-size")
+    args.value("tokenizer_type", "HuggingFaceTokenizer" if tokenizer_model else None, "--tokenizer-type")
+    args.value("tokenizer_model", tokenizer_model, "--tokenizer-model")
+    impl = "transformer_engine" if key_names is KeyNames.te else "local"
+    args.value("transformer_impl", impl, "--transformer-impl")
+    args.value("ckpt_format", "torch_dist", "--ckpt-format")
+    args.switch("bf16", dtype == torch.bfloat16, "--bf16")
+    args.switch("fp16", dtype == torch.float16, "--fp16")
+    args.value("params_dtype", dtype)
+    # Read by the loaders with defaults; stated so they need none (checkpointing.py:2554-2628).
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "world_size"):
+        args.value(name, 1)
+    args.value("data_parallel_size", 1)
+    args.value("virtual_pipeline_model_parallel_size", None)
+    args.value("encoder_tensor_model_parallel_size", 0)
+    args.value("encoder_pipeline_model_parallel_size", 0)
+    args.switch("no_save_optim", True, None)
+    args.switch("no_save_rng", True, None)
+    args.switch("ckpt_fully_parallel_save", False, None)
+    for name in ("consumed_train_samples", "skipped_train_samples", "consumed_valid_samples"):
+        args.value(name, 0)
+    args.value("iteration", 0)
+    if v.get("softmax_scale") is not None:  # TransformerConfig field with no flag (arguments.py)
+        args.not_expressible.append(
+            f"softmax scale {v['softmax_scale']} (Megatron-LM uses 1/sqrt(kv_channels))"
+        )
+    for parameters in runtime_modules:
+        gap = parameters.megatron_lm_gap()
+        if gap is not None:
+            args.not_expressible.append(gap)
+    return args
+
+
+def _normalization(args: LmArguments, config: MegatronConfig) -> None:
+    v = config.values
+    args.value("normalization", v.get("normalization", "LayerNorm"), "--normalization")
+    args.value("layernorm_epsilon", float(v.get("layernorm_epsilon", 1e-5)), "--norm-epsilon")
+    zero_centred = bool(v.get("layernorm_zero_centered_gamma", False))
+    args.switch("layernorm_zero_centered_gamma", zero_centred, "--apply-layernorm-1p")
+    args.values["apply_layernorm_1p"] = zero_centred
+
+
+def _activation(args: LmArguments, config: MegatronConfig) -> None:
+    gated = bool(config.values.get("gated_linear_unit", False))
+    name = config.activation
+    args.switch("swiglu", gated and name == "silu", "--swiglu")
+    args.switch("squared_relu", not gated and name == "squared_relu", "--squared-relu")
+    if not (gated and name == "silu") and not (not gated and name in ("gelu", "squared_relu")):
+        kind = "gated " if gated else ""
+        args.not_expressible.append(
+            f"{kind}{name} activation (Megatron-LM builds swiglu, gelu or squared relu)"
+        )
+
+
+def _rope(args: LmArguments, config: MegatronConfig) -> None:
+    v = config.values
+    rope = config.rope
+    position = v.get("position_embedding_type", "rope")
+    base = _int_if_integral(v.get("rotary_base", 10000))
+    if not isinstance(base, int):
+        args.not_expressible.append(f"rotary base {base} (Megatron-LM's --rotary-base takes an integer)")
+    args.switch("use_rotary_position_embeddings", position == "rope", None)
+    args.value("rotary_base", int(base), "--rotary-base")
+    args.value("rotary_percent", float(v.get("rotary_percent", 1.0)), "--rotary-percent")
+    args.switch("rotary_interleaved", False, None)
+    if config.megatron_model == "mla":
+        args.value("position_embedding_type", position, "--position-embedding-type")
+        return
+    if rope.needs_runtime_rope():
+        args.not_expressible.append(f"{rope.rope_type} RoPE scaling with parameters {dict(rope.source)}")
+    settings = rope.megatron_gpt_settings()
+    if rope.rope_type == "yarn":
+        args.value("position_embedding_type", "yarn", "--position-embedding-type")
+        args.value("rotary_scaling_factor", settings["yarn_rotary_scaling_factor"], "--rotary-scaling-factor")
+        args.value(
+            "yarn_original_max_position_embeddings",
+            settings["yarn_original_max_position_embeddings"],
+            "--yarn-original-max-position-embeddings",
+        )
+        args.value("yarn_beta_fast", settings["yarn_beta_fast"], "--yarn-beta-fast")
+        args.value("yarn_beta_slow", settings["yarn_beta_slow"], "--yarn-beta-slow")
+        args.value("mscale", settings["yarn_mscale"], "--mscale")
+        args.value("mscale_all_dim", settings["yarn_mscale_all_dim"], "--mscale-all-dim")
+        return
+    args.value("position_embedding_type", position, "--position-embedding-type")
+    if settings.get("rope_scaling"):
+        args.switch("use_rope_scaling", True, "--use-rope-scaling")
+        args.value("rope_scaling_factor", settings["rope_scaling_factor"], "--rope-scaling-factor")
+    if "seq_len_interpolation_factor" in settings:
+        args.value(
+            "rotary_seq_len_interpolation_factor",
+            _int_if_integral(settings["seq_len_interpolation_factor"]),
+            "--rotary-seq-len-interpolation-factor",
+        )
+
+
+# MoE settings whose Megatron-LM argument, flag and TransformerConfig field share one name.
+MOE_VALUE_FIELDS = (
+    "moe_ffn_hidden_size",
+    "moe_router_topk",
+    "moe_shared_expert_intermediate_size",
+    "moe_router_score_function",
+    "moe_router_topk_scaling_factor",
+    "moe_router_num_groups",
+    "moe_router_group_topk",
+    "moe_router_load_balancing_type",
+    "moe_aux_loss_coeff",
+    "moe_router_dtype",
+)
+
+
+def _moe(args: LmArguments, config: MegatronConfig) -> None:
+    v = config.values
+    experts = v.get("num_moe_experts")
+    args.value("num_experts", experts, "--num-experts")
+    if not experts:
+        return
+    freq = v.get("moe_layer_freq", 1)
+    if isinstance(freq, list) and all(item == 1 for item in freq):
+        freq = 1
+    args.value("moe_layer_freq", _layer_freq_text(freq), "--moe-layer-freq")
+    for name in MOE_VALUE_FIELDS:
+        args.value(name, v.get(name), "--" + name.replace("_", "-"))
+    args.switch("moe_router_pre_softmax", bool(v.get("moe_router_pre_softmax")), "--moe-router-pre-softmax")
+    args.switch("moe_shared_expert_gate", bool(v.get("moe_shared_expert_gate")), "--moe-shared-expert-gate")
+    args.switch(
+        "moe_router_enable_expert_bias",
+        bool(v.get("moe_router_enable_expert_bias")),
+        "--moe-router-enable-expert-bias",
+    )
+    args.switch("moe_grouped_gemm", False, None)
+
+
+# MLA settings with no Megatron-LM flag, and the value Megatron-LM's config then has.
+MLA_FIXED = {"original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1}
+
+
+def _latent_attention(args: LmArguments, config: MegatronConfig) -> None:
+    if config.megatron_model != "mla":
+        return
+    v = config.values
+    args.switch("multi_latent_attention", True, "--multi-latent-attention")
+    for name in ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
+        args.value(name, v.get(name), "--" + name.replace("_", "-"))
+    settings = config.rope.megatron_mla_settings()
+    if settings.get("rope_type") == "yarn":
+        args.value(
+            "rotary_scaling_factor", float(settings["rotary_scaling_factor"]), "--rotary-scaling-factor"
+        )
+        args.value("mscale", float(settings.get("mscale", 1.0)), "--mscale")
+        args.value("mscale_all_dim", float(settings.get("mscale_all_dim", 0.0)), "--mscale-all-dim")
+        for name, fixed in MLA_FIXED.items():
+            value = settings.get(name, fixed)
+            if not math.isclose(float(value), float(fixed)):
+                args.not_expressible.append(f"MLA YaRN {name} {value} (Megatron-LM fixes it at {fixed})")
+    else:
+        args.value("rope_type", "rope", "--rope-type")
