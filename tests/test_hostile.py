@@ -245,10 +245,12 @@ def test_an_index_naming_a_file_outside_its_folder(
 
 
 def test_symlinked_shards_are_read(source: Path, tmp_path: Path) -> None:
-    """The Hugging Face cache keeps shards as symlinks into a blob folder: still a checkpoint."""
-    blobs, snapshot_dir = tmp_path / "blobs", tmp_path / "snapshot"
-    blobs.mkdir()
-    snapshot_dir.mkdir()
+    """The Hugging Face cache keeps shards as symlinks into its repository's blob folder:
+    still a checkpoint (a link anywhere else is refused: tests/test_untrusted.py)."""
+    repo = tmp_path / "models--acme--llama"
+    blobs, snapshot_dir = repo / "blobs", repo / "snapshots" / "main"
+    blobs.mkdir(parents=True)
+    snapshot_dir.mkdir(parents=True)
     for file in source.iterdir():
         shutil.copy(file, blobs / file.name)
         (snapshot_dir / file.name).symlink_to(blobs / file.name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -236,7 +237,10 @@ def test_common_state_has_what_the_loaders_read(tmp_path: Path) -> None:
     assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (1, 1)
     assert args.no_save_optim and args.no_save_rng and args.transformer_impl == "transformer_engine"
     assert args.ckpt_format == "torch_dist" and args.tokenizer_type == "HuggingFaceTokenizer"
-    assert Path(args.tokenizer_model) == (out / "hf_side_files").resolve()
+    # No path of the machine that imported: --use-checkpoint-args would force a saved tokenizer
+    # path over the command line's (checkpointing.py:2344-2349); the flags file says where it is.
+    assert args.tokenizer_model is None
+    assert "--tokenizer-model CHECKPOINT/hf_side_files" in (out / "megatron_lm_args.txt").read_text()
     assert (out / "hf_side_files" / "tokenizer.json").is_file()
 
 
@@ -301,10 +305,41 @@ def test_megatron_lm_arguments_are_printed_and_saved(
         "--padded-vocab-size 128",
         "--transformer-impl transformer_engine",
         "--ckpt-format torch_dist",
-        f"--load {out.resolve()}",
+        "--load CHECKPOINT",
     ):
         assert flag in text.split(" \\\n") or f"    {flag}" in text.splitlines() or flag in text, flag
     assert "Not in Megatron-LM" not in text
+    # Nothing of the machine that imported, and the training length left to the run.
+    assert str(tmp_path) not in text and str(tmp_path.resolve()) not in text
+    assert "--seq-length" not in [line.strip().split(" ")[0] for line in text.splitlines() if not line.startswith("#")]
+    assert "#   - --seq-length (the training length; the model takes up to" in text
+    common = dist_checkpoint.read_common_state(out / "release")
+    saved = [f"{k}={v}" for k, v in vars(common["args"]).items() if str(tmp_path.resolve()) in str(v)]
+    assert saved == []
+
+
+def megatron_lm_moe_freq(value: object) -> object:
+    """What Megatron-LM makes of ``--moe-layer-freq TEXT`` (``moe_freq_type``, arguments.py:327-349
+    at d98e8a64): an int, a digit string as an int, or a list expression evaluated under the
+    character allowlist of ``_eval_pattern`` (:245-253)."""
+    if isinstance(value, int):
+        return value
+    assert isinstance(value, str)
+    if value.isdigit():
+        return int(value)
+    assert re.fullmatch(r"[,\d\[\]\(\)\+\*]+", value), value
+    return eval(value)  # the same allow-listed expression Megatron-LM evaluates
+
+
+def test_local_key_names_print_the_fusions_megatron_lm_needs_off(tmp_path: Path) -> None:
+    """``--transformer-impl local`` without Transformer Engine: Megatron-LM's defaults turn on
+    rope fusion (TransformerConfig.__post_init__ raises "apply_rope_fusion is not available")
+    and gradient accumulation fusion (ColumnParallelLinear needs apex or TE)."""
+    out = import_fixture_model("mb-llama", tmp_path / "ckpt", "--key-names", "local")
+    text = (out / "megatron_lm_args.txt").read_text()
+    assert "--no-rope-fusion" in text and "--no-gradient-accumulation-fusion" in text
+    te = import_fixture_model("mb-llama", tmp_path / "te")
+    assert "--no-rope-fusion" not in (te / "megatron_lm_args.txt").read_text()
 
 
 def test_vocab_padding_is_a_recorded_choice(tmp_path: Path) -> None:
@@ -362,10 +397,15 @@ def test_deepseek_v3_keys_per_layer_with_te_names(tmp_path: Path) -> None:
     assert not any("q_layernorm" in k or "kv_layernorm" in k for k in keys)
     args = dist_checkpoint.read_common_state(out / "release")["args"]
     assert args.multi_latent_attention and args.q_lora_rank == 32 and args.kv_lora_rank == 16
-    assert args.moe_layer_freq == "([0]*1+[1]*2)" and args.num_experts == 4
+    # Saved as Megatron-LM's parser makes it: --use-checkpoint-args copies the saved value over
+    # the command line's (checkpointing.py:2307) and megatron-core's get_gpt_decoder_layer_specs
+    # raises "Invalid moe_layer_freq: <class 'str'>" for anything but an int or a list
+    # (gpt_layer_specs.py:659-661). The flag parses to the same list (moe_freq_type).
+    assert args.moe_layer_freq == [0, 1, 1] and type(args.moe_layer_freq) is list and args.num_experts == 4
     assert args.moe_router_score_function == "sigmoid" and args.moe_router_enable_expert_bias
     text = (out / "megatron_lm_args.txt").read_text()
     assert '--moe-layer-freq "([0]*1+[1]*2)"' in text and "--multi-latent-attention" in text
+    assert megatron_lm_moe_freq("([0]*1+[1]*2)") == args.moe_layer_freq
     exported = tmp_path / "back"
     assert main(["export", "--megatron", str(out), "--out", str(exported)]) == 0
     assert_bit_exact(hf, exported)
@@ -422,3 +462,18 @@ def test_qwen3_round_trip_through_the_new_layout(tmp_path: Path) -> None:
     exported = tmp_path / "back"
     assert main(["export", "--megatron", str(out), "--out", str(exported)]) == 0
     assert_bit_exact(tmp_path / "hf", exported)
+
+
+@pytest.mark.parametrize(("scalar", "listed"), [(16, False), (24, True)])
+def test_a_softmax_scale_is_listed_only_where_megatron_lm_differs(scalar: int, listed: bool) -> None:
+    """Megatron-LM has no --softmax-scale (arguments.py:2326) and scales by 1/sqrt(kv_channels)
+    (dot_product_attention.py:84-85): Gemma 3's 1/sqrt(query_pre_attn_scalar) is a gap only when
+    the scalar is not the head dim."""
+    from bridgegen.generated import Gemma3Bridge
+
+    from bridgegen.engines.model import ModelBridge
+
+    config = Gemma3Bridge.example_hf_config() | {"query_pre_attn_scalar": scalar}
+    assert config["head_dim"] == 16
+    gaps = ModelBridge.from_hf_config(config).megatron_lm_arguments(torch.float32).not_expressible
+    assert any(gap.startswith("softmax scale") for gap in gaps) is listed

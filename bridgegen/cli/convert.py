@@ -41,6 +41,12 @@ def argument_problem(args: argparse.Namespace) -> str | None:
         value = getattr(args, field, None)
         if value is not None and value < least:
             return f"--{field.replace('_', '-')} must be at least {least}, got {value}"
+    workers, cores = getattr(args, "workers", 1), os.cpu_count() or 1
+    if workers > cores:
+        return (
+            f"--workers {workers}: more than this machine's {cores} cores; each worker is a process "
+            f"with its own reading and writing, so at most {cores}"
+        )
     shard_gb = getattr(args, "max_shard_gb", None)
     if shard_gb is not None and not (math.isfinite(shard_gb) and shard_gb > 0):
         return f"--max-shard-gb must be a positive number, got {shard_gb}"

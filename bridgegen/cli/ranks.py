@@ -204,7 +204,7 @@ def run_command(name: str, args: argparse.Namespace, report: bool = True) -> Any
                 with config_checks_alongside():
                     return command(args)
             return command(args)
-        except BridgeError as exc:
+        except (BridgeError, OSError) as exc:  # an OSError names its file: one line says it all
             if not report:
                 raise
             print(f"bridgegen {name}: rank {_rank()}: error: {exc}", file=sys.stderr, flush=True)

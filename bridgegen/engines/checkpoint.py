@@ -68,7 +68,7 @@ def save_megatron(
     lm_args = arguments_for(
         bridge,
         dtype,
-        tokenizer_model=str(target.resolve() / SIDE_FILES_DIR)
+        tokenizer_model=SIDE_FILES_DIR
         if _tokenizer_files(Path(hf_source) if hf_source is not None else None)
         else None,
     )
@@ -102,7 +102,7 @@ def save_megatron(
                 "key_names": bridge.key_names.value,
             }
             (tmp / BRIDGE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-            (tmp / ARGS_FILE).write_text(lm_args.command_text(str(target.resolve())))
+            (tmp / ARGS_FILE).write_text(lm_args.command_text())
             if hf_source is not None:
                 (tmp / SIDE_FILES_DIR).mkdir()
                 copy_side_files(hf_source, tmp / SIDE_FILES_DIR)

@@ -5,6 +5,8 @@ plain tensors and through torch's checked reader otherwise, a batch at a time, r
 from __future__ import annotations
 
 import collections
+import math
+import pickle
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -91,6 +93,20 @@ def region_reads(metadata: Any, piece: Piece) -> list[Any]:
     chunk = ChunkStorageMetadata(offsets=torch.Size(piece.offset), sizes=torch.Size(piece.region))
     return list(create_read_items_for_chunk_list(piece.key, stored, [chunk]))
 
+def covered_reads(metadata: Any, piece: Piece, folder: Any) -> list[Any]:
+    """``region_reads`` of ``piece``, which must cover every value of its region: a region the
+    stored chunks do not cover would be left as whatever memory held (the config asks for more
+    than the checkpoint holds)."""
+    reads = region_reads(metadata, piece)
+    covered = sum(math.prod(int(n) for n in read.lengths) for read in reads)
+    if covered != math.prod(piece.region):
+        raise WeightError(
+            f"{folder}: {piece.key!r} at offset {list(piece.offset)}: the checkpoint holds {covered} of the "
+            f"{math.prod(piece.region)} values of this region; the config does not describe these tensors"
+        )
+    return reads
+
+
 def _whole_item(tensor: torch.Tensor, plans: list[tuple[Piece, list[Any]]]) -> Any:
     """The storage index of the one saved item that is all of meta tensor ``tensor`` (one
     piece, the whole parameter, read from one whole stored chunk), else None."""
@@ -152,6 +168,10 @@ def checkpoint_values(
     if check_keys:
         megatron_checkpoint.check_keys(request, folder)
     apply_factories(request)
+    # The metadata is read once: torch reads .metadata on every load otherwise, and a large
+    # model's index is big and its batches many.
+    metadata = dist_items.verifying_reader(folder).read_metadata()
+    megatron_checkpoint.check_shapes(request, metadata, folder)
     pieces: dict[str, list[Piece]] = {}
     for piece in parameter_pieces(request, names):
         pieces.setdefault(piece.name, []).append(piece)
@@ -160,9 +180,6 @@ def checkpoint_values(
         for name, tensor in tensors.items()
         if only is None or name in only
     ]
-    # The metadata is read once: torch reads .metadata on every load otherwise, and a large
-    # model's index is big and its batches many.
-    metadata = dist_items.verifying_reader(folder).read_metadata()
     items = dist_items.MappedItems(folder)
 
     def read(batch: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -175,7 +192,7 @@ def checkpoint_values(
         for name in batch:
             if name not in pieces:
                 raise WeightError(f"{folder}: no checkpoint key holds Megatron tensor {name!r}")
-            plans = [(piece, region_reads(metadata, piece)) for piece in pieces[name]]
+            plans = [(piece, covered_reads(metadata, piece, folder)) for piece in pieces[name]]
             whole = _whole_item(tensors[name], plans)
             if whole is not None:
                 value = items.tensor(metadata.storage_data[whole])
@@ -201,11 +218,17 @@ def checkpoint_values(
                 with first_error_of_torch_checkpoint():
                     _load_state_dict({}, reader, planner=planner, no_dist=True)
                 reader.checks.finish()
-            except Exception:
+            except Exception as exc:
                 # A failed CRC check raised inside torch's zip reader comes out wrapped.
                 problem = reader.checks.problem()
                 if problem is not None:
                     raise problem from None
+                if isinstance(exc, pickle.UnpicklingError):  # torch's weights-only loader said no
+                    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "not a tensor"
+                    raise WeightError(
+                        f"{folder}: a tensor item of {', '.join(sorted({key for key, _ in by_torch}))[:200]} "
+                        f"is not a plain tensor; refused ({reason})"
+                    ) from None
                 raise
             planner.regions = {}
         return real, held

@@ -50,9 +50,15 @@ def _entry(
         result = fn(*args)
         Path(result_dir, f"{rank}.pkl").write_bytes(pickle.dumps(result))
         code = 0
-    except BridgeError as exc:
+    except (BridgeError, OSError) as exc:
         Path(result_dir, f"{rank}.error").write_text(str(exc))
         code = 2  # said by the parent (RankErrors), no traceback here
+    except Exception as exc:  # noqa: BLE001 - said by the parent as this rank's one line
+        lines = str(exc).strip().splitlines()
+        Path(result_dir, f"{rank}.error").write_text(
+            f"{type(exc).__name__}: {lines[0] if lines else 'no message'} (an error inside the conversion)"
+        )
+        code = 2
     finally:
         end_process_groups()
     # A rank that is done leaves without the interpreter's teardown, where gloo threads of
@@ -79,8 +85,9 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> list[An
     """Call ``fn(*args)`` on ``world_size`` spawned processes; returns each rank's result.
 
     ``fn`` must be importable (a module-level function). If any rank raises, the others are
-    stopped and the error is raised here: ``RankErrors`` for conversion errors (every failed
-    rank's), torch.multiprocessing.ProcessRaisedException for any other. If
+    stopped and the error is raised here: ``RankErrors`` with every failed rank's one-line
+    reason (a conversion error as it is, an OSError with its file, any other error with its
+    type); torch.multiprocessing's exceptions for a rank that died without raising. If
     this process is interrupted (``supervise.Stopped``, KeyboardInterrupt, any error), every
     rank is ended before the exception leaves; a rank dies with this process if it is killed.
     """

@@ -207,8 +207,15 @@ def verifying_reader(folder: str | Path) -> Any:
     and the record), if a check caused it."""
     from torch.distributed.checkpoint.filesystem import FileSystemReader
 
+    from bridgegen.formats.dist_checkpoint import read_metadata
+
     class VerifyingReader(FileSystemReader):
         checks: ItemChecks
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            metadata = read_metadata(folder)  # through the restricted unpickler
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
 
         def _slice_file(self, file: Any, sinfo: Any) -> IO[bytes]:
             where = _item_in_file(Path(folder), sinfo, file)

@@ -1,6 +1,8 @@
-"""Output folders: made whole or not at all, never at the expense of the user's data.
+"""Folders: inputs read without leaving them, outputs made whole or not at all, never at the
+expense of the user's data.
 
-Every conversion writes into a temp folder beside its target, owned by one run (its name holds
+An input's files are read only where they lie inside the input folder (``inside_input``) and
+small text files only up to a size (``read_small_text``). Every conversion writes into a temp folder beside its target, owned by one run (its name holds
 the writing process's id), then ``publish_folder`` swaps it in. Leftovers of killed runs are
 removed only when the process that made them is gone, and found by exact name, never by
 pattern. ``output_problem`` refuses an output that would overwrite or sit inside an input.
@@ -19,6 +21,38 @@ from bridgegen.bridge.errors import BridgeWarning, WeightError
 
 TEMP_MARK = ".tmp-"
 OLD_MARK = ".old-"
+# The most a small text input may hold: a tracker file holds an iteration number, a config a
+# few KiB (the largest index of a published checkpoint, DeepSeek-V3's, is under 10 MiB).
+TRACKER_LIMIT = 1024
+CONFIG_LIMIT = 16 * 2**20
+INDEX_LIMIT = 64 * 2**20
+
+
+def inside_input(path: Path, folder: Path) -> Path:
+    """``path``, a file read from the input ``folder``, where it really lies, which must be
+    inside ``folder`` (symlinks followed): a symlink leaving it would carry another file, a
+    secret or another model, into the output. A Hugging Face cache snapshot
+    (``.../snapshots/<revision>/``) may link into its repository's ``blobs/``, as the cache
+    does for every file."""
+    target = path.resolve()
+    root = folder.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots":
+        allowed.append(root.parent.parent / "blobs")
+    if not any(target.is_relative_to(place) for place in allowed):
+        raise WeightError(f"{path}: a symlink to {target}, outside {folder}; refused (an input is read only from its folder)")
+    return target
+
+
+def read_small_text(path: Path, limit: int, what: str) -> str:
+    """The text of ``path`` (a tracker, a config), refused without reading it whole when it
+    holds more than ``limit`` bytes: such a file is not what it claims to be."""
+    with path.open("rb") as handle:
+        data = handle.read(limit + 1)
+        if len(data) > limit:
+            size = os.fstat(handle.fileno()).st_size
+            raise WeightError(f"{path}: {size} bytes, more than the {limit} a {what} can hold; not a {what}")
+    return data.decode("utf-8", errors="replace")
 
 
 def _owned_prefix(target: Path, mark: str, pid: int) -> str:
@@ -26,8 +60,11 @@ def _owned_prefix(target: Path, mark: str, pid: int) -> str:
 
 
 def make_temp_folder(target: Path) -> Path:
-    """A new, empty temp folder beside ``target`` that this process owns."""
+    """A new, empty temp folder beside ``target`` that this process owns. Temp folders of
+    earlier runs writing ``target`` whose process is gone (killed with ``kill -9``, nothing of
+    them left to clean up) are removed first, whichever command left them."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_partial_outputs(target)
     folder = Path(tempfile.mkdtemp(prefix=_owned_prefix(target, TEMP_MARK, os.getpid()), dir=target.parent))
     # mkdtemp makes it readable by its owner only; the output is a folder like any other.
     folder.chmod(0o777 & ~_umask())
@@ -105,7 +142,6 @@ def shared_temp_dir(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:
         if target.exists() and not overwrite:
             holder[0] = f"{target}: output folder exists; pass overwrite=True (--overwrite) to replace it"
         else:
-            remove_partial_outputs(target)  # left by an earlier run whose ranks were killed
             holder[1] = str(make_temp_folder(target))
     if dist.is_initialized():
         dist.broadcast_object_list(holder, src=0)

@@ -18,6 +18,7 @@ from typing import Any
 from bridgegen.bridge.config import MegatronConfig
 from bridgegen.bridge.errors import ConfigError
 from bridgegen.bridge.rope import MEGATRON_LLAMA3_CONSTANTS, RopeScaling
+from bridgegen.formats.folders import CONFIG_LIMIT, read_small_text
 from bridgegen.formats.megatron_lm import MOE_VALUE_FIELDS
 
 RUN_CONFIG = "run_config.yaml"
@@ -65,7 +66,7 @@ def read_run_config(folder: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_small_text(path, CONFIG_LIMIT, "run config"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     model = data.get("model") if isinstance(data, dict) else None

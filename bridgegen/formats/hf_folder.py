@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import torch
 
 from bridgegen.bridge.errors import BridgeWarning, ConfigError, WeightError
+from bridgegen.formats.folders import CONFIG_LIMIT, read_small_text
 from bridgegen.formats.hf_writer import PlannedTensor
 from bridgegen.formats.safetensors import Checkpoint
 from bridgegen.plan.conversion import Conversion
@@ -26,7 +27,7 @@ def read_hf_config(hf_dir: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: no config.json in the HF folder")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_small_text(path, CONFIG_LIMIT, "config file"))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(data, dict):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from bridgegen.bridge.errors import WeightError
-from bridgegen.formats.folders import make_temp_folder, publish_folder
+from bridgegen.formats.folders import inside_input, make_temp_folder, publish_folder
 from bridgegen.formats.safetensors import DTYPES, INDEX_NAME, SINGLE_NAME, Checkpoint
 from bridgegen.plan.values import checked_cast, warn_if_not_finite
 
@@ -209,15 +209,17 @@ HF_SIDE_FILES = (
 
 
 def copy_side_files(source: str | os.PathLike[str] | None, target: Path) -> list[str]:
-    """Copy the tokenizer / generation config files an HF folder has into ``target``."""
+    """Copy the tokenizer / generation config files an HF folder has into ``target``; each must
+    lie in that folder (``inside_input``)."""
     if source is None:
         return []
     copied = []
     for name in HF_SIDE_FILES:
         path = Path(source) / name
         if path.is_file():
+            real = inside_input(path, Path(source))
             target.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, target / name)
+            shutil.copy2(real, target / name)
             copied.append(name)
     return copied
 

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from bridgegen.bridge.config import MegatronConfig
 from bridgegen.bridge.errors import ConfigError, WeightError
 from bridgegen.formats import dist_checkpoint, foreign_config, megatron_lm
+from bridgegen.formats.folders import CONFIG_LIMIT, read_small_text
 from bridgegen.formats.key_names import detect_key_names
 from bridgegen.plan.conversion import Conversion
 
@@ -145,7 +146,7 @@ def conversion_for_checkpoint(
     hf_dir = Path(hf_config) if hf_config is not None else None
     record_path = _find_record(found)
     if record_path is not None and hf_dir is None:
-        record = json.loads(record_path.read_text())
+        record = json.loads(read_small_text(record_path, CONFIG_LIMIT, "bridgegen record"))
         config = MegatronConfig.from_json(json.dumps(record["megatron_config"]))
         chosen = bridge_for_family(config.family)
         if chosen is None:
@@ -232,3 +233,26 @@ def check_keys(request: dict[str, Any], folder: Path, present: set[str] | None =
             f"{folder}: lacks {len(absent)} tensor(s) this model needs: {', '.join(absent[:5])}"
             f"{' ...' if len(absent) > 5 else ''}"
         )
+
+
+def check_shapes(request: dict[str, Any], metadata: Any, folder: Path) -> None:
+    """Every tensor a model asks for (``request``, factories applied) is stored with the global
+    shape the model's config implies: a config that disagrees with the tensors (more or fewer
+    layers or experts, another hidden size) is refused before anything is read, naming the key
+    and both shapes."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    for item in nested_values(request):
+        if not isinstance(item, ShardedTensor):
+            continue
+        stored = metadata.state_dict_metadata.get(item.key)
+        if not isinstance(stored, TensorStorageMetadata):
+            raise WeightError(f"{folder}: lacks tensor {item.key!r}, which this model needs")
+        implied = [int(n) for n in item.global_shape]
+        if [int(n) for n in stored.size] != implied:
+            raise WeightError(
+                f"{folder}: {item.key!r} is stored with shape {[int(n) for n in stored.size]}, but the config "
+                f"implies {implied}: the config does not describe these tensors (wrong --family or config?)"
+            )

@@ -32,6 +32,7 @@ import torch
 from bridgegen.bridge.config import MegatronConfig
 from bridgegen.bridge.errors import WeightError
 from bridgegen.bridge.module_parameters import ModuleParameters
+from bridgegen.formats.folders import TRACKER_LIMIT, read_small_text
 from bridgegen.plan.conversion import Conversion, KeyNames
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -71,7 +72,7 @@ def find_checkpoint(path: str | os.PathLike[str], iteration: str | None = None) 
     if iteration is not None:
         chosen = RELEASE if iteration == RELEASE else folder_name(_iteration_number(iteration, root))
     elif tracker.is_file():
-        text = tracker.read_text().strip()
+        text = read_small_text(tracker, TRACKER_LIMIT, "tracker file").strip()
         chosen = RELEASE if text == RELEASE else folder_name(_iteration_number(text, tracker))
     else:
         found = sorted(p.name for p in root.iterdir() if ITERATION_PATTERN.match(p.name) or p.name == RELEASE)
@@ -80,6 +81,12 @@ def find_checkpoint(path: str | os.PathLike[str], iteration: str | None = None) 
             + (f"; it holds {', '.join(found)}: pass --iteration or the folder itself" if found else "")
         )
     folder = root / chosen
+    if not folder.is_dir():
+        present = sorted(p.name for p in root.iterdir() if ITERATION_PATTERN.match(p.name) or p.name == RELEASE)
+        raise WeightError(
+            f"{folder}: no such checkpoint folder"
+            + (f"; {root} holds {', '.join(present)}" if present else f"; {root} holds no checkpoint folder")
+        )
     if not (folder / "metadata.json").is_file():
         raise WeightError(f"{folder}: not a torch_dist checkpoint folder (no metadata.json)")
     number = None if chosen == RELEASE else int(chosen.removeprefix("iter_"))
@@ -90,7 +97,8 @@ def _iteration_number(text: str, where: Path) -> int:
     try:
         number = int(text)
     except ValueError:
-        raise WeightError(f"{where}: {text!r} is neither an iteration number nor 'release'") from None
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise WeightError(f"{where}: {shown!r} is neither an iteration number nor 'release'") from None
     if number < 0:
         raise WeightError(f"{where}: iteration {number} is negative")
     return number
@@ -112,11 +120,21 @@ class LmArguments:
     values: dict[str, Any] = field(default_factory=dict)
     flags: list[str] = field(default_factory=list)
     not_expressible: list[str] = field(default_factory=list)
+    # What the user sets for a run (not the model's): said in the flags file.
+    for_the_run: list[str] = field(default_factory=list)
 
     def value(self, dest: str, value: Any, flag: str | None = None) -> None:
         self.values[dest] = value
         if flag is not None and value is not None:
             self.flags.append(f"{flag} {_flag_text(value)}")
+
+    def layer_pattern(self, dest: str, pattern: int | list[int], flag: str) -> None:
+        """A per-layer pattern (``--moe-layer-freq``): saved as Megatron-LM's parser makes it, an
+        int or a list of ints (``moe_freq_type``, arguments.py:327-349; a string in the saved
+        args fails megatron-core's ``get_gpt_decoder_layer_specs``, gpt_layer_specs.py:659),
+        and given on the command line as a list expression."""
+        self.values[dest] = pattern if isinstance(pattern, int) else [int(item) for item in pattern]
+        self.flags.append(f"{flag} {_flag_text(_layer_freq_text(pattern))}")
 
     def switch(self, dest: str, on: bool, flag: str | None) -> None:
         """A store_true argument (``flag`` printed when on)."""
@@ -127,13 +145,22 @@ class LmArguments:
     def namespace(self) -> argparse.Namespace:
         return argparse.Namespace(**self.values)
 
-    def command_text(self, load_dir: str) -> str:
-        lines = [f"--load {load_dir}", *self.flags]
-        text = " \\\n".join(f"    {line}" for line in lines)
+    def command_text(self) -> str:
+        """The flags file: paths as ``CHECKPOINT`` (wherever the folder lies when training),
+        the model's flags, what a run sets for itself, and what no flag can say."""
+        lines = [f"--load {CHECKPOINT}", *self.flags]
+        text = (
+            f"# Megatron-LM flags that build the model of this checkpoint. {CHECKPOINT} is the folder holding\n"
+            "# this file: replace it with where the folder lies on the machine that trains.\n"
+        )
+        text += " \\\n".join(f"    {line}" for line in lines) + "\n"
+        if self.for_the_run:
+            text += "# Set for your run (not part of the model):\n"
+            text += "\n".join(f"#   - {item}" for item in self.for_the_run) + "\n"
         if self.not_expressible:
             text += "\n# Not in Megatron-LM (a model built from these flags lacks it):\n"
-            text += "\n".join(f"#   - {item}" for item in self.not_expressible)
-        return text + "\n"
+            text += "\n".join(f"#   - {item}" for item in self.not_expressible) + "\n"
+        return text
 
 
 def _flag_text(value: Any) -> str:
@@ -146,6 +173,10 @@ def _flag_text(value: Any) -> str:
 
 def _int_if_integral(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# The checkpoint folder in the flags file, wherever it lies when training.
+CHECKPOINT = "CHECKPOINT"
 
 
 def _layer_freq_text(freq: Any) -> int | str:
@@ -199,7 +230,13 @@ def lm_arguments(
     args.value("kv_channels", v.get("kv_channels"), "--kv-channels")
     max_positions = int(v["max_sequence_length"])
     args.value("max_position_embeddings", max_positions, "--max-position-embeddings")
-    args.value("seq_length", min(max_positions, 4096), "--seq-length")
+    # Saved (load_args_from_checkpoint copies it when the command line has none); the training
+    # length is the run's to choose.
+    args.value("seq_length", min(max_positions, 4096))
+    args.for_the_run.append(
+        f"--seq-length (the training length; the model takes up to {max_positions} positions), batch sizes, "
+        "learning rate and schedule, --train-iters, --save, parallel sizes"
+    )
     args.value("add_position_embedding", True)  # the default; a rope model ignores it
     _normalization(args, config)
     _activation(args, config)
@@ -219,9 +256,10 @@ def lm_arguments(
     if v.get("window_size"):
         args.value("window_size", tuple(int(x) for x in v["window_size"]), "--window-size")
         skip = v.get("window_attn_skip_freq")
-        args.value(
-            "window_attn_skip_freq", _layer_freq_text(skip) if skip else None, "--window-attn-skip-freq"
-        )
+        if skip:
+            args.layer_pattern("window_attn_skip_freq", skip, "--window-attn-skip-freq")
+        else:
+            args.value("window_attn_skip_freq", None)
     _moe(args, config)
     _latent_attention(args, config)
     args.value("mtp_num_layers", v.get("mtp_num_layers") or None, "--mtp-num-layers")
@@ -229,9 +267,20 @@ def lm_arguments(
     args.value("make_vocab_size_divisible_by", vocab_multiple, "--make-vocab-size-divisible-by")
     args.value("padded_vocab_size", padded_vocab_size, "--padded-vocab-size")
     args.value("tokenizer_type", "HuggingFaceTokenizer" if tokenizer_model else None, "--tokenizer-type")
-    args.value("tokenizer_model", tokenizer_model, "--tokenizer-model")
+    # Not saved: Megatron-LM's --use-checkpoint-args would force a saved path over the command
+    # line's (checkpointing.py:2344-2349), and a path is wrong once the folder is copied.
+    args.values["tokenizer_model"] = None
+    if tokenizer_model is not None:
+        args.flags.append(f"--tokenizer-model {CHECKPOINT}/{tokenizer_model}")
     impl = "transformer_engine" if key_names is KeyNames.te else "local"
     args.value("transformer_impl", impl, "--transformer-impl")
+    if impl == "local":
+        # Without Transformer Engine both fusions are on by default and fail: apply_rope_fusion
+        # (TransformerConfig.__post_init__, "apply_rope_fusion is not available") and
+        # gradient_accumulation_fusion (ColumnParallelLinear needs apex or TE).
+        if v.get("position_embedding_type", "rope") == "rope" or config.megatron_model == "mla":
+            args.flags.append("--no-rope-fusion")
+        args.flags.append("--no-gradient-accumulation-fusion")
     args.value("ckpt_format", "torch_dist", "--ckpt-format")
     args.switch("bf16", dtype == torch.bfloat16, "--bf16")
     args.switch("fp16", dtype == torch.float16, "--fp16")
@@ -249,10 +298,12 @@ def lm_arguments(
     for name in ("consumed_train_samples", "skipped_train_samples", "consumed_valid_samples"):
         args.value(name, 0)
     args.value("iteration", 0)
-    if v.get("softmax_scale") is not None:  # TransformerConfig field with no flag (arguments.py)
-        args.not_expressible.append(
-            f"softmax scale {v['softmax_scale']} (Megatron-LM uses 1/sqrt(kv_channels))"
-        )
+    scale = v.get("softmax_scale")
+    kv_channels = v.get("kv_channels") or int(v["hidden_size"]) // heads
+    # TransformerConfig field with no flag (arguments.py:2326); Megatron-LM's attention then
+    # scales by 1/sqrt(kv_channels) (dot_product_attention.py:84-85), which may be the same.
+    if scale is not None and not math.isclose(float(scale), kv_channels**-0.5, rel_tol=1e-9):
+        args.not_expressible.append(f"softmax scale {scale} (Megatron-LM uses 1/sqrt(kv_channels))")
     for parameters in runtime_modules:
         gap = parameters.megatron_lm_gap()
         if gap is not None:
@@ -347,7 +398,7 @@ def _moe(args: LmArguments, config: MegatronConfig) -> None:
     freq = v.get("moe_layer_freq", 1)
     if isinstance(freq, list) and all(item == 1 for item in freq):
         freq = 1
-    args.value("moe_layer_freq", _layer_freq_text(freq), "--moe-layer-freq")
+    args.layer_pattern("moe_layer_freq", freq, "--moe-layer-freq")
     for name in MOE_VALUE_FIELDS:
         args.value(name, v.get(name), "--" + name.replace("_", "-"))
     args.switch("moe_router_pre_softmax", bool(v.get("moe_router_pre_softmax")), "--moe-router-pre-softmax")

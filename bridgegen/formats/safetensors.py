@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from bridgegen.bridge.errors import WeightError
+from bridgegen.formats.folders import INDEX_LIMIT, inside_input, read_small_text
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -188,7 +189,7 @@ class Checkpoint:
         index = root / INDEX_NAME
         if index.exists():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = json.loads(read_small_text(index, INDEX_LIMIT, "safetensors index"))["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise WeightError(f"{index}: unreadable index: {exc}") from None
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -213,6 +214,7 @@ class Checkpoint:
             path = root / name
             if not path.exists():
                 raise WeightError(f"{index}: names shard {name!r}, which does not exist")
+            inside_input(path, root)
             for tensor_name, info in read_header(path).items():
                 if weight_map is not None and weight_map.get(tensor_name) != name:
                     raise WeightError(

@@ -14,13 +14,15 @@ import importlib.util
 import inspect
 import keyword
 import os
+import stat
 import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from bridgegen.bridge.base import Bridge, find_bridge
-from bridgegen.bridge.errors import BridgeError
+from bridgegen.bridge.errors import BridgeError, BridgeWarning
 
 BRIDGES_ENV = "BRIDGEGEN_BRIDGES"
 
@@ -64,6 +66,7 @@ def load_bridge_folder(folder: Path) -> tuple[type[Bridge], ...]:
             f"{where}: its package name {name!r} is already taken by {imported_from}; rename the folder"
         )
     if imported_from is None:
+        _warn_if_others_can_write(folder, where)
         sys.path.append(str(folder.resolve().parent))
     try:
         package = importlib.import_module(name)
@@ -76,6 +79,25 @@ def load_bridge_folder(folder: Path) -> tuple[type[Bridge], ...]:
         if not (isinstance(bridge, type) and issubclass(bridge, Bridge)):
             raise BridgesFolderError(f"{where}: {init}: BRIDGES holds {bridge!r}, which is not a bridge")
     return bridges
+
+
+def _warn_if_others_can_write(folder: Path, where: str) -> None:
+    """A bridges folder is code that runs in every conversion, like a folder on PYTHONPATH:
+    say so when users other than its owner may change it (the folder or a module in it
+    writable by group or others), once, before it is first imported."""
+    writable = [
+        path
+        for path in (folder, *sorted(folder.glob("*.py")))
+        if path.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    ]
+    if writable:
+        names = ", ".join(str(path) for path in writable[:3]) + (" ..." if len(writable) > 3 else "")
+        warnings.warn(
+            f"{where}: writable by other users ({names}); its code runs in this process: "
+            "make it writable by its owner only (chmod go-w)",
+            BridgeWarning,
+            stacklevel=3,
+        )
 
 
 def _described(bridge: type[Bridge]) -> str:

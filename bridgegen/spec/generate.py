@@ -106,6 +106,17 @@ def load_external_specs(specs_dir: Path, out_dir: Path) -> list[ResolvedSpec]:
     for path in local_paths:
         display = path.resolve().relative_to(base).as_posix()
         local_sources.add(display)
+        if not path.stem.isidentifier() or keyword.iskeyword(path.stem) or path.stem.startswith("__"):
+            errors.append(
+                SpecError(
+                    Location(display, 1, 1),
+                    "",
+                    f"the file name is the generated module's name, and {path.stem!r} is not one a "
+                    "bridge may have (a Python identifier, not a keyword, not a dunder name such as "
+                    "__init__, the package's index); rename the file",
+                )
+            )
+            continue
         if path.stem in builtin_names:
             errors.append(
                 SpecError(
