@@ -237,9 +237,9 @@ def test_common_state_has_what_the_loaders_read(tmp_path: Path) -> None:
     assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (1, 1)
     assert args.no_save_optim and args.no_save_rng and args.transformer_impl == "transformer_engine"
     assert args.ckpt_format == "torch_dist" and args.tokenizer_type == "HuggingFaceTokenizer"
-    # No path of the machine that imported: --use-checkpoint-args would force a saved tokenizer
-    # path over the command line's (checkpointing.py:2344-2349); the flags file says where it is.
-    assert args.tokenizer_model is None
+    # The tokenizer where it is now: Megatron-Bridge's reader of Megatron-LM checkpoints builds it
+    # from this path (model_load_save.py:374-376); the flags file names it relative to the folder.
+    assert Path(args.tokenizer_model) == (out / "hf_side_files").resolve()
     assert "--tokenizer-model CHECKPOINT/hf_side_files" in (out / "megatron_lm_args.txt").read_text()
     assert (out / "hf_side_files" / "tokenizer.json").is_file()
 
@@ -314,8 +314,8 @@ def test_megatron_lm_arguments_are_printed_and_saved(
     assert "--seq-length" not in [line.strip().split(" ")[0] for line in text.splitlines() if not line.startswith("#")]
     assert "#   - --seq-length (the training length; the model takes up to" in text
     common = dist_checkpoint.read_common_state(out / "release")
-    saved = [f"{k}={v}" for k, v in vars(common["args"]).items() if str(tmp_path.resolve()) in str(v)]
-    assert saved == []
+    saved = [k for k, v in vars(common["args"]).items() if str(tmp_path.resolve()) in str(v)]
+    assert saved == ["tokenizer_model"]  # see test_common_state_has_what_the_loaders_read
 
 
 def megatron_lm_moe_freq(value: object) -> object:
@@ -477,3 +477,34 @@ def test_a_softmax_scale_is_listed_only_where_megatron_lm_differs(scalar: int, l
     assert config["head_dim"] == 16
     gaps = ModelBridge.from_hf_config(config).megatron_lm_arguments(torch.float32).not_expressible
     assert any(gap.startswith("softmax scale") for gap in gaps) is listed
+
+
+# What Megatron-Bridge 0.6.2 reads from a Megatron-LM checkpoint's args without a default
+# (megatron/bridge/training/model_load_save.py:370-385 ``_call_model_provider``: the tokenizer
+# from tokenizer_type / tokenizer_model, the vocab padding; mlm_compat/arguments.py:62-124
+# ``_transformer_config_from_args``; mlm_compat/model.py:62-142 ``_gpt_provider`` and :273
+# ``_get_model``).
+MEGATRON_BRIDGE_READS = (
+    "tokenizer_type tokenizer_model make_vocab_size_divisible_by padded_vocab_size multi_latent_attention "
+    "heterogeneous_layers_config_path no_persist_layer_norm params_dtype overlap_p2p_comm num_experts "
+    "rotary_interleaved decoder_first_pipeline_num_layers decoder_last_pipeline_num_layers fp8_param_gather "
+    "swiglu bias_swiglu_fusion bias_gelu_fusion squared_relu init_method_xavier_uniform group_query_attention "
+    "num_query_groups config_logger_dir cp_comm_type is_hybrid_model transformer_impl moe_grouped_gemm "
+    "qk_layernorm qk_l2_norm normalization mtp_num_layers max_position_embeddings fp16_lm_cross_entropy "
+    "untie_embeddings_and_output_weights position_embedding_type rotary_percent rotary_base use_rope_scaling "
+    "init_model_with_meta_device bf16 fp16 num_layers hybrid_layer_pattern hybrid_override_pattern "
+    "mtp_hybrid_override_pattern spec use_legacy_models"
+).split()
+
+
+@pytest.mark.parametrize("key_names", ["te", "local"])
+def test_args_hold_what_megatron_bridges_megatron_lm_reader_reads(key_names: str, tmp_path: Path) -> None:
+    """Megatron-Bridge opens a Megatron-LM checkpoint (``load_megatron_model(OUT/release,
+    model_type="gpt")``) from its ``args``: every attribute it reads is there (a missing one
+    was "'Namespace' object has no attribute 'multi_latent_attention'"); the local spec's args
+    turn persist_layer_norm off, which torch's norms refuse (megatron-core torch_norm.py)."""
+    out = import_fixture_model("mb-llama", tmp_path / "ckpt", "--key-names", key_names)
+    args = vars(dist_checkpoint.read_common_state(out / "release")["args"])
+    assert [name for name in MEGATRON_BRIDGE_READS if name not in args] == []
+    assert isinstance(args["cp_comm_type"], list | str) and args["tokenizer_model"]
+    assert args["no_persist_layer_norm"] is (key_names == "local")

@@ -68,7 +68,7 @@ def save_megatron(
     lm_args = arguments_for(
         bridge,
         dtype,
-        tokenizer_model=SIDE_FILES_DIR
+        tokenizer_model=str(target.resolve() / SIDE_FILES_DIR)
         if _tokenizer_files(Path(hf_source) if hf_source is not None else None)
         else None,
     )

@@ -58,6 +58,19 @@ SHARED_FIELDS = (
 )
 
 
+# Fields whose None megatron-core reads as "none" (no MTP layers, no q LoRA, no shared expert,
+# no group-limited routing), not as "use the default".
+NULL_MEANS_NONE = (
+    "mtp_num_layers",
+    "q_lora_rank",
+    "moe_shared_expert_intermediate_size",
+    "moe_router_num_groups",
+    "moe_router_group_topk",
+    "moe_router_topk_scaling_factor",
+    "window_size",
+)
+
+
 def read_run_config(folder: Path) -> dict[str, Any] | None:
     """Megatron-Bridge's ``model:`` section, or None when the folder has no run config."""
     import yaml
@@ -75,18 +88,40 @@ def read_run_config(folder: Path) -> dict[str, Any] | None:
     return model
 
 
+# Megatron-Bridge writes a callable as ``{_target_: module.name, _call_: false}`` (a
+# ``functools.partial`` adds ``_partial_: true`` and its keywords); Megatron-Bridge 0.6 sets
+# GPT-OSS's to megatron.core.fusions.fused_bias_geglu.quick_gelu (gpt_oss_bridge.py:82), the
+# others from ACTIVATION_FUNC_MAP (torch.nn.functional.silu, torch._C._nn.gelu, ...).
+ACTIVATIONS = {
+    "silu": "silu",
+    "gelu": "gelu",
+    "quick_gelu": "quick_gelu",
+    "fast_gelu": "gelu_tanh",  # megatron.core.activations: the tanh approximation
+    "openai_gelu": "gelu_tanh",
+    "squared_relu": "squared_relu",
+    "relu": "relu",
+}
+
+
 def _activation_of(target: Any) -> str:
     name = str(target.get("_target_", "")) if isinstance(target, Mapping) else str(target)
     short = name.rsplit(".", 1)[-1]
-    table = {"silu": "silu", "gelu": "gelu", "squared_relu": "squared_relu", "relu": "relu"}
-    if short not in table:
-        raise ConfigError(f"activation {name!r} in the run config is not one the bridges know")
-    return table[short]
+    if short not in ACTIVATIONS:
+        raise ConfigError(
+            f"activation {name!r} in the run config is not one the bridges know "
+            f"(known: {', '.join(sorted(ACTIVATIONS))})"
+        )
+    if short == "gelu" and isinstance(target, Mapping) and target.get("approximate") == "tanh":
+        return "gelu_tanh"
+    return ACTIVATIONS[short]
 
 
 def values_from_run_config(model: Mapping[str, Any]) -> tuple[dict[str, Any], str, RopeScaling]:
     """Megatron-side values, activation and RoPE scaling from a Megatron-Bridge run config."""
     values = {name: model[name] for name in SHARED_FIELDS if model.get(name) is not None}
+    # null is megatron-core's value for "none of these" (Megatron-Bridge writes
+    # ``mtp_num_layers: null`` for a model without MTP layers): kept as a value, not as unset.
+    values.update({name: None for name in NULL_MEANS_NONE if name in model and model[name] is None})
     values["num_query_groups"] = model.get("num_query_groups") or model["num_attention_heads"]
     values["vocab_size"] = int(model["vocab_size"])
     values["max_sequence_length"] = int(model.get("max_position_embeddings") or model["seq_length"])
@@ -107,6 +142,7 @@ def values_from_args(args: Any) -> tuple[dict[str, Any], str, RopeScaling]:
     """Megatron-side values, activation and RoPE scaling from Megatron-LM's saved ``args``."""
     source = vars(args)
     values = {name: source[name] for name in SHARED_FIELDS if source.get(name) is not None}
+    values.update({name: None for name in NULL_MEANS_NONE if name in source and source[name] is None})
     heads = int(source["num_attention_heads"])
     values["num_query_groups"] = (
         int(source["num_query_groups"]) if source.get("group_query_attention") else heads

@@ -175,6 +175,35 @@ def _int_if_integral(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
+# Megatron-LM's defaults (arguments.py at d98e8a64) of the args Megatron-Bridge reads without a
+# default of its own.
+MEGATRON_BRIDGE_READS: dict[str, Any] = {
+    "multi_latent_attention": False,
+    "heterogeneous_layers_config_path": None,
+    "no_persist_layer_norm": False,
+    "overlap_p2p_comm": False,
+    "decoder_first_pipeline_num_layers": None,
+    "decoder_last_pipeline_num_layers": None,
+    "fp8_param_gather": False,
+    "bias_swiglu_fusion": False,
+    "bias_gelu_fusion": False,
+    "init_method_xavier_uniform": False,
+    "config_logger_dir": "",
+    "cp_comm_type": ["p2p"],
+    "is_hybrid_model": False,
+    "qk_l2_norm": False,
+    "fp16_lm_cross_entropy": False,
+    "use_rope_scaling": False,
+    "moe_grouped_gemm": False,
+    "num_experts": None,
+    "init_model_with_meta_device": False,
+    "hybrid_layer_pattern": None,
+    "hybrid_override_pattern": None,
+    "mtp_hybrid_override_pattern": None,
+    "spec": None,
+    "use_legacy_models": False,
+}
+
 # The checkpoint folder in the flags file, wherever it lies when training.
 CHECKPOINT = "CHECKPOINT"
 
@@ -267,11 +296,16 @@ def lm_arguments(
     args.value("make_vocab_size_divisible_by", vocab_multiple, "--make-vocab-size-divisible-by")
     args.value("padded_vocab_size", padded_vocab_size, "--padded-vocab-size")
     args.value("tokenizer_type", "HuggingFaceTokenizer" if tokenizer_model else None, "--tokenizer-type")
-    # Not saved: Megatron-LM's --use-checkpoint-args would force a saved path over the command
-    # line's (checkpointing.py:2344-2349), and a path is wrong once the folder is copied.
-    args.values["tokenizer_model"] = None
+    # Saved as the path it has now: Megatron-Bridge's reader of Megatron-LM checkpoints builds
+    # the tokenizer from it (model_load_save.py:374-376), as Megatron-LM's --use-checkpoint-args
+    # does (checkpointing.py:2344-2349). The flags file names it relative to the checkpoint.
+    args.values["tokenizer_model"] = tokenizer_model
     if tokenizer_model is not None:
-        args.flags.append(f"--tokenizer-model {CHECKPOINT}/{tokenizer_model}")
+        args.flags.append(f"--tokenizer-model {CHECKPOINT}/{Path(tokenizer_model).name}")
+        args.for_the_run.append(
+            "--tokenizer-model: the saved args name the tokenizer where this folder was written; once "
+            "it moves, --use-checkpoint-args takes that path unless told to use the command line's"
+        )
     impl = "transformer_engine" if key_names is KeyNames.te else "local"
     args.value("transformer_impl", impl, "--transformer-impl")
     if impl == "local":
@@ -281,6 +315,8 @@ def lm_arguments(
         if v.get("position_embedding_type", "rope") == "rope" or config.megatron_model == "mla":
             args.flags.append("--no-rope-fusion")
         args.flags.append("--no-gradient-accumulation-fusion")
+        # torch's norms refuse persist_layer_norm (megatron-core torch_norm.py), which is on by default.
+        args.switch("no_persist_layer_norm", True, "--no-persist-layer-norm")
     args.value("ckpt_format", "torch_dist", "--ckpt-format")
     args.switch("bf16", dtype == torch.bfloat16, "--bf16")
     args.switch("fp16", dtype == torch.float16, "--fp16")
@@ -298,6 +334,11 @@ def lm_arguments(
     for name in ("consumed_train_samples", "skipped_train_samples", "consumed_valid_samples"):
         args.value(name, 0)
     args.value("iteration", 0)
+    # Read without a default by Megatron-Bridge's reader of Megatron-LM checkpoints
+    # (megatron/bridge/training/mlm_compat/arguments.py:62-124 ``_transformer_config_from_args``,
+    # mlm_compat/model.py:62-142 and :273, 0.6.2): Megatron-LM's defaults, where not set above.
+    for name, default in MEGATRON_BRIDGE_READS.items():
+        args.values.setdefault(name, default)
     scale = v.get("softmax_scale")
     kv_channels = v.get("kv_channels") or int(v["hidden_size"]) // heads
     # TransformerConfig field with no flag (arguments.py:2326); Megatron-LM's attention then
