@@ -404,7 +404,7 @@ class DeepseekV2Bridge(Bridge):
             "n_shared_experts": None
             if m_moe_shared_expert_intermediate_size is None
             else m_moe_shared_expert_intermediate_size // m_moe_ffn_hidden_size,
-            "norm_topk_prob": not m_moe_router_pre_softmax,
+            "norm_topk_prob": m_moe_router_score_function == "sigmoid" or not m_moe_router_pre_softmax,
             "num_attention_heads": m_num_attention_heads,
             "num_experts_per_tok": m_moe_router_topk,
             "num_hidden_layers": m_num_layers,

@@ -135,6 +135,8 @@ def values_from_run_config(model: Mapping[str, Any]) -> tuple[dict[str, Any], st
         rope = _llama3(float(model.get("rope_scaling_factor", 8.0)))
     elif model.get("multi_latent_attention") and model.get("rope_type", "yarn") == "yarn":
         rope = _mla_yarn(model)
+    elif model.get("position_embedding_type") == "yarn":
+        rope = _gpt_yarn(model, factor="yarn_rotary_scaling_factor", mscale="yarn_mscale")
     return values, _activation_of(model.get("activation_func", "gelu")), rope
 
 
@@ -168,6 +170,8 @@ def values_from_args(args: Any) -> tuple[dict[str, Any], str, RopeScaling]:
         rope = RopeScaling("linear", {"rope_type": "linear", "factor": factor})
     elif source.get("multi_latent_attention") and source.get("rope_type", "yarn") == "yarn":
         rope = _mla_yarn(source)
+    elif source.get("position_embedding_type") == "yarn":
+        rope = _gpt_yarn(source, factor="rotary_scaling_factor", mscale="mscale")
     return values, activation, rope
 
 
@@ -175,7 +179,28 @@ def _llama3(factor: float) -> RopeScaling:
     return RopeScaling("llama3", {"rope_type": "llama3", "factor": factor, **MEGATRON_LLAMA3_CONSTANTS})
 
 
+def _gpt_yarn(source: Mapping[str, Any], *, factor: str, mscale: str) -> RopeScaling:
+    """GPTModel's YaRN (``position_embedding_type: yarn``): Megatron-Bridge names its settings
+    ``yarn_*`` (TransformerConfig), Megatron-LM's args ``rotary_scaling_factor`` / ``mscale``."""
+    params: dict[str, Any] = {
+        "rope_type": "yarn",
+        "factor": float(source.get(factor) or 1.0),
+        "original_max_position_embeddings": int(source.get("yarn_original_max_position_embeddings") or 4096),
+        "beta_fast": float(source.get("yarn_beta_fast") or 32.0),
+        "beta_slow": float(source.get("yarn_beta_slow") or 1.0),
+        "truncate": bool(source.get("yarn_correction_range_round_to_int", True)),
+    }
+    for name, key in (("mscale", mscale), ("mscale_all_dim", f"{mscale}_all_dim")):
+        if source.get(key) is not None:
+            params[name] = float(source[key])
+    return RopeScaling("yarn", params)
+
+
 def _mla_yarn(source: Mapping[str, Any]) -> RopeScaling:
+    if float(source.get("rotary_scaling_factor") or 1.0) == 1.0 and float(source.get("mscale") or 1.0) == float(
+        source.get("mscale_all_dim") or 1.0
+    ):
+        return RopeScaling()  # YaRN of factor 1 with equal mscales: the plain rotation
     return RopeScaling(
         "yarn",
         {
@@ -191,9 +216,15 @@ def _mla_yarn(source: Mapping[str, Any]) -> RopeScaling:
 
 
 def hf_config_for(
-    family: str, values: dict[str, Any], activation: str, rope: RopeScaling, where: str
+    family: str,
+    values: dict[str, Any],
+    activation: str,
+    rope: RopeScaling,
+    where: str,
+    source: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The HF config dict ``family``'s bridge writes for these Megatron values."""
+    """The HF config dict ``family``'s bridge writes for these Megatron values, completed with
+    the family's own fields from ``source`` (the run config's model section, or ``vars(args)``)."""
     from bridgegen.plan.bridges import all_bridges, bridge_for_family
 
     bridge = bridge_for_family(family)
@@ -203,6 +234,19 @@ def hf_config_for(
     if isinstance(values.get("moe_layer_freq"), int) and values.get("num_moe_experts"):
         freq = int(values["moe_layer_freq"])
         values["moe_layer_freq"] = [1 if i % freq == 0 else 0 for i in range(int(values["num_layers"]))]
+    if source is not None:
+        # The family's own Megatron fields (GPT-OSS's clamp, offset, softmax type, window
+        # pattern, ...), under the names megatron-core's TransformerConfig gives them, which
+        # Megatron-Bridge's run config and Megatron-LM's args share.
+        read = set(bridge.to_megatron_config(bridge.example_hf_config()).values) | set(bridge.extra_fields)
+        for name in sorted(read - set(values)):
+            if name in source and (source[name] is not None or name in NULL_MEANS_NONE):
+                values[name] = source[name]
+    skip = values.get("window_attn_skip_freq")
+    if isinstance(skip, int) and not isinstance(skip, bool):
+        # megatron-core: layer n (from 1) has the window unless n % freq == 0
+        # (transformer/utils.py is_layer_window_attention); as the per-layer list the bridges use.
+        values["window_attn_skip_freq"] = [int((i + 1) % skip != 0) for i in range(int(values["num_layers"]))]
     config = MegatronConfig(
         family=family,
         megatron_model="mla" if values.get("multi_latent_attention") else "gpt",

@@ -179,8 +179,10 @@ def conversion_for_checkpoint(
 def _foreign_hf_config(found: megatron_lm.CheckpointFolder, family: str | None) -> dict[str, Any]:
     run_config = foreign_config.read_run_config(found.path)
     where = str(found.path / foreign_config.RUN_CONFIG)
+    source: dict[str, Any]
     if run_config is not None:
         values, activation, rope = foreign_config.values_from_run_config(run_config)
+        source = run_config
     else:
         common = dist_checkpoint.read_common_state(found.path)
         args = common.get("args")
@@ -190,13 +192,14 @@ def _foreign_hf_config(found: megatron_lm.CheckpointFolder, family: str | None) 
                 "common state: pass --hf-config with the HF config folder of this model"
             )
         values, activation, rope = foreign_config.values_from_args(args)
+        source = vars(args)
         where = f"{found.path}: args"
     if family is None:
         raise ConfigError(
             f"{where}: this checkpoint does not say which HF architecture it is; pass --family "
             "(see `bridgegen list`) or --hf-config with the HF config folder"
         )
-    return foreign_config.hf_config_for(family, values, activation, rope, where)
+    return foreign_config.hf_config_for(family, values, activation, rope, where, source)
 
 
 def requested_keys(request: dict[str, Any]) -> set[str]:
