@@ -59,6 +59,17 @@ EXPORTS = {
     "mb-llama-tp2": ["--family", "llama"],
     "mb-qwen3-moe": ["--family", "qwen3_moe"],
     "mlm-llama-iter": ["--family", "llama"],
+    "mb-qwen3": ["--family", "qwen3"],
+    "mb-gpt-oss": ["--family", "gpt_oss"],
+    "mb-deepseek-v3": ["--family", "deepseek_v3"],
+}
+# Fields an export from a run config gives back otherwise: the token ids (in the tokenizer
+# files, not the run config; transformers' defaults are written), DeepSeek-V2 fields the V3
+# bridge writes at their defaults, and Qwen3-MoE's layer_types written out (every layer full
+# attention, what transformers assumes when the field is absent).
+NOT_IN_RUN_CONFIGS = {
+    "mb-deepseek-v3": {"bos_token_id", "eos_token_id", "moe_layer_freq", "aux_loss_alpha"},
+    "mb-qwen3-moe": {"layer_types"},
 }
 
 
@@ -74,6 +85,15 @@ def test_fixture_exports_bit_exact_from_its_tracker_root(case: str, tmp_path: Pa
     # Tokenizer files come from iter_*/tokenizer/, where both tools keep them.
     assert (out / "tokenizer.json").read_bytes() == (FIXTURES / case / "hf" / "tokenizer.json").read_bytes()
     fixture_intact(case)  # read, never written
+    if case.startswith("mb-"):
+        # The config read from Megatron-Bridge's run_config.yaml (its activations, its nulls, its
+        # window pattern and YaRN settings) is the source's, as transformers reads both.
+        from transformers import AutoConfig
+
+        source = AutoConfig.from_pretrained(FIXTURES / case / "hf").to_dict()
+        exported = AutoConfig.from_pretrained(out).to_dict()
+        skip = {"transformers_version", "dtype", "torch_dtype", "_name_or_path"} | NOT_IN_RUN_CONFIGS.get(case, set())
+        assert {k: (source.get(k), exported.get(k)) for k in (set(source) | set(exported)) - skip if source.get(k) != exported.get(k)} == {}
 
 
 def test_fixture_exports_with_hf_config_and_at_tp2(tmp_path: Path) -> None:

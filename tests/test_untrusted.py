@@ -420,3 +420,47 @@ def test_a_rank_that_fails_says_its_own_reason(
         inputs=[megatron],
         out=out,
     )
+
+
+def test_a_payload_in_a_tensor_item_never_runs_and_is_one_line(
+    checkpoint: Path,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A ``.distcp`` tensor item replaced by a ``torch.save`` archive of a payload (the index
+    rewritten to match): our mapped reader declines it, torch's reads it with
+    ``weights_only=True``, which refuses; the refusal is one line naming the checkpoint."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    megatron = copy_of(checkpoint, tmp_path)
+    folder = dist_folder(megatron)
+    index = folder / ".metadata"
+    with index.open("rb") as handle:
+        metadata = pickles.load(handle, index)
+    items = sorted(metadata.storage_data.items(), key=lambda item: (item[1].relative_path, item[1].offset))
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    key, target = next(
+        (k, v)
+        for k, v in items
+        if k.fqn == "decoder.final_layernorm.weight"
+        and isinstance(metadata.state_dict_metadata[k.fqn], TensorStorageMetadata)
+    )
+    marker = tmp_path / "marker"
+    buffer = io.BytesIO()
+    torch.save(Payload(marker), buffer)
+    payload = buffer.getvalue()
+    data = (folder / target.relative_path).read_bytes()
+    start, end = target.offset, target.offset + target.length
+    (folder / target.relative_path).write_bytes(data[:start] + payload + data[end:])
+    shift = len(payload) - target.length
+    for k, info in items:
+        if info.relative_path != target.relative_path:
+            continue
+        if k == key:
+            metadata.storage_data[k] = _StorageInfo(info.relative_path, info.offset, len(payload))
+        elif info.offset > target.offset:
+            metadata.storage_data[k] = _StorageInfo(info.relative_path, info.offset + shift, info.length)
+    index.write_bytes(pickle.dumps(metadata))
+    export_refused(megatron, tmp_path, capsys, rf"{re.escape(str(folder))}: a tensor item of .* is not a plain tensor")
+    assert not marker.exists()
