@@ -1,0 +1,437 @@
+"""Weight sync: a live megatron-core model's weights as whole HF tensors, inside the caller's
+training job (an RL framework refreshing its inference engine every few steps).
+
+The caller owns torch.distributed and megatron-core's parallel state (TP, PP, VPP, EP,
+expert-TP); this module only uses them. ``WeightExport(conversion, model_chunks)`` plans once
+(collectively: every rank says what its pipeline stage holds) and then each call
+
+    for name, tensor in export(destinations={0}):  # on every rank
+        ...
+
+moves the bytes. For each Megatron tensor of one pipeline stage, in HF order:
+
+* its tensor-parallel shards are put together with one ``all_gather`` on the TP group (expert
+  tensors on the expert-TP group), by the transform's own reassembly (``gather_tp_shards``:
+  fused qkv shards concatenate, gate/up shards each hold gate and up halves);
+* one layer's experts are gathered over the expert-parallel group in one ``all_gather`` of all
+  their tensors packed into one buffer;
+* a run of whole tensors of one stage (a bucket of at most ``bucket_bytes``) is packed into
+  one buffer and broadcast over the pipeline group from that stage.
+
+The whole Megatron tensors then become HF tensors by the plan (``iter_hf_from_full``).
+Nothing global is changed: no process group is created, no torch function patched, no RNG
+used, grad mode left alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from bridgegen.bridge.errors import WeightError
+from bridgegen.bridge.weight_rules import WeightKind
+from bridgegen.engines.weights import iter_hf_from_full
+from bridgegen.plan.conversion import Conversion
+from bridgegen.plan.sync import SyncTensor, SyncUnit, buckets, packed_offsets, renumber_expert
+from bridgegen.plan.transforms import gather_tp_shards, tp_partition_dim
+from bridgegen.plan.weight_map import WeightMap, model_tensors
+
+Manifest = list[tuple[str, torch.Size, torch.dtype]]
+
+
+@dataclass(frozen=True)
+class _Held:
+    """One of this rank's tensors: the dim megatron-core splits it on over its tensor-parallel
+    group (None: whole here), and the kind that says how the whole tensor is put together."""
+
+    tensor: torch.Tensor
+    dim: int | None
+    kind: WeightKind
+
+
+@dataclass(frozen=True)
+class _Groups:
+    """The caller's process groups (megatron-core's parallel state) and this rank's place."""
+
+    tp: Any
+    tp_size: int
+    etp: Any
+    etp_size: int
+    ep: Any
+    ep_size: int
+    ep_rank: int
+    pp: Any
+    pp_size: int
+    pp_rank: int
+    pp_ranks: list[int]  # global ranks of this rank's pipeline group, by stage
+
+    @classmethod
+    def current(cls) -> _Groups:
+        from megatron.core import parallel_state as ps
+
+        pp = ps.get_pipeline_model_parallel_group()
+        if isinstance(pp, list):
+            raise WeightError("weight sync: several pipeline groups per rank are not supported")
+        return cls(
+            tp=ps.get_tensor_model_parallel_group(),
+            tp_size=ps.get_tensor_model_parallel_world_size(),
+            etp=ps.get_expert_tensor_parallel_group(),
+            etp_size=ps.get_expert_tensor_parallel_world_size(),
+            ep=ps.get_expert_model_parallel_group(),
+            ep_size=ps.get_expert_model_parallel_world_size(),
+            ep_rank=ps.get_expert_model_parallel_rank(),
+            pp=pp,
+            pp_size=ps.get_pipeline_model_parallel_world_size(),
+            pp_rank=ps.get_pipeline_model_parallel_rank(),
+            pp_ranks=list(dist.get_process_group_ranks(pp)),
+        )
+
+
+def unwrap(module: Any) -> torch.nn.Module:
+    """The megatron-core model inside wrappers that hold it as ``.module`` (Megatron DDP,
+    Float16Module, torch DDP); a bridgegen ``ModelChunk``'s model."""
+    if not isinstance(module, torch.nn.Module) and isinstance(
+        getattr(module, "model", None), torch.nn.Module
+    ):
+        module = module.model
+    while isinstance(getattr(module, "module", None), torch.nn.Module):
+        module = module.module
+    if not isinstance(module, torch.nn.Module):
+        raise WeightError(
+            f"weight sync: a model chunk must be a torch.nn.Module, got {type(module).__name__}"
+        )
+    return module
+
+
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _pack(tensors: Sequence[torch.Tensor], specs: Sequence[SyncTensor], device: torch.device) -> torch.Tensor:
+    offsets, size = packed_offsets(specs)
+    buffer = torch.empty(size, dtype=torch.uint8, device=device)
+    for tensor, spec, offset in zip(tensors, specs, offsets, strict=True):
+        buffer[offset : offset + spec.nbytes].copy_(_as_bytes(tensor))
+    return buffer
+
+
+def _unpack(buffer: torch.Tensor, specs: Sequence[SyncTensor]) -> list[torch.Tensor]:
+    """Views of ``buffer`` as the tensors ``_pack`` put there."""
+    offsets, _ = packed_offsets(specs)
+    return [
+        buffer[offset : offset + spec.nbytes].view(spec.dtype).view(spec.shape)
+        for spec, offset in zip(specs, offsets, strict=True)
+    ]
+
+
+# The whole tensors one sync step moves and holds at once, unless one tensor is larger.
+DEFAULT_BUCKET_BYTES = 256 * 2**20
+
+
+class WeightExport:
+    """A live model's weights as whole HF tensors, planned once and reused for every sync.
+
+    ``model_chunks``: this rank's model (a list: one chunk per virtual pipeline stage, in
+    order), each a megatron-core GPTModel, possibly wrapped (Megatron DDP / Float16Module:
+    unwrapped through ``.module``). Creating it is collective: every rank of the job creates
+    it at the same point. ``bucket_bytes`` bounds the whole tensors moved and held at once; a
+    tensor (one layer's experts, for MoE layers) larger than it is an error. By default it is
+    ``DEFAULT_BUCKET_BYTES``, or the largest such tensor where that is larger (a Llama-3-8B
+    embedding is ~1 GB in bf16).
+    """
+
+    def __init__(
+        self,
+        conversion: Conversion,
+        model_chunks: Sequence[torch.nn.Module] | torch.nn.Module,
+        *,
+        bucket_bytes: int | None = None,
+    ) -> None:
+        if bucket_bytes is not None and (not isinstance(bucket_bytes, int) or bucket_bytes < 1):
+            raise WeightError(f"weight sync: bucket_bytes must be a positive int, got {bucket_bytes!r}")
+        chunks = [model_chunks] if isinstance(model_chunks, torch.nn.Module) else list(model_chunks)
+        if not chunks:
+            raise WeightError("weight sync: no model chunks given")
+        self.conversion = conversion
+        self.bucket_bytes = DEFAULT_BUCKET_BYTES if bucket_bytes is None else bucket_bytes
+        self._weight_map = conversion.weight_map()
+        self._groups = _Groups.current()
+        models = [unwrap(chunk) for chunk in chunks]
+        self._device = next((t.device for m in models for _, t in model_tensors(m)), torch.device("cpu"))
+        # This stage's units and, for each, this rank's tensors of it.
+        mine: list[SyncUnit] = []
+        self._held: list[list[_Held]] = []
+        failure: Exception | None = None
+        try:
+            for index, model in enumerate(models):
+                units, held = self._plan_chunk(index, model, len(models))
+                mine += units
+                self._held += held
+        except Exception as exc:  # noqa: BLE001 - said to every rank before any raises
+            failure = exc
+        self._units, self._owned = self._agree(mine, len(models), failure)
+        self._hf_counts: list[int] = []
+        self._manifest: Manifest = []
+        for unit in self._units:
+            meta = [torch.empty(t.shape, dtype=t.dtype, device="meta") for t in unit.tensors]
+            named = [(name, tensor.shape, tensor.dtype) for name, tensor in self._hf_of(unit, meta)]
+            self._hf_counts.append(len(named))
+            self._manifest += named
+        self._firsts = [0]  # each unit's first HF tensor in the manifest
+        for count in self._hf_counts[:-1]:
+            self._firsts.append(self._firsts[-1] + count)
+        if bucket_bytes is None:
+            largest = max((packed_offsets(unit.tensors)[1] for unit in self._units), default=0)
+            self.bucket_bytes = max(self.bucket_bytes, largest)
+        self._check_bucket()
+        self._buckets = buckets(self._units, self.bucket_bytes)
+
+    # ------------------------------------------------------------------ planning
+
+    def _plan_chunk(
+        self, index: int, model: torch.nn.Module, count: int
+    ) -> tuple[list[SyncUnit], list[list[_Held]]]:
+        from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+        config = getattr(model, "config", None)
+        if config is None:
+            raise WeightError(
+                f"weight sync: model chunk {index} ({type(model).__name__}, after unwrapping .module) "
+                "has no megatron-core config: not a megatron-core model"
+            )
+        vp_stage = getattr(model, "vp_stage", None)
+        if vp_stage is None and count > 1:
+            vp_stage = index
+        layer_offset = int(get_transformer_layer_offset(config, vp_stage=vp_stage))
+        g = self._groups
+        experts = int(getattr(config, "num_moe_experts", None) or 0)
+        per_rank = experts // g.ep_size
+        units: list[SyncUnit | None] = []
+        held: list[list[_Held]] = []
+        # Per MoE layer: its unit's index and this rank's expert tensors (name, local number, whole shape, dtype).
+        layers: dict[int | None, tuple[int, list[tuple[str, int, tuple[int, ...], torch.dtype]]]] = {}
+        for name, tensor in model_tensors(model):
+            if self._weight_map.is_tied_output(name):
+                continue  # the last stage's copy of a tied embedding: HF has no tensor of its own
+            try:
+                matched = self._weight_map.match(name, layer_offset)
+            except WeightError as exc:
+                raise WeightError(f"weight sync, model chunk {index}: {exc}") from None
+            expert = matched.expert is not None
+            dim = self._split_dim(name, tensor, matched.rule.kind, g.etp_size if expert else g.tp_size)
+            shape = list(tensor.shape)
+            if dim is not None:
+                shape[dim] *= g.etp_size if expert else g.tp_size
+            if not expert:
+                units.append(
+                    SyncUnit(g.pp_rank, index, layer_offset, (SyncTensor(name, tuple(shape), tensor.dtype),))
+                )
+                held.append([_Held(tensor, dim, matched.rule.kind)])
+                continue
+            if per_rank * g.ep_size != experts or not 0 <= (matched.expert or 0) < per_rank:
+                raise WeightError(
+                    f"weight sync, model chunk {index}: Megatron {name!r} is local expert {matched.expert}, "
+                    f"but the config's {experts} experts over expert parallel size {g.ep_size} make {per_rank} per rank"
+                )
+            slot, entries = layers.setdefault(matched.layer, (len(units), []))
+            if slot == len(units):
+                units.append(None)
+                held.append([])
+            entries.append((name, int(matched.expert or 0), tuple(shape), tensor.dtype))
+            held[slot].append(_Held(tensor, dim, matched.rule.kind))
+        for slot, entries in layers.values():
+            tensors = tuple(
+                SyncTensor(renumber_expert(self._weight_map, name, rank * per_rank + local), shape, dtype)
+                for rank in range(g.ep_size)
+                for name, local, shape, dtype in entries
+            )
+            units[slot] = SyncUnit(g.pp_rank, index, layer_offset, tensors, experts=True)
+        return [unit for unit in units if unit is not None], held
+
+    def _split_dim(self, name: str, tensor: torch.Tensor, kind: WeightKind, size: int) -> int | None:
+        """The dim ``tensor`` is split on over its group of ``size``: the spec's kind says it (the
+        slices ``load_hf`` reads); megatron-core's ``tensor_model_parallel`` / ``partition_dim``
+        attributes, where they say the tensor is split, must agree. (megatron-core sets them on
+        weights only when it initialises them: not with ``perform_initialization=False``, and
+        Megatron-LM then fills in ``tensor_model_parallel=False`` for every parameter.)"""
+        if size == 1:
+            return None
+        expected = tp_partition_dim(kind)
+        if getattr(tensor, "tensor_model_parallel", False):
+            dim = int(getattr(tensor, "partition_dim", -1))
+            if dim != expected:
+                held = "whole on every rank" if expected is None else f"split on dim {expected}"
+                raise WeightError(
+                    f"weight sync: Megatron {name!r}: megatron-core splits it on dim {dim} over tensor "
+                    f"parallelism, but the {self._weight_map.config.family} spec's {kind.value} kind has it {held}"
+                )
+        return expected
+
+    def _agree(
+        self, mine: list[SyncUnit], count: int, failure: Exception | None
+    ) -> tuple[list[SyncUnit], list[list[_Held] | None]]:
+        """Every rank's plan, in sync order (by virtual stage, then pipeline stage), with this
+        rank's tensors of the units its stage owns. One object all-gather over the job, so that
+        a rank that cannot plan stops every rank (none is left waiting in a collective)."""
+        g = self._groups
+        problem = None
+        if failure is not None:
+            lines = str(failure).strip().splitlines() or [type(failure).__name__]
+            problem = (
+                lines[0] if isinstance(failure, WeightError) else f"{type(failure).__name__}: {lines[0]}"
+            )
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, (g.pp_rank, count, mine, problem))
+        if failure is not None:
+            raise failure
+        for rank, (_, _, _, said) in enumerate(everyone):
+            if said is not None:
+                raise WeightError(f"{said} (on rank {rank})")
+        stages: dict[int, tuple[int, list[SyncUnit]]] = {}
+        for rank, (stage, chunks, units, _) in enumerate(everyone):
+            if stages.setdefault(stage, (chunks, units)) != (chunks, units):
+                raise WeightError(
+                    f"weight sync: rank {rank} holds another model than the other ranks of pipeline stage {stage}"
+                )
+        if sorted(stages) != list(range(g.pp_size)) or len({chunks for chunks, _ in stages.values()}) != 1:
+            raise WeightError("weight sync: the pipeline stages hold different numbers of model chunks")
+        order: list[SyncUnit] = []
+        owned: list[list[_Held] | None] = []
+        for chunk in range(count):
+            for stage in range(g.pp_size):
+                for index, unit in enumerate(stages[stage][1]):
+                    if unit.chunk == chunk:
+                        order.append(unit)
+                        owned.append(self._held[index] if stage == g.pp_rank else None)
+        return order, owned
+
+    def _check_bucket(self) -> None:
+        """Every unit must fit in one bucket; the largest one is named if it does not."""
+        sizes = [packed_offsets(unit.tensors)[1] for unit in self._units]
+        largest = max(range(len(sizes)), key=sizes.__getitem__, default=None)
+        if largest is None or sizes[largest] <= self.bucket_bytes:
+            return
+        unit, start = self._units[largest], self._firsts[largest]
+        names = [name for name, _, _ in self._manifest[start : start + self._hf_counts[largest]]]
+        shown = ", ".join(repr(n) for n in names[:3]) + (
+            f" and {len(names) - 3} more" if len(names) > 3 else ""
+        )
+        what = (
+            "the experts of one layer, moved in one piece"
+            if unit.experts
+            else f"Megatron {unit.tensors[0].name!r} of pipeline stage {unit.stage}"
+        )
+        raise WeightError(
+            f"weight sync: bucket_bytes {self.bucket_bytes} is smaller than the largest tensor, HF {shown} "
+            f"({sizes[largest]} bytes; {what}): pass bucket_bytes >= {sizes[largest]}"
+        )
+
+    def _hf_of(self, unit: SyncUnit, whole: Sequence[torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter_hf_from_full(
+            self._weight_map,
+            zip((t.name for t in unit.tensors), whole, strict=True),
+            layer_offset=unit.layer_offset,
+        )
+
+    # ------------------------------------------------------------------ syncing
+
+    def manifest(self) -> Manifest:
+        """Every HF tensor a sync yields, (name, shape, dtype) in yield order; the same on every rank."""
+        return list(self._manifest)
+
+    @property
+    def weight_map(self) -> WeightMap:
+        return self._weight_map
+
+    def __call__(
+        self, *, destinations: set[int] | None = None, cpu: bool = False
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(hf_name, whole HF tensor) in manifest order. Collective: every rank calls it with the
+        same ``destinations`` and runs the iterator to its end. ``destinations`` (global ranks;
+        None: all) receive every tensor, the other ranks take part and yield nothing. Tensors
+        stay on the parameters' device (``cpu``: moved to the CPU); they may be views of the
+        model's parameters or of buffers of this sync, so copy what must outlive the next step."""
+        world = dist.get_world_size()
+        if destinations is not None:
+            wrong = sorted(r for r in destinations if not isinstance(r, int) or not 0 <= r < world)
+            if wrong:
+                raise WeightError(
+                    f"weight sync: destinations {wrong} are not ranks of this job (world size {world})"
+                )
+        receives = destinations is None or dist.get_rank() in destinations
+        # A pipeline group with no destination in it need not move tensors between its stages.
+        pipeline = destinations is None or any(rank in destinations for rank in self._groups.pp_ranks)
+        return self._sync(receives, pipeline, cpu)
+
+    def _sync(self, receives: bool, pipeline: bool, cpu: bool) -> Iterator[tuple[str, torch.Tensor]]:
+        g = self._groups
+        for bucket in self._buckets:
+            units = [self._units[i] for i in bucket]
+            owner = units[0].stage
+            whole: list[list[torch.Tensor]] | None = None
+            if owner == g.pp_rank:
+                whole = [self._whole(i) for i in bucket]
+            if g.pp_size > 1 and pipeline:
+                whole = self._broadcast(units, owner, whole)
+            if not receives:
+                continue
+            assert whole is not None
+            for index, unit, tensors in zip(bucket, units, whole, strict=True):
+                if cpu:
+                    tensors = [t.cpu() for t in tensors]
+                position = self._firsts[index]
+                for name, tensor in self._hf_of(unit, tensors):
+                    expected = self._manifest[position]
+                    if (name, tensor.shape, tensor.dtype) != expected:
+                        raise WeightError(
+                            f"weight sync: made HF {name!r} {list(tensor.shape)} {tensor.dtype} where the manifest has "
+                            f"{expected[0]!r} {list(expected[1])} {expected[2]}"
+                        )
+                    position += 1
+                    yield name, tensor
+
+    def _gathered(self, held: _Held, group: Any, size: int) -> torch.Tensor:
+        """The whole tensor from this rank's shard: one all_gather over its group."""
+        local = held.tensor.detach()
+        if held.dim is None or size == 1:
+            return local
+        data = _as_bytes(local)
+        parts = [torch.empty_like(data) for _ in range(size)]
+        dist.all_gather(parts, data, group=group)
+        return gather_tp_shards(held.kind, [part.view(local.dtype).view(local.shape) for part in parts])
+
+    def _whole(self, index: int) -> list[torch.Tensor]:
+        """Unit ``index``'s whole tensors, on a rank of the stage that owns it."""
+        g = self._groups
+        unit, held = self._units[index], self._owned[index]
+        assert held is not None
+        if not unit.experts:
+            return [self._gathered(held[0], g.tp, g.tp_size)]
+        local = [self._gathered(item, g.etp, g.etp_size) for item in held]
+        if g.ep_size == 1:
+            return local
+        specs = unit.tensors[: len(held)]
+        packed = _pack(local, specs, local[0].device)
+        parts = [torch.empty_like(packed) for _ in range(g.ep_size)]
+        dist.all_gather(parts, packed, group=g.ep)
+        return [tensor for part in parts for tensor in _unpack(part, specs)]
+
+    def _broadcast(
+        self, units: list[SyncUnit], owner: int, whole: list[list[torch.Tensor]] | None
+    ) -> list[list[torch.Tensor]]:
+        """One bucket's whole tensors from the stage that owns them to every stage."""
+        g = self._groups
+        specs = [tensor for unit in units for tensor in unit.tensors]
+        if whole is not None:
+            buffer = _pack([t for tensors in whole for t in tensors], specs, self._device)
+        else:
+            buffer = torch.empty(packed_offsets(specs)[1], dtype=torch.uint8, device=self._device)
+        dist.broadcast(buffer, src=g.pp_ranks[owner], group=g.pp)
+        if whole is not None:
+            return whole
+        flat = iter(_unpack(buffer, specs))
+        return [[next(flat) for _ in unit.tensors] for unit in units]
