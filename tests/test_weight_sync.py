@@ -196,6 +196,8 @@ def sync_case(case: str, folder: str, bridge_file: str | None) -> dict[str, Any]
     to_rank_0 = list(export(destinations={0}, cpu=True))
     out["to_rank_0"] = compared(to_rank_0, source, manifest)
     out["state_kept_again"] = same_state(before, global_state())
+    if case in INFERENCE_TP_CASES:
+        out["inference_tp"] = inference_tp_slices(export, case, source, bridge.config.vocab_size)
 
     try:
         WeightExport(bridge, models, bucket_bytes=20_000)
@@ -210,6 +212,10 @@ def sync_case(case: str, folder: str, bridge_file: str | None) -> dict[str, Any]
         export(destinations={0, WORLD})
     except WeightError as exc:
         out["destination_error"] = str(exc)
+    try:
+        export(inference_tp=(0, 3))
+    except WeightError as exc:
+        out["inference_tp_error"] = str(exc)
     if "wrapped" in case:
         # Only the last stage's model has a parameter the spec cannot name: every rank still
         # says so (none is left waiting in a collective).
@@ -223,6 +229,46 @@ def sync_case(case: str, folder: str, bridge_file: str | None) -> dict[str, Any]
             out["name_error"] = str(exc)
         if last:
             del inner._parameters["bogus_scale"]
+    return out
+
+
+INFERENCE_TP_CASES = ("llama-tp2-pp2", "moe-tp2-ep2-etp2", "stacked-ep2-pp2-uneven")
+
+
+def inference_tp_slices(
+    export: Any, case: str, source: dict[str, torch.Tensor], vocab: int
+) -> dict[str, Any]:
+    """Sync with ``inference_tp=(k, K)`` for every k of K = 2 and 4 to rank 0: each yielded
+    tensor against vLLM's slice of the HF source (tests/test_inference_tp.py), and the bytes
+    each inference rank receives."""
+    from test_inference_tp import expected_slice
+
+    full = sum(t.nbytes for t in source.values())
+    out: dict[str, Any] = {"full_bytes": full, "wrong": [], "bytes": {}, "as_manifest": True}
+    for count in (2, 4):
+        received = []
+        for k in range(count):
+            yielded = list(export(destinations={0}, cpu=True, inference_tp=(k, count)))
+            manifest = export.manifest(inference_tp=(k, count))
+            out["as_manifest"] &= [(n, t.shape, t.dtype) for n, t in yielded] == (manifest if yielded else [])
+            for name, tensor in yielded:
+                found = expected_slice(
+                    name,
+                    tuple(source[name].shape),
+                    k,
+                    count,
+                    vocab,
+                    transposed_layout=case.startswith("stacked"),
+                )
+                want = (
+                    source[name]
+                    if found is None
+                    else source[name].narrow(found[0], found[1], found[2] - found[1])
+                )
+                if tensor.device.type != "cpu" or not torch.equal(tensor, want):
+                    out["wrong"].append((count, k, name))
+            received.append(sum(t.nbytes for _, t in yielded))
+        out["bytes"][count] = received
     return out
 
 
@@ -327,6 +373,34 @@ def test_the_smallest_bucket_moves_the_same_tensors_in_more_broadcasts(
         assert small["names"] == default["names"]
         if "pp2" in case:
             assert small["collectives"]["pp_broadcast"] > result[case]["collectives"]["pp_broadcast"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", INFERENCE_TP_CASES)
+def test_inference_tp_yields_each_ranks_slice_and_about_a_kth_of_the_bytes(
+    case: str, synced: list[dict[str, Any]]
+) -> None:
+    """``inference_tp=(k, K)``: rank 0 receives exactly vLLM's TP-rank-k slice of every HF
+    tensor, shaped as ``manifest(inference_tp=...)`` says; the other ranks take part only."""
+    found = synced[0][case]["inference_tp"]
+    assert found["wrong"] == [] and found["as_manifest"]
+    full = found["full_bytes"]
+    for count, received in found["bytes"].items():
+        print(f"{case} inference TP {count}: bytes per receiving rank {received} of {full} "
+              f"({[round(r / full, 3) for r in received]})")  # fmt: skip
+        assert sum(received) >= full and all(r <= full / count * 1.3 for r in received)
+    for other in synced[1:]:
+        assert other[case]["inference_tp"]["bytes"] == {2: [0, 0], 4: [0, 0, 0, 0]}
+
+
+@pytest.mark.slow
+def test_inference_tp_that_does_not_split_is_refused_before_anything_moves(
+    synced: list[dict[str, Any]],
+) -> None:
+    assert {result["llama-tp2-pp2"]["inference_tp_error"] for result in synced} == {
+        "weight sync: model.embed_tokens.weight (inference TP): vocabulary padded to 256 (a multiple of 64) "
+        "does not split evenly over inference TP size 3"
+    }
 
 
 @pytest.mark.slow

@@ -36,9 +36,10 @@ from bridgegen.bridge.errors import WeightError
 from bridgegen.bridge.weight_rules import WeightKind
 from bridgegen.engines.weights import iter_hf_from_full
 from bridgegen.plan.conversion import Conversion
+from bridgegen.plan.inference_tp import HFSlice, matched_slice
 from bridgegen.plan.sync import SyncTensor, SyncUnit, buckets, packed_offsets, renumber_expert
 from bridgegen.plan.transforms import gather_tp_shards, tp_partition_dim
-from bridgegen.plan.weight_map import WeightMap, model_tensors
+from bridgegen.plan.weight_map import MatchedTensor, WeightMap, model_tensors
 
 Manifest = list[tuple[str, torch.Size, torch.dtype]]
 
@@ -176,7 +177,13 @@ class WeightExport:
         self._units, self._owned = self._agree(mine, len(models), failure)
         self._hf_counts: list[int] = []
         self._manifest: Manifest = []
+        # Each HF tensor's Megatron tensor and rule (for inference_tp slices).
+        self._matched: dict[str, MatchedTensor] = {}
         for unit in self._units:
+            for tensor in unit.tensors:
+                matched = self._weight_map.match(tensor.name, unit.layer_offset)
+                for hf_name in (*matched.hf_names(), *matched.hf_copies()):
+                    self._matched[hf_name] = matched
             meta = [torch.empty(t.shape, dtype=t.dtype, device="meta") for t in unit.tensors]
             named = [(name, tensor.shape, tensor.dtype) for name, tensor in self._hf_of(unit, meta)]
             self._hf_counts.append(len(named))
@@ -339,22 +346,63 @@ class WeightExport:
 
     # ------------------------------------------------------------------ syncing
 
-    def manifest(self) -> Manifest:
-        """Every HF tensor a sync yields, (name, shape, dtype) in yield order; the same on every rank."""
-        return list(self._manifest)
+    def manifest(self, *, inference_tp: tuple[int, int] | None = None) -> Manifest:
+        """Every HF tensor a sync yields, (name, shape, dtype) in yield order; the same on every
+        rank. With ``inference_tp``, the shapes of the slices that sync yields."""
+        if inference_tp is None:
+            return list(self._manifest)
+        out: Manifest = []
+        for (name, shape, dtype), part in zip(self._manifest, self._slices(inference_tp), strict=True):
+            if part is not None:
+                sizes = list(shape)
+                sizes[part.dim] = part.stop - part.start
+                shape = torch.Size(sizes)
+            out.append((name, shape, dtype))
+        return out
+
+    def _slices(self, inference_tp: tuple[int, int]) -> list[HFSlice | None]:
+        """The slice of each manifest tensor that inference TP rank k of K keeps
+        (``plan.inference_tp``); refused before any tensor moves."""
+        if (
+            not isinstance(inference_tp, tuple)
+            or len(inference_tp) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in inference_tp)
+            or not 0 <= inference_tp[0] < inference_tp[1]
+        ):
+            raise WeightError(
+                f"weight sync: inference_tp must be (rank, size) with 0 <= rank < size, got {inference_tp!r}"
+            )
+        k, count = inference_tp
+        heads = self._weight_map.layout()
+        try:
+            return [
+                matched_slice(self._matched[name], name, tuple(shape), k, count, heads)
+                for name, shape, _ in self._manifest
+            ]
+        except WeightError as exc:
+            raise WeightError(f"weight sync: {exc}") from None
 
     @property
     def weight_map(self) -> WeightMap:
         return self._weight_map
 
     def __call__(
-        self, *, destinations: set[int] | None = None, cpu: bool = False
+        self,
+        *,
+        destinations: set[int] | None = None,
+        cpu: bool = False,
+        inference_tp: tuple[int, int] | None = None,
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """(hf_name, whole HF tensor) in manifest order. Collective: every rank calls it with the
         same ``destinations`` and runs the iterator to its end. ``destinations`` (global ranks;
         None: all) receive every tensor, the other ranks take part and yield nothing. Tensors
         stay on the parameters' device (``cpu``: moved to the CPU); they may be views of the
-        model's parameters or of buffers of this sync, so copy what must outlive the next step."""
+        model's parameters or of buffers of this sync, so copy what must outlive the next step.
+
+        ``inference_tp=(k, K)``: each tensor is only the slice that an inference engine's
+        tensor-parallel rank k of K keeps of it (``plan.inference_tp``: vLLM's split), a view
+        of the whole tensor (``cpu``: only the slice is copied). The ranks of this job move
+        the same bytes among themselves; what is yielded is about 1/K of the model."""
         world = dist.get_world_size()
         if destinations is not None:
             wrong = sorted(r for r in destinations if not isinstance(r, int) or not 0 <= r < world)
@@ -365,9 +413,12 @@ class WeightExport:
         receives = destinations is None or dist.get_rank() in destinations
         # A pipeline group with no destination in it need not move tensors between its stages.
         pipeline = destinations is None or any(rank in destinations for rank in self._groups.pp_ranks)
-        return self._sync(receives, pipeline, cpu)
+        slices = None if inference_tp is None else self._slices(inference_tp)
+        return self._sync(receives, pipeline, cpu, slices)
 
-    def _sync(self, receives: bool, pipeline: bool, cpu: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    def _sync(
+        self, receives: bool, pipeline: bool, cpu: bool, slices: list[HFSlice | None] | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         g = self._groups
         for bucket in self._buckets:
             units = [self._units[i] for i in bucket]
@@ -381,7 +432,7 @@ class WeightExport:
                 continue
             assert whole is not None
             for index, unit, tensors in zip(bucket, units, whole, strict=True):
-                if cpu:
+                if cpu and slices is None:
                     tensors = [t.cpu() for t in tensors]
                 position = self._firsts[index]
                 for name, tensor in self._hf_of(unit, tensors):
@@ -391,6 +442,12 @@ class WeightExport:
                             f"weight sync: made HF {name!r} {list(tensor.shape)} {tensor.dtype} where the manifest has "
                             f"{expected[0]!r} {list(expected[1])} {expected[2]}"
                         )
+                    if slices is not None:
+                        part = slices[position]
+                        if part is not None:
+                            tensor = tensor.narrow(part.dim, part.start, part.stop - part.start)
+                        if cpu:
+                            tensor = tensor.cpu()
                     position += 1
                     yield name, tensor
 
