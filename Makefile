@@ -12,7 +12,7 @@ VENV_LATEST := .venv-latest
 PY_LATEST := $(VENV_LATEST)/bin/python
 STAMP_LATEST := $(VENV_LATEST)/.installed
 
-.PHONY: venv venv-latest generate check test test-latest demo bench golden lint typecheck clean
+.PHONY: venv venv-latest generate check test test-fast test-latest demo bench golden lint typecheck clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,8 +43,14 @@ check: $(STAMP)
 	$(PY) -m ruff check bridgegen generated tests tests_cross bench
 	$(PY) -m pytest -q -p no:cacheprovider tests/test_architecture.py
 
+# The full suite (about 13 min on 2 cores).
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The fast subset for the edit-test loop: every test not marked slow (`-m "not slow"`; the slow
+# ones build many models or run several processes). `make test` stays the whole suite.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 # The suite under megatron-core 0.19.2, then checkpoints written under one version read under the other.
 test-latest: $(STAMP) $(STAMP_LATEST)

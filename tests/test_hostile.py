@@ -417,14 +417,13 @@ def test_a_failed_local_run_leaves_nothing_in_the_temp_folder(
     import tempfile
 
     import dist_cases
-    from torch.multiprocessing.spawn import ProcessRaisedException
 
-    from bridgegen.engines.launch import run_on_ranks
+    from bridgegen.engines.launch import RankErrors, run_on_ranks
 
     private = tmp_path / "temp"
     private.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(private))
-    with pytest.raises(ProcessRaisedException, match="this rank always fails"):
+    with pytest.raises(RankErrors, match="this rank always fails"):
         run_on_ranks(dist_cases.always_fail, 2)
     assert sorted(p.name for p in private.iterdir()) == []
     assert tempfile.tempdir == str(private)
@@ -601,14 +600,14 @@ def test_nan_and_inf_values_are_named_in_a_warning(
     warned = [line for line in capsys.readouterr().err.split("\n") if "warning" in line]
     assert len(warned) == 1, warned
     assert re.search(
-        rf"bridgegen import: rank 0: warning: .*Megatron 'decoder\.layers\.1\.mlp\.linear_fc2\.weight' "
+        rf"bridgegen import: warning: .*Megatron 'decoder\.layers\.1\.mlp\.linear_fc2\.weight' "
         rf"\(from HF '{re.escape(name)}'\) holds 2 NaN and 1 infinite value\(s\)",
         warned[0],
     ), warned[0]
     assert main(["export", "--megatron", str(megatron), "--out", str(exported)]) == 0
     warned = [line for line in capsys.readouterr().err.split("\n") if "warning" in line]
     assert [line.rsplit("\r", 1)[-1] for line in warned] == [
-        f"bridgegen export: rank 0: warning: HF {name!r} holds 2 NaN and 1 infinite value(s) "
+        f"bridgegen export: warning: HF {name!r} holds 2 NaN and 1 infinite value(s) "
         f"of {tensors[name].numel()}; converted as they are"
     ]
     from checkpoints import assert_bit_exact
@@ -699,7 +698,7 @@ def test_an_error_after_the_progress_bar_started_is_the_last_thing_shown(
     screen = capsys.readouterr().err.split("\n")
     shown = [line.rsplit("\r", 1)[-1].strip() for line in screen]
     shown = [line for line in shown if line]
-    assert shown[-1] == "bridgegen import: rank 0: error: injected: the fourth tensor is unreadable", screen
+    assert shown[-1] == "bridgegen import: error: injected: the fourth tensor is unreadable", screen
     assert "import:" in "\n".join(screen[:-1]), "the bar was drawn while the work ran"
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == []

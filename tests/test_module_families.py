@@ -182,10 +182,18 @@ def test_olmo2_refuses_tp_wider_than_its_key_value_heads(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """megatron-core would repeat one key/value head on both ranks; a norm over all heads of a
-    repeated head is not OLMo 2's, so import at TP=2 with one key/value head is refused."""
+    repeated head is not OLMo 2's, so import at TP=2 with one key/value head is refused: by the
+    command before any work, and by the key norm itself for a model built through the API."""
+    from types import SimpleNamespace
+
+    from bridgegen.bridge.errors import ConfigError
     from bridgegen.cli.main import main
+    from bridgegen.megatron.modules import KeyNormOverHeads
 
     save_tiny(MODULE_FAMILIES["olmo2"], tmp_path / "hf", num_key_value_heads=1)
     code = main(["import", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt"), "--tp", "2"])
     assert code == 2
-    assert "num_query_groups 1 does not split over tensor parallel size 2" in capfd.readouterr().err
+    assert "--tp 2 does not divide the 1 key/value heads (query groups)" in capfd.readouterr().err
+    config = SimpleNamespace(num_query_groups=1, num_attention_heads=4, tensor_model_parallel_size=2)
+    with pytest.raises(ConfigError, match="num_query_groups 1 does not split over tensor parallel size 2"):
+        KeyNormOverHeads(config, hidden_size=16)

@@ -2,10 +2,11 @@
 pull requests) and the safetensors header reader (checkpoints come from anywhere).
 
 Random and mutated inputs must either be accepted or end in the project's own error type
-(``SpecErrors`` naming lines of the files read, ``WeightError`` naming the file), each example
-within a time bound (hypothesis' ``deadline``) and, for specs, a memory bound: the process's
-peak resident memory may grow by at most ``SPEC_MEMORY_LIMIT`` during one example (tracemalloc
-would be exact but makes loading four times slower).
+(``SpecErrors`` naming lines of the files read, ``WeightError`` naming the file) and, for
+specs, within a memory bound: the process's peak resident memory may grow by at most
+``SPEC_MEMORY_LIMIT`` during one example (tracemalloc would be exact but makes loading four
+times slower). No example has a time bound (hypothesis' ``deadline`` is off): a busy machine
+is slower, not wrong.
 Accepted safetensors headers must describe the file exactly: the tensors tile the data region
 and each one's shape and dtype give its byte length.
 
@@ -38,8 +39,8 @@ from bridgegen.spec.models import SpecFile
 ROOT = Path(__file__).parents[1]
 SPECS = {path.name: path.read_text(encoding="utf-8") for path in sorted((ROOT / "specs").glob("*.yaml"))}
 
-SPEC_SETTINGS = settings(max_examples=200, deadline=2000, derandomize=True, database=None)
-HEADER_SETTINGS = settings(max_examples=300, deadline=2000, derandomize=True, database=None)
+SPEC_SETTINGS = settings(max_examples=200, deadline=None, derandomize=True, database=None)
+HEADER_SETTINGS = settings(max_examples=300, deadline=None, derandomize=True, database=None)
 SPEC_MEMORY_LIMIT = 64 * 2**20
 
 

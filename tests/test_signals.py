@@ -115,7 +115,9 @@ def stop_while_writing(
     return run.returncode, err, tree
 
 
-def wait_until(condition: Callable[[], object], what: Callable[[], str], seconds: float = 20.0) -> None:
+def wait_until(condition: Callable[[], object], what: Callable[[], str], seconds: float = 120.0) -> None:
+    """Wait for ``condition``; ``seconds`` only guards against a hang (it takes well under a
+    second here), it is not a time the test checks."""
     deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline, what()

@@ -1,13 +1,12 @@
 """Specs come from pull requests: the loader's bounds on size, aliases, tags and expression cost.
 
-Timings here are not benchmarks: each bound is several times what the code takes on a 2-core
-machine and far below what the code before these bounds took (noted per test), so a test
-fails when a mechanism breaks, not when CI is slow.
+No test here asserts a time: a busy machine is slower, not wrong. The times the code takes,
+and what the code before these bounds took, are noted per test; memory and the errors given
+are what the tests check.
 """
 
 from __future__ import annotations
 
-import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -31,12 +30,6 @@ def error_lines(folder: Path) -> list[str]:
     with pytest.raises(SpecErrors) as info:
         load_specs(folder, ".")
     return [str(error) for error in info.value.errors]
-
-
-def timed(action: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    action()
-    return time.perf_counter() - start
 
 
 # ---------------------------------------------------------------- file size
@@ -84,20 +77,18 @@ def billion_laughs(levels: int = 9) -> str:
     return "\n".join(lines) + "\n"
 
 
-def test_an_alias_bomb_is_refused_quickly_and_in_little_memory(tmp_path: Path) -> None:
+def test_an_alias_bomb_is_refused_in_little_memory(tmp_path: Path) -> None:
     # Before aliases were refused, six levels took 6 s and 155 MiB, seven 52 s and 1.6 GiB;
     # each level multiplies both by about nine, so the nine levels here would need ~130 GiB.
+    # Memory is the bound checked (a machine's load changes the time, not the bytes).
     (tmp_path / "bomb.yaml").write_text(billion_laughs(), encoding="utf-8")
     tracemalloc.start()
     try:
-        start = time.perf_counter()
         lines = error_lines(tmp_path)
-        elapsed = time.perf_counter() - start
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert lines == ["bomb.yaml:1:5: YAML anchors (&a0) are not allowed in specs"]
-    assert elapsed < 5
     assert peak < 50 * 2**20
 
 
@@ -214,17 +205,15 @@ FULL_OF_ERRORS = {
 
 
 @pytest.mark.parametrize("make", list(FULL_OF_ERRORS.values()), ids=list(FULL_OF_ERRORS))
-def test_a_spec_at_the_size_limit_full_of_errors_is_checked_quickly(
-    tmp_path: Path, make: Callable[[], str]
-) -> None:
+def test_a_spec_at_the_size_limit_full_of_errors_is_checked(tmp_path: Path, make: Callable[[], str]) -> None:
     # 0.2-1.3 s each here. The code before took up to 7.4 s at this size (unknown Megatron
-    # fields: a difflib suggestion for each) and grew quadratically beyond it.
+    # fields: a difflib suggestion for each) and grew quadratically beyond it. No time is
+    # asserted (a busy machine is slower); a quadratic return shows as a slow suite.
     text = make()
     assert MAX_SPEC_BYTES - 1000 < len(text.encode()) <= MAX_SPEC_BYTES
     (tmp_path / "big.yaml").write_text(text, encoding="utf-8")
     (tmp_path / "_base.yaml").write_text(BASE.read_text(encoding="utf-8"), encoding="utf-8")
-    errors: list[str] = []
-    assert timed(lambda: errors.extend(error_lines(tmp_path))) < 5
+    errors = error_lines(tmp_path)
     assert len(errors) > 400
     assert all(line.startswith("big.yaml:") for line in errors)
 
@@ -257,15 +246,13 @@ def _many(count: int) -> dict[str, dict[str, Any]]:
 
 
 @pytest.mark.parametrize("kind", list(_many(0)))
-def test_fifty_thousand_errors_are_collected_quickly(kind: str) -> None:
+def test_fifty_thousand_errors_are_collected(kind: str) -> None:
     # About 1 s each here; the code before took 114 s (pydantic error filtering), 34 s
-    # (suggestions) and 116 s (carried weights against every tensor).
+    # (suggestions) and 116 s (carried weights against every tensor). No time is asserted.
     base = LoadedSpec("_base", "_base.yaml", yaml.safe_load(BASE.read_text(encoding="utf-8")))
     big = LoadedSpec("big", "big.yaml", _many(50_000)[kind])
     with pytest.raises(SpecErrors) as info:
-        start = time.perf_counter()
         resolve_all([base, big])
-    assert time.perf_counter() - start < 10
     assert len(info.value.errors) == 50_000
 
 

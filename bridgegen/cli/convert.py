@@ -32,7 +32,8 @@ AT_LEAST = {
 def argument_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with a conversion command's arguments before any work starts: a number
     out of range, an existing --out without --overwrite, an --out that is, holds or lies in an
-    input folder. None if nothing is."""
+    input folder. None if nothing is. The inputs themselves are checked next
+    (``before_any_work``), still without torch."""
     import math
 
     from bridgegen.formats.folders import output_problem
@@ -61,9 +62,55 @@ def argument_problem(args: argparse.Namespace) -> str | None:
     inputs = [getattr(args, field, None) for field in ("hf", "megatron", "hf_config")]
     return output_problem(out, inputs)
 
+def _resolve_hub_ids(args: argparse.Namespace) -> str | None:
+    """Replace an --hf (or --hf-config) that is a Hugging Face Hub id by its snapshot folder
+    (``cli.hub``), saying where it is read from; what is wrong if that fails, or if --revision
+    is given without a Hub id."""
+    from bridgegen.cli import hub
+    from bridgegen.formats.folders import output_problem
+
+    revision = getattr(args, "revision", None)
+    resolved = False
+    for field, weights in (("hf", True), ("hf_config", False)):
+        value = getattr(args, field, None)
+        if value is None or not hub.is_hub_id(value):
+            continue
+        try:
+            found = hub.resolve(value, revision, weights=weights)
+        except hub.HubError as exc:
+            return str(exc)
+        except KeyboardInterrupt:  # what was fetched stays in the cache for the next run
+            return f"{value}: interrupted while fetching it from the Hugging Face Hub"
+        how = "fetched into" if found.fetched else "read from"
+        at = f" at {revision}" if revision else ""
+        print(f"{value}{at}: {how} the Hugging Face cache, {found.folder}", flush=True)
+        setattr(args, field, str(found.folder))
+        resolved = True
+    if revision is not None and not resolved:
+        given = getattr(args, "hf", None) or getattr(args, "hf_config", None)
+        return f"--revision {revision}: for a Hugging Face Hub id (org/name); {given} is not one"
+    out = getattr(args, "out", None)
+    if resolved and out is not None:
+        return output_problem(out, [getattr(args, field, None) for field in ("hf", "megatron", "hf_config")])
+    return None
+
+
+def before_any_work(name: str, args: argparse.Namespace) -> str | None:
+    """Everything checked before torch is imported (``argument_problem``, Hub ids,
+    ``early_checks.input_problem``), in that order; what is wrong, or None."""
+    from bridgegen.cli.early_checks import input_problem
+    from bridgegen.cli.ranks import our_warnings
+
+    problem = argument_problem(args)
+    if problem is not None:
+        return problem
+    with our_warnings(name):
+        return _resolve_hub_ids(args) or input_problem(name, args)
+
+
 def _dispatch(name: str) -> Any:
     def run(args: argparse.Namespace) -> int:
-        problem = argument_problem(args)
+        problem = before_any_work(name, args)
         if problem is not None:
             print(f"bridgegen {name}: error: {problem}", file=sys.stderr)
             return 2
@@ -124,7 +171,7 @@ def _run_here_or_on_ranks(name: str, args: argparse.Namespace) -> int:
         results = run_on_ranks(run_command, world, name, plain, False)
     except RankErrors as exc:
         # Ranks often fail alike (each reads the same corrupt item): each error is said once.
-        for message, ranks in exc.by_message().items():
+        for message, ranks in _own_reasons(exc.by_message()).items():
             print(f"\rbridgegen {name}: rank {ranks[0]}: error: {message}", file=sys.stderr)
         return 2
     except (ProcessExitedException, ProcessRaisedException) as exc:
@@ -137,6 +184,26 @@ def _run_here_or_on_ranks(name: str, args: argparse.Namespace) -> int:
         if getattr(args, "out", None):
             remove_partial_outputs(args.out)
     return 1 if any(r is False for r in results) else 0
+
+HF_HELP = (
+    "HF model folder (config.json and safetensors), or a Hugging Face Hub id (org/name): read from the "
+    "local Hugging Face cache, else fetched (config, safetensors, tokenizer files only)"
+)
+REVISION_HELP = "revision (branch, tag or commit) of a Hugging Face Hub id given to --hf (default: main)"
+HF_CONFIG_HELP = "HF folder (or Hugging Face Hub id) whose config.json describes the model (and tokenizer files)"
+
+
+# What a rank says when another rank ended while they were in a collective (gloo, NCCL): an
+# echo of that rank's failure, not a reason of its own.
+PEER_GONE = ("Connection closed by peer", "remote worker crashing", "Connection reset by peer", "NCCL communicator was aborted")
+
+
+def _own_reasons(messages: dict[str, list[int]]) -> dict[str, list[int]]:
+    """The ranks' errors (each with the ranks that said it) without the echoes of a peer's
+    failure, where a rank said its own reason."""
+    own = {message: ranks for message, ranks in messages.items() if not any(gone in message for gone in PEER_GONE)}
+    return own or messages
+
 
 def _add_layout(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group(
@@ -169,7 +236,8 @@ def add_conversion_commands(sub: Any) -> None:
         "Megatron-LM flags that build this exact model (also printed). Train with "
         "`--load OUT` (Megatron-LM) or checkpoint.pretrained_checkpoint=OUT (Megatron-Bridge). Atomic.",
     )
-    p.add_argument("--hf", required=True, help="HF model folder")
+    p.add_argument("--hf", required=True, help=HF_HELP)
+    p.add_argument("--revision", help=REVISION_HELP)
     p.add_argument("--out", required=True, help="Megatron checkpoint folder to create")
     p.add_argument(
         "--dtype", help="parameter dtype: float32 | bfloat16 | float16 (default: the checkpoint's)"
@@ -229,9 +297,8 @@ def add_conversion_commands(sub: Any) -> None:
     p.add_argument(
         "--family", help="bridge family (see `bridgegen list`) for a checkpoint without bridgegen.json"
     )
-    p.add_argument(
-        "--hf-config", help="HF folder whose config.json describes the model (and tokenizer files)"
-    )
+    p.add_argument("--hf-config", help=HF_CONFIG_HELP)
+    p.add_argument("--revision", help="revision of a Hugging Face Hub id given to --hf-config (default: main)")
     p.add_argument("--out", required=True, help="HF folder to create")
     p.add_argument("--dtype", help="dtype of the written tensors (default: the checkpoint's)")
     p.add_argument(
@@ -244,14 +311,30 @@ def add_conversion_commands(sub: Any) -> None:
     p = sub.add_parser(
         "verify",
         help="run HF and Megatron forward on the same tokens and compare logits",
-        description="Builds the Megatron model in fp32 from an HF folder (or a Megatron checkpoint of it) at "
-        "the given layout, runs both on the same random tokens, and prints max|diff|, mean|diff| and argmax "
-        "agreement. Exit 1 on mismatch.",
+        description="Builds the Megatron model (fp32, or --dtype) from an HF folder (or a Megatron checkpoint "
+        "of it) at the given layout, runs both on the same random tokens, and prints max|diff|, mean|diff| and "
+        "argmax agreement. Exit 1 on mismatch.",
     )
-    p.add_argument("--hf", required=True, help="HF model folder (the reference)")
-    p.add_argument("--megatron", help="Megatron checkpoint to compare instead of a fresh import")
-    p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--hf", required=True, help=HF_HELP + "; the reference model")
+    p.add_argument("--revision", help=REVISION_HELP)
+    p.add_argument("--megatron", help="Megatron checkpoint to compare instead of a fresh import of --hf")
+    p.add_argument(
+        "--iteration", help="iteration of --megatron to compare: a number or 'release' (default: the tracker's)"
+    )
+    p.add_argument(
+        "--family",
+        help="bridge family (see `bridgegen list`) of a --megatron checkpoint: its config is then read from "
+        "the checkpoint (bridgegen.json, Megatron-LM's args or Megatron-Bridge's run_config.yaml) instead "
+        "of --hf",
+    )
+    p.add_argument("--hf-config", help=HF_CONFIG_HELP + " of --megatron (default: --hf's)")
+    p.add_argument(
+        "--dtype",
+        help="dtype both models run in: float32 | bfloat16 | float16 (default float32; raise --tolerance "
+        "for the others)",
+    )
+    p.add_argument("--seq-len", type=int, default=32, help="tokens in each sequence (default 32)")
+    p.add_argument("--batch", type=int, default=2, help="sequences of random tokens (default 2)")
     p.add_argument("--tolerance", type=float, default=1e-5, help="largest accepted max|diff| (default 1e-5)")
     _add_layout(p)
     p.set_defaults(func=_dispatch("verify"))

@@ -19,6 +19,9 @@ OUT = Path("demo_out")
 
 
 def main() -> int:
+    from bridgegen.engines.progress import quiet_third_party, transformers_bars_hidden
+
+    quiet_third_party()  # this process is ours: BRIDGEGEN_SHOW_WARNINGS=1 shows their notices
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -49,7 +52,8 @@ def main() -> int:
     )
     torch.manual_seed(0)
     auto: Any = AutoModelForCausalLM
-    auto.from_config(config).save_pretrained(hf_dir)
+    with transformers_bars_hidden():
+        auto.from_config(config).save_pretrained(hf_dir)
     steps: list[tuple[str, str]] = []
 
     start = time.perf_counter()

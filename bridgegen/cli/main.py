@@ -107,10 +107,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
         )
         print(f"generated code is stale: run {again} and commit the result", file=sys.stderr)
         return 1
-    from bridgegen.cli.ranks import quiet_third_party
     from bridgegen.megatron.rule_check import example_models_errors
 
-    quiet_third_party()
     model_errors = example_models_errors(rendered.specs, rendered.files, rendered.generated_dir)
     if model_errors:
         raise SpecErrors(model_errors)
@@ -155,9 +153,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
         ]
         print(json.dumps(rows, indent=2))
         return 0
-    width = max(len(b.family) for b in bridges)
-    for b in bridges:
-        print(f"{b.family:<{width}}  {', '.join(b.architectures):<40}  {', '.join(b.model_types)}")
+    table = [("FAMILY", "ARCHITECTURES", "MODEL TYPES")]
+    table += [(b.family, ", ".join(b.architectures), ", ".join(b.model_types)) for b in bridges]
+    widths = [max(len(row[column]) for row in table) for column in range(2)]
+    for family, architectures, model_types in table:
+        print(f"{family:<{widths[0]}}  {architectures:<{widths[1]}}  {model_types}")
     return 0
 
 
@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from bridgegen.engines.progress import quiet_third_party
+
+    quiet_third_party()  # this process is ours: BRIDGEGEN_SHOW_WARNINGS=1 shows their notices
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

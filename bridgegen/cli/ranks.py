@@ -1,5 +1,6 @@
 """What one rank of a conversion command does: ``import``, ``export`` or ``verify`` with the
-parsed arguments, its errors said as one line, third-party notices kept off the terminal."""
+parsed arguments, its errors said as one line (``rank N:`` first only when several processes
+run it), third-party notices kept off the terminal, summaries over every rank's share."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import dataclasses
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +35,43 @@ def _rank() -> int:
 
     return dist.get_rank() if dist.is_initialized() else 0
 
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of this process, without importing torch: from torch.distributed
+    once it is set up, else from the environment torchrun and the local launcher give."""
+    rank, world = int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+    dist: Any = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return rank, world
+
+
+def who() -> str:
+    """``rank N: `` when several processes run the command, else nothing."""
+    rank, world = _world()
+    return f"rank {rank}: " if world > 1 else ""
+
+
 def _say(text: str) -> None:
     if _rank() == 0:
         print(text, flush=True)
+
+
+def _over_ranks(stats: Any) -> tuple[Any, int]:
+    """``stats`` (a LoadStats) summed over every rank, and the number of ranks."""
+    import torch.distributed as dist
+
+    from bridgegen.engines.weights import LoadStats
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return stats, 1
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, stats)
+    return LoadStats.total(everyone), len(everyone)
+
+
+def _ranks_text(count: int) -> str:
+    return f" on {count} ranks" if count > 1 else ""
 
 def import_on_rank(args: argparse.Namespace) -> None:
     from bridgegen.engines.checkpoint import save_megatron
@@ -75,13 +112,17 @@ def import_on_rank(args: argparse.Namespace) -> None:
             progress=_rank() == 0,
             allow_lossy_casts=args.dtype is not None,
         )
+        total, ranks = _over_ranks(stats)
         _say(
-            f"rank 0 read {stats.bytes_requested / 2**20:.1f} MiB for {stats.tensors} tensors, no model built"
+            f"read {total.bytes_requested / 2**20:.1f} MiB for {total.tensors} tensors{_ranks_text(ranks)}, "
+            "no model built"
         )
     else:
         chunks = build_chunks(bridge, _layout(args), dtype)
         stats = load_hf(bridge, chunks, args.hf, progress=True, allow_lossy_casts=args.dtype is not None)
-        _say(f"rank 0 read {stats.bytes_requested / 2**20:.1f} MiB for {stats.tensors} tensors")
+        total, ranks = _over_ranks(stats)
+        shards = "tensor shards" if ranks > 1 else "tensors"
+        _say(f"read {total.bytes_requested / 2**20:.1f} MiB for {total.tensors} {shards}{_ranks_text(ranks)}")
         save_megatron(
             [c.model for c in chunks],
             bridge,
@@ -119,7 +160,7 @@ def export_on_rank(args: argparse.Namespace) -> None:
             max_shard_bytes=int(args.max_shard_gb * 2**30),
             progress=_rank() == 0,
         )
-        _say(f"wrote HF folder {args.out} in {time.perf_counter() - start:.1f} s, no model built")
+        _say(f"wrote HF folder {args.out}{_written(args.out)} in {time.perf_counter() - start:.1f} s, no model built")
         return
     bridge, saved_dtype = bridge_for_checkpoint(
         args.megatron, iteration=args.iteration, family=args.family, hf_config=args.hf_config
@@ -133,8 +174,19 @@ def export_on_rank(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         dtype=args.dtype,
         max_shard_bytes=int(args.max_shard_gb * 2**30),
+        progress=_rank() == 0,
     )
-    _say(f"wrote HF folder {args.out} in {time.perf_counter() - start:.1f} s")
+    _say(f"wrote HF folder {args.out}{_written(args.out)} in {time.perf_counter() - start:.1f} s")
+
+
+def _written(folder: str) -> str:
+    """What an exported folder holds, every rank's part of it (read on rank 0 only)."""
+    if _rank() != 0:
+        return ""
+    from bridgegen.formats.safetensors import Checkpoint
+
+    written = Checkpoint.open(folder)
+    return f" ({len(written.tensors)} tensors, {written.total_bytes / 2**20:.1f} MiB)"
 
 def verify_on_rank(args: argparse.Namespace) -> bool:
     import torch
@@ -142,60 +194,82 @@ def verify_on_rank(args: argparse.Namespace) -> bool:
 
     from bridgegen.engines.checkpoint import load_megatron
     from bridgegen.engines.distributed import build_chunks, forward_logits, load_hf
-    from bridgegen.engines.model import ModelBridge, bridge_for_checkpoint
-    from bridgegen.engines.verify import compare
+    from bridgegen.engines.model import ModelBridge, bridge_for_checkpoint, parse_dtype
+    from bridgegen.engines.progress import progress_bar, transformers_bars_hidden
+    from bridgegen.engines.verify import compare, counting_layers, decoder_layers
 
-    bridge = ModelBridge.from_hf_dir(args.hf)
+    dtype = parse_dtype(args.dtype) or torch.float32
     if args.megatron:
-        bridge, _ = bridge_for_checkpoint(args.megatron, hf_config=args.hf)
-    chunks = build_chunks(bridge, _layout(args), torch.float32, parallel_output=False)
-    if args.megatron:
-        load_megatron([c.model for c in chunks], args.megatron)
+        # The checkpoint's config: --hf-config's, or with --family its own (bridgegen.json,
+        # Megatron-LM's args, run_config.yaml), else that of the HF model it is compared with.
+        hf_config = args.hf_config if args.hf_config is not None else None if args.family else args.hf
+        bridge, _ = bridge_for_checkpoint(
+            args.megatron, iteration=args.iteration, family=args.family, hf_config=hf_config
+        )
     else:
-        load_hf(bridge, chunks, args.hf)
+        bridge = ModelBridge.from_hf_dir(args.hf)
+    chunks = build_chunks(bridge, _layout(args), dtype, parallel_output=False)
+    if args.megatron:
+        load_megatron([c.model for c in chunks], args.megatron, iteration=args.iteration)
+    else:
+        load_hf(bridge, chunks, args.hf, progress=_rank() == 0)
     vocab = bridge.config.vocab_size
     tokens = torch.randint(0, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
-    logits = forward_logits(chunks, tokens, vocab)
+    layers = [layer for chunk in chunks for layer in decoder_layers(chunk.model)]
+    with (
+        progress_bar(_rank() == 0 and bool(layers), len(layers), "Megatron forward", unit="layer") as update,
+        counting_layers(layers, update),
+    ):
+        logits = forward_logits(chunks, tokens, vocab)
     if logits is None:
         return True
-    auto: Any = AutoModelForCausalLM
-    reference = auto.from_pretrained(args.hf, dtype=torch.float32)
-    reference.train(False)
-    with torch.no_grad():
-        parity = compare(reference(tokens).logits.float(), logits)
     from megatron.core import parallel_state
 
-    if parallel_state.get_tensor_model_parallel_rank() == 0:
+    says = parallel_state.get_tensor_model_parallel_rank() == 0
+    auto: Any = AutoModelForCausalLM
+    with transformers_bars_hidden():
+        reference = auto.from_pretrained(args.hf, dtype=dtype)
+    reference.train(False)
+    hf_layers = decoder_layers(reference)
+    with (
+        torch.no_grad(),
+        progress_bar(says and bool(hf_layers), len(hf_layers), "HF forward", unit="layer") as update,
+        counting_layers(hf_layers, update),
+    ):
+        parity = compare(reference(tokens).logits.float(), logits)
+    if says:
         verdict = "OK" if parity.ok(args.tolerance) else "MISMATCH"
-        print(f"{verdict}: {parity} (tolerance {args.tolerance:g}, fp32, layout {_layout(args)})", flush=True)
+        shown = str(dtype).removeprefix("torch.")
+        print(f"{verdict}: {parity} (tolerance {args.tolerance:g}, {shown}, layout {_layout(args)})", flush=True)
     return parity.ok(args.tolerance)
 
+
 def quiet_third_party() -> None:
-    """Keep megatron-core's and torch's notices about optional kernels (Apex, Transformer
-    Engine) and deprecations off the terminal, so our own output is what a user reads.
-    BRIDGEGEN_SHOW_WARNINGS=1 shows them."""
-    import logging
+    """See ``engines.progress.quiet_third_party`` (the command's processes are ours)."""
+    from bridgegen.engines.progress import quiet_third_party as quiet
+
+    quiet()
+
+
+@contextmanager
+def our_warnings(name: str) -> Iterator[None]:
+    """Within the block, our own warnings (``BridgeWarning``) are each said as one line,
+    ``bridgegen NAME: [rank N: ]warning: ...``, every time (one per tensor, however many)."""
     import warnings
 
-    if os.environ.get("BRIDGEGEN_SHOW_WARNINGS"):
-        return
-    for module in (r"megatron(\..*)?", r"torch(\..*)?", r"transformers(\..*)?"):
-        warnings.filterwarnings("ignore", module=module)
-    # torch.utils.cpp_extension: "No CUDA runtime is found" from torch's CUDA build on a CPU
-    # machine, once per process (so once per local rank).
-    for logger in ("megatron", "megatron.core", "torch.distributed", "torch.utils.cpp_extension"):
-        logging.getLogger(logger).setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", BridgeWarning)
+        warnings.showwarning = _show_our_warnings(name, warnings.showwarning)
+        yield
+
 
 def run_command(name: str, args: argparse.Namespace, report: bool = True) -> Any:
-    """One rank's work, with any conversion error printed as ``rank N: error: ...`` (or, not
-    ``report``, raised for the process that started the local ranks to report once)."""
-    import warnings
-
+    """One rank's work, with any conversion error printed as ``error: ...`` (``rank N: error:
+    ...`` when several processes run it) or, not ``report``, raised for the process that
+    started the local ranks to report once."""
     quiet_third_party()
     command = {"import": import_on_rank, "export": export_on_rank, "verify": verify_on_rank}[name]
-    with warnings.catch_warnings():
-        warnings.simplefilter("always", BridgeWarning)  # one line per tensor, however many
-        warnings.showwarning = _show_our_warnings(name, warnings.showwarning)
+    with our_warnings(name):
         try:
             if name != "verify" and os.environ.get("WORLD_SIZE", "1") == "1" and ranks_for(args) == 1:
                 # One process: transformers' check of the config runs beside the conversion.
@@ -207,8 +281,9 @@ def run_command(name: str, args: argparse.Namespace, report: bool = True) -> Any
         except (BridgeError, OSError) as exc:  # an OSError names its file: one line says it all
             if not report:
                 raise
-            print(f"bridgegen {name}: rank {_rank()}: error: {exc}", file=sys.stderr, flush=True)
+            print(f"bridgegen {name}: {who()}error: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
+
 
 def _show_our_warnings(name: str, others: Any) -> Any:
     """Our own warnings as one line each, written above a running progress bar."""
@@ -219,7 +294,7 @@ def _show_our_warnings(name: str, others: Any) -> Any:
             return
         from tqdm import tqdm
 
-        tqdm.write(f"bridgegen {name}: rank {_rank()}: warning: {message}", file=sys.stderr)
+        tqdm.write(f"bridgegen {name}: {who()}warning: {message}", file=sys.stderr)
 
     return show
 

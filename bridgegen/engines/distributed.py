@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from bridgegen.bridge.errors import WeightError
-from bridgegen.engines.progress import progress_bar
+from bridgegen.engines.progress import progress_bar, share
 from bridgegen.engines.weights import LoadStats, load_into, quantized_parts
 from bridgegen.formats.folders import shared_temp_dir
 from bridgegen.formats.fp8 import block_size
@@ -162,7 +162,8 @@ def load_hf(
         )
     total = LoadStats()
     count = sum(1 for c in chunks for _ in model_tensors(c.model))
-    with progress_bar(progress and dist.get_rank() == 0, count, "import (rank 0)") as update:
+    what = share("import", dist.get_rank(), dist.get_world_size())
+    with progress_bar(progress and dist.get_rank() == 0, count, what) as update:
         for chunk in chunks:
             stats = load_into(
                 weight_map,
@@ -263,8 +264,10 @@ def export_hf(
     overwrite: bool = False,
     dtype: str | torch.dtype | None = None,
     max_shard_bytes: int = 5 * 2**30,
+    progress: bool = False,
 ) -> Path:
-    """Write the model spread over all ranks as one HF folder, with no gathering.
+    """Write the model spread over all ranks as one HF folder, with no gathering (with
+    ``progress``, a bar counts the tensors this rank writes).
 
     Rank 0 plans the files (every rank reports the HF tensors it holds parts of) and creates
     them with their headers; then every rank writes exactly the bytes of its own shards into
@@ -294,10 +297,10 @@ def export_hf(
         dist.broadcast_object_list(plan_holder, src=0)
         plan: FilePlan = plan_holder[0]
         output = PlannedFiles(tmp, plan)
-        with torch.no_grad():
-            for item in tensors:
-                if not item.writes():
-                    continue
+        written = [item for item in tensors if item.writes()]
+        what = share("export", rank, dist.get_world_size())
+        with torch.no_grad(), progress_bar(progress, len(written), what) as update:
+            for item in written:
                 entry = item.plan
                 # The HF tensor(s), then any copies of the (single) HF tensor.
                 for hf_names in (entry.hf_names, *((c,) for c in entry.matched.hf_copies())):
@@ -314,6 +317,8 @@ def export_hf(
                         # In the stored orientation, so a transposed tensor is written in runs.
                         as_stored = entry.matched.as_stored
                         output.write(hf_names[index], as_stored(view), as_stored(data))
+                if update is not None:
+                    update(1)
             if rank == 0 and source is not None:
                 for name, tensor in stream_tensors(source, carried):
                     output.write(name, output.target(name), tensor)

@@ -1,5 +1,9 @@
 """The model-holding API: build a megatron-core model for an HF model's conversion, load its
-HF weights into it, stream HF tensors out of it, export it as an HF folder."""
+HF weights into it, stream HF tensors out of it, export it as an HF folder.
+
+Each entry point runs inside ``progress.third_party_quieted``: megatron-core's and torch's
+notices (those printed when megatron-core is first imported included) stay off the caller's
+terminal, and the caller's warning filters are left as they were."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import torch
 
 from bridgegen.bridge.errors import WeightError
 from bridgegen.engines.hf_export import planned_hf_tensors, write_hf_folder
-from bridgegen.engines.progress import progress_bar
+from bridgegen.engines.progress import progress_bar, quietly, third_party_quieted
 from bridgegen.engines.weights import LoadStats, iter_hf_from_full, load_into
 from bridgegen.formats import hf_folder
 from bridgegen.formats.fp8 import block_size
@@ -42,6 +46,7 @@ class ModelBridge(Conversion):
     megatron-core models in this process."""
 
     @staticmethod
+    @quietly
     def from_hf_dir(hf_dir: str | os.PathLike[str]) -> ModelBridge:
         return hf_folder.conversion_of_hf_dir(hf_dir, ModelBridge)
 
@@ -59,24 +64,29 @@ class ModelBridge(Conversion):
 
     # ----------------------------------------------------------------- building
 
+    @quietly
     def carried_tensors(
         self, hf_dir: str | os.PathLike[str] | None = None, dtype: torch.dtype | None = None
     ) -> tuple[Checkpoint | None, list[PlannedTensor]]:
         """See ``formats.hf_folder.carried_tensors``."""
         return hf_folder.carried_tensors(self, hf_dir, dtype)
 
+    @quietly
     def megatron_lm_arguments(self, dtype: torch.dtype, tokenizer_model: str | None = None) -> Any:
         """Megatron-LM's arguments for this model (``formats.megatron_lm.LmArguments``)."""
         from bridgegen.formats.megatron_lm import arguments_for
 
         return arguments_for(self, dtype, tokenizer_model)
 
+    @quietly
     def default_dtype(self) -> torch.dtype:
         return hf_folder.default_dtype(self)
 
+    @quietly
     def transformer_config(self, dtype: str | torch.dtype | None = None, **parallel: Any) -> Any:
         return build.transformer_config_for(self, dtype, **parallel)
 
+    @quietly
     def build_model(
         self,
         dtype: str | torch.dtype | None = None,
@@ -100,6 +110,7 @@ class ModelBridge(Conversion):
 
     # ----------------------------------------------------------------- weights
 
+    @quietly
     def load_hf_weights(
         self, model: torch.nn.Module, hf_dir: str | os.PathLike[str] | None = None, *, progress: bool = False
     ) -> LoadStats:
@@ -123,12 +134,20 @@ class ModelBridge(Conversion):
         """Stream (HF name, tensor) pairs from a single-process model, e.g. to refit an
         inference engine in process. Tensors are views of the model where possible; each keeps
         its own dtype unless ``dtype`` is given."""
-        yield from iter_hf_from_full(self.weight_map(), model_tensors(model), dtype=parse_dtype(dtype))
+        tensors = iter_hf_from_full(self.weight_map(), model_tensors(model), dtype=parse_dtype(dtype))
+        while True:
+            with third_party_quieted():  # each step, not across the caller's own code
+                item = next(tensors, None)
+            if item is None:
+                return
+            yield item
 
+    @quietly
     def planned_hf_tensors(self, model: torch.nn.Module, dtype: torch.dtype | None) -> list[PlannedTensor]:
         """See ``engines.hf_export.planned_hf_tensors``."""
         return planned_hf_tensors(self, model, dtype)
 
+    @quietly
     def export_hf(
         self,
         model: torch.nn.Module,
@@ -153,6 +172,7 @@ class ModelBridge(Conversion):
         )
 
 
+@quietly
 def bridge_for_checkpoint(
     checkpoint_dir: str | os.PathLike[str],
     *,

@@ -14,7 +14,7 @@ from bridgegen.engines.checkpoint_read import checkpoint_values
 from bridgegen.engines.distributed import commit_export
 from bridgegen.engines.hf_export import planned_hf_tensors, write_hf_folder
 from bridgegen.engines.pieces import return_freed_buffers_to_the_system
-from bridgegen.engines.progress import progress_bar
+from bridgegen.engines.progress import progress_bar, share
 from bridgegen.engines.weights import iter_hf_from_full
 from bridgegen.formats import megatron_lm
 from bridgegen.formats.folders import shared_temp_dir
@@ -59,6 +59,7 @@ def stream_export(
             dtype=dtype,
             overwrite=overwrite,
             max_shard_bytes=max_shard_bytes,
+            progress=progress,
         )
     with progress_bar(progress, sum(1 for _ in model_tensors(model)), "export") as update:
         values = checkpoint_values(
@@ -104,10 +105,12 @@ def _export_on_ranks(
     dtype: str | torch.dtype | None,
     overwrite: bool,
     max_shard_bytes: int,
+    progress: bool = False,
 ) -> Any:
     """The streaming export on N ranks: rank 0 plans the HF files and writes their headers;
     every rank reads its share of the parameters and writes their HF tensors into those files;
-    rank 0 writes the index and moves the folder into place."""
+    rank 0 writes the index and moves the folder into place. With ``progress``, a bar counts
+    this rank's share."""
     import torch.distributed as dist
 
     saved: torch.dtype = getattr(model, "config").params_dtype  # noqa: B009 - GPTModel has a config
@@ -125,12 +128,16 @@ def _export_on_ranks(
             holder[0].create(tmp)
         dist.broadcast_object_list(holder, src=0)
         output = PlannedFiles(tmp, holder[0])
-        owned = owned_parameters(bridge, model, rank, dist.get_world_size())
-        values = checkpoint_values(model, folder, per_layer_keys=bridge.per_layer_keys, only=owned)
-        converted = iter_hf_from_full(weight_map, values, dtype=target)
-        passed = stream_tensors(source, carried) if rank == 0 and source is not None else iter(())
-        for name, tensor in itertools.chain(converted, passed):
-            output.write(name, output.target(name), tensor)
+        world_size = dist.get_world_size()
+        owned = owned_parameters(bridge, model, rank, world_size)
+        with progress_bar(progress, len(owned), share("export", rank, world_size)) as update:
+            values = checkpoint_values(
+                model, folder, per_layer_keys=bridge.per_layer_keys, only=owned, progress=update
+            )
+            converted = iter_hf_from_full(weight_map, values, dtype=target)
+            passed = stream_tensors(source, carried) if rank == 0 and source is not None else iter(())
+            for name, tensor in itertools.chain(converted, passed):
+                output.write(name, output.target(name), tensor)
         output.close()
         dist.barrier()
         if rank == 0:

@@ -22,7 +22,7 @@ from bridgegen.bridge.config_checks import raise_if_a_config_check_failed, start
 from bridgegen.bridge.errors import WeightError
 from bridgegen.engines.checkpoint import save_megatron
 from bridgegen.engines.pieces import own_storage, parameter_pieces, return_freed_buffers_to_the_system
-from bridgegen.engines.progress import progress_bar
+from bridgegen.engines.progress import progress_bar, share
 from bridgegen.engines.weights import (
     LoadStats,
     check_sources,
@@ -76,6 +76,9 @@ class TensorProducer:
         self._made: dict[str, int] = {}
         self._pool: ThreadPoolExecutor | None = None
         self.stats = LoadStats()
+        self.used: set[str] = set()  # the HF tensors read (stats.hf_tensors_used counts them)
+        # Told how many parameters this process makes, once the writer's plan says (a bar's total).
+        self.planned: Callable[[int], object] | None = None
 
     def check_sources(self) -> None:
         """Every HF tensor each parameter needs is there, with the right shape, and none is
@@ -126,6 +129,8 @@ class TensorProducer:
         """Make parameters ahead of the writer, which will ask for the items (key, offset) in
         ``order``, starting with the first."""
         names = [self.pieces[item].name for item in order if item in self.pieces]
+        if self.planned is not None:  # this process's share (all of it, in one process)
+            self.planned(len(set(names)))
         self._next = {a: b for a, b in zip(names, names[1:], strict=False) if a != b}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bridgegen-read-ahead")
         if names:
@@ -180,6 +185,8 @@ class TensorProducer:
             value = torch.empty(entry.shape, dtype=entry.dtype)
             fill_parameter(entry, value, self.checkpoint, self.fp8_block)
         self.stats.tensors += 1
+        self.used.update(entry.hf_names)
+        self.stats.hf_tensors_used = len(self.used)
         if self.progress is not None:
             self.progress(1)
         self.stats.bytes_requested += self.checkpoint.bytes_requested - before
@@ -289,8 +296,10 @@ def stream_import(
     import torch.distributed as dist
 
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    with progress_bar(progress, len(producer.plan), "import") as update:
-        producer.progress = update
+    what = share("import", dist.get_rank() if world_size > 1 else 0, world_size)
+    with progress_bar(progress, len(producer.plan), what) as bar:
+        producer.progress = bar
+        producer.planned = bar.set_total if bar is not None else None
         save_megatron(
             model,
             bridge,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from bridgegen.engines.progress import transformers_bars_hidden
 
 
 @dataclass(frozen=True)
@@ -16,14 +18,22 @@ class Parity:
     mean_abs_diff: float
     argmax_agreement: float
     tokens: int
+    # Where the argmaxes differ: the largest gap, in the reference's logits, between its top
+    # token and the candidate's (0.0 where they all agree).
+    argmax_gap: float = 0.0
 
     def ok(self, tolerance: float) -> bool:
-        return self.max_abs_diff <= tolerance and self.argmax_agreement == 1.0
+        """Every logit within ``tolerance``, and the same argmax everywhere but at near ties:
+        tokens whose two logits the reference holds within 2 x ``tolerance`` (lower precision
+        than fp32 flips some of those, whatever the conversion)."""
+        ties_only = self.argmax_agreement == 1.0 or self.argmax_gap <= 2 * tolerance
+        return self.max_abs_diff <= tolerance and ties_only
 
     def __str__(self) -> str:
+        ties = f" (the others within {self.argmax_gap:.1e} in the reference)" if self.argmax_agreement < 1 else ""
         return (
             f"max|diff| {self.max_abs_diff:.3e}  mean|diff| {self.mean_abs_diff:.3e}  "
-            f"argmax agreement {100 * self.argmax_agreement:.2f}% over {self.tokens} tokens"
+            f"argmax agreement {100 * self.argmax_agreement:.2f}%{ties} over {self.tokens} tokens"
         )
 
 
@@ -46,6 +56,40 @@ def main_head_only(model: torch.nn.Module) -> Iterator[None]:
         target.mtp_process, config.mtp_num_layers = saved
 
 
+# Where models keep their transformer layers: megatron-core's GPTModel, HF causal LMs (and
+# those whose language model is wrapped), GPT-2 style ones.
+LAYER_LISTS = ("decoder.layers", "model.layers", "model.language_model.layers", "language_model.model.layers", "transformer.h")
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer layers of a megatron-core or HF model, in order ([] if not found)."""
+    for path in LAYER_LISTS:
+        found: Any = model
+        for part in path.split("."):
+            found = getattr(found, part, None)
+        if isinstance(found, torch.nn.ModuleList):
+            return list(found)
+    return []
+
+
+@contextlib.contextmanager
+def counting_layers(layers: list[torch.nn.Module], update: Callable[[int], object] | None) -> Iterator[None]:
+    """Within the block, ``update(1)`` as each of ``layers`` finishes its forward (a progress
+    bar through a long forward); nothing without ``update``."""
+    if update is None:
+        yield
+        return
+    def done(*_: Any) -> None:  # returns None: a hook's value would replace the layer's output
+        update(1)
+
+    hooks = [layer.register_forward_hook(done) for layer in layers]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def megatron_logits(model: torch.nn.Module, input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Full-vocab logits of a single-process megatron-core GPTModel (padding trimmed)."""
     from bridgegen.megatron.cpu_support import enable_cpu_execution
@@ -60,9 +104,16 @@ def megatron_logits(model: torch.nn.Module, input_ids: torch.Tensor, vocab_size:
 
 
 def compare(reference: torch.Tensor, candidate: torch.Tensor) -> Parity:
-    diff = (reference.float() - candidate.float()).abs()
-    agree = (reference.argmax(-1) == candidate.argmax(-1)).float().mean().item()
-    return Parity(diff.max().item(), diff.mean().item(), agree, reference.shape[0] * reference.shape[1])
+    reference = reference.float()
+    diff = (reference - candidate.float()).abs()
+    top, chosen = reference.argmax(-1), candidate.argmax(-1)
+    differ = top != chosen
+    gap = 0.0
+    if bool(differ.any()):
+        gaps = reference.gather(-1, top.unsqueeze(-1)) - reference.gather(-1, chosen.unsqueeze(-1))
+        gap = float(gaps.squeeze(-1)[differ].max().item())
+    agree = float((~differ).float().mean().item())
+    return Parity(diff.max().item(), diff.mean().item(), agree, reference.shape[0] * reference.shape[1], gap)
 
 
 def hf_vs_megatron(
@@ -73,7 +124,8 @@ def hf_vs_megatron(
 
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, vocab_size, (batch, seq_len), generator=generator)
-    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    with transformers_bars_hidden():
+        hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     hf_model.train(False)
     with torch.no_grad():
         reference = hf_model(input_ids).logits.float()

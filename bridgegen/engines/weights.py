@@ -20,9 +20,23 @@ from bridgegen.plan.weight_map import TensorPlan, WeightMap, model_tensors, plan
 
 @dataclass
 class LoadStats:
+    """What a load read: Megatron tensors made (or their slices, on a rank of a layout), bytes
+    of the HF files read for them, and the distinct HF tensors they came from."""
+
     tensors: int = 0
     bytes_requested: int = 0
     hf_tensors_used: int = 0
+
+    @classmethod
+    def total(cls, parts: Iterable[LoadStats]) -> LoadStats:
+        """The sum of several loads' stats (the ranks of one conversion: each rank's shares
+        are its own, so the HF tensors used add up too)."""
+        out = cls()
+        for part in parts:
+            out.tensors += part.tensors
+            out.bytes_requested += part.bytes_requested
+            out.hf_tensors_used += part.hf_tensors_used
+        return out
 
 
 def quantized_parts(names: set[str]) -> set[str]:
