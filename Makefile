@@ -40,7 +40,7 @@ generate: $(STAMP)
 check: $(STAMP)
 	$(PY) -m bridgegen check
 	$(PY) -m mypy --strict generated bridgegen
-	$(PY) -m ruff check bridgegen generated tests tests_cross bench
+	$(PY) -m ruff check bridgegen generated tests tests_cross bench examples
 	$(PY) -m pytest -q -p no:cacheprovider tests/test_architecture.py
 
 # The full suite (about 13 min on 2 cores).

@@ -19,6 +19,9 @@ from test_cli_early import refusal
 
 from bridgegen.cli.hub import SIDE_FILES, is_hub_id
 
+# Builds megatron-core models or runs conversions and local ranks: not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 

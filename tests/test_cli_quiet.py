@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# Builds megatron-core models or runs conversions and local ranks: not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).parents[1]
 
 API_SCRIPT = """

@@ -17,6 +17,9 @@ from checkpoints import assert_bit_exact, tensors_of
 
 from bridgegen.engines.launch import RankErrors, run_on_ranks
 
+# Builds megatron-core models or runs conversions and local ranks: not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 VOCAB = 250
 LOGIT_ATOL = 1e-5
 

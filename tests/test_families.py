@@ -27,6 +27,9 @@ from checkpoints import assert_bit_exact
 
 from bridgegen.bridge.base import Bridge
 
+# Builds megatron-core models or runs conversions and local ranks: not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 LOGIT_ATOL = 1e-5  # fp32 on both sides; the families' math needs no looser bound
 SEQ = 24  # longer than the example configs' sliding windows
 BATCH = 2

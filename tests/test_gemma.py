@@ -9,6 +9,9 @@ import pytest
 import torch
 from checkpoints import assert_bit_exact
 
+# Builds megatron-core models or runs conversions and local ranks: not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 VOCAB = 250
 LOGIT_ATOL = 1e-5
 

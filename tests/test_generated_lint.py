@@ -14,6 +14,9 @@ import pytest
 
 from bridgegen.spec.generate import render_project
 
+# Builds megatron-core models or runs conversions and local ranks: not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 
 # qk_layernorm (a fixed value) and add_qkv_bias (an expression) are read by weight conditions

@@ -21,6 +21,9 @@ from checkpoints import assert_bit_exact, tensors_of
 
 from bridgegen.engines.launch import run_on_ranks
 
+# Builds megatron-core models or runs conversions and local ranks: not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 # fp32 logits, HF vs Megatron; measured 2.5e-7.
 LOGIT_ATOL = 1e-5
 

@@ -26,6 +26,9 @@ from bridgegen.bridge.weight_rules import GateUp, WeightKind
 from bridgegen.engines.launch import run_on_ranks
 from bridgegen.plan.transforms import Layout, interleave_gate_up, load_shard, shard_writes
 
+# Builds megatron-core models or runs conversions and local ranks: not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 VOCAB = 200
 HIDDEN = 64
 EXPERTS = 4

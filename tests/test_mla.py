@@ -15,6 +15,9 @@ from checkpoints import tensors_of
 from routing import hf_expert_sets, megatron_expert_sets, tokens_routed_differently
 from safetensors.torch import load_file
 
+# Builds megatron-core models or runs conversions and local ranks: not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 VOCAB = 250
 LOGIT_ATOL = 1e-5
 

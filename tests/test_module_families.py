@@ -22,6 +22,9 @@ from checkpoints import assert_bit_exact, tensors_of
 from bridgegen.bridge.base import Bridge
 from bridgegen.engines.launch import run_on_ranks
 
+# Builds megatron-core models or runs conversions and local ranks: not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 LOGIT_ATOL = 1e-5  # fp32 max |HF - Megatron| over every logit
 
 MODULE_FAMILIES = {

@@ -15,6 +15,9 @@ from routing import hf_expert_sets, megatron_expert_sets, tokens_routed_differen
 
 from bridgegen.engines.launch import run_on_ranks
 
+# Builds megatron-core models or runs conversions and local ranks: not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 VOCAB = 250
 LOGIT_ATOL = 1e-5
 

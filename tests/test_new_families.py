@@ -27,6 +27,9 @@ from routing import hf_expert_sets, megatron_expert_sets, tokens_routed_differen
 from bridgegen.cli.main import main
 from bridgegen.formats import dist_checkpoint, foreign_config
 
+# Builds megatron-core models or runs conversions and local ranks: not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 FAMILIES = ("mixtral", "qwen2_moe", "starcoder2")
 SEQ = 16  # longer than the example configs' sliding windows
 LOGIT_ATOL = 1e-5

@@ -26,6 +26,9 @@ from bridgegen.bridge.errors import WeightError
 from bridgegen.cli.main import main
 from bridgegen.formats import pickles
 
+# Builds megatron-core models or runs conversions and local ranks: not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 FIXTURES = Path(__file__).parent / "data" / "megatron_checkpoints"
 # torch.save writes protocol 2, which names builtins "__builtin__".
 BUILTIN_EXEC = r"names class (builtins|__builtin__)\.exec"

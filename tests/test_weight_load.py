@@ -17,6 +17,9 @@ from typing import Any
 import pytest
 import torch
 
+# Builds megatron-core models or runs conversions and local ranks: not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 WORLD = 4
 
 # name -> (model, layout)

@@ -23,6 +23,9 @@ from bridgegen.engines.launch import run_on_ranks
 from bridgegen.engines.weight_sync import unwrap
 from bridgegen.plan.sync import ALIGN, SyncTensor, SyncUnit, buckets, packed_offsets, renumber_expert
 
+# Builds megatron-core models or runs conversions and local ranks: not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 WORLD = 4
 VOCAB = 250
 EXPERTS = 4

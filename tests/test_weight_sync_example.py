@@ -14,6 +14,9 @@ import torch
 
 from bridgegen.engines.launch import run_on_ranks
 
+# Builds megatron-core models or runs conversions and local ranks: not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "weight_sync_rl.py"
 
