@@ -14,21 +14,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from bridgegen.formats.folders import HF_SIDE_FILES
+
 # org/name as the Hub spells repository ids (no path of more than two parts, no "..").
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-# The tokenizer and generation files a conversion carries (formats.hf_writer.HF_SIDE_FILES).
-SIDE_FILES = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
-CONFIG_FILES = ["config.json", *SIDE_FILES]
+CONFIG_FILES = ["config.json", *HF_SIDE_FILES]
 MODEL_FILES = [*CONFIG_FILES, "*.safetensors", "*.safetensors.index.json"]
 
 

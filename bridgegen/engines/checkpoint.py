@@ -14,9 +14,9 @@ import torch.distributed as dist
 
 from bridgegen.engines.checkpoint_read import checkpoint_values
 from bridgegen.formats import dist_checkpoint, megatron_lm
-from bridgegen.formats.folders import publish_folder, shared_temp_dir
+from bridgegen.formats.folders import HF_SIDE_FILES, publish_folder, shared_temp_dir
 from bridgegen.formats.hf_folder import carried_tensors
-from bridgegen.formats.hf_writer import HF_SIDE_FILES, copy_side_files, copy_tensors
+from bridgegen.formats.hf_writer import copy_side_files, copy_tensors
 from bridgegen.formats.megatron_checkpoint import (
     ARGS_FILE,
     BRIDGE_FILE,

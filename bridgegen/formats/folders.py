@@ -23,6 +23,19 @@ TEMP_MARK = ".tmp-"
 OLD_MARK = ".old-"
 # The most a small text input may hold: a tracker file holds an iteration number, a config a
 # few KiB (the largest index of a published checkpoint, DeepSeek-V3's, is under 10 MiB).
+# The tokenizer and generation files an HF folder holds beside its weights, which a conversion
+# carries from the source to the output.
+HF_SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 TRACKER_LIMIT = 1024
 CONFIG_LIMIT = 16 * 2**20
 INDEX_LIMIT = 64 * 2**20

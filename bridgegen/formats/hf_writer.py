@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from bridgegen.bridge.errors import WeightError
-from bridgegen.formats.folders import inside_input, make_temp_folder, publish_folder
+from bridgegen.formats.folders import HF_SIDE_FILES, inside_input, make_temp_folder, publish_folder
 from bridgegen.formats.safetensors import DTYPES, INDEX_NAME, SINGLE_NAME, Checkpoint
 from bridgegen.plan.values import checked_cast, warn_if_not_finite
 
@@ -195,17 +195,6 @@ class PlannedFiles:
         self._fds.clear()
 
 
-HF_SIDE_FILES = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
 
 
 def copy_side_files(source: str | os.PathLike[str] | None, target: Path) -> list[str]:
