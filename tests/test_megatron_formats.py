@@ -63,12 +63,12 @@ EXPORTS = {
     "mb-gpt-oss": ["--family", "gpt_oss"],
     "mb-deepseek-v3": ["--family", "deepseek_v3"],
 }
-# Fields an export from a run config gives back otherwise: the token ids (in the tokenizer
-# files, not the run config; transformers' defaults are written), DeepSeek-V2 fields the V3
-# bridge writes at their defaults, and Qwen3-MoE's layer_types written out (every layer full
-# attention, what transformers assumes when the field is absent).
+# Fields an export from a run config gives back otherwise: DeepSeek-V2 fields the V3 bridge
+# writes at their defaults, and Qwen3-MoE's layer_types written out (every layer full
+# attention, what transformers assumes when the field is absent). The special tokens' ids come
+# from the carried tokenizer (DeepSeek-V3's are 1 / 2, not its config class's 0 / 1).
 NOT_IN_RUN_CONFIGS = {
-    "mb-deepseek-v3": {"bos_token_id", "eos_token_id", "moe_layer_freq", "aux_loss_alpha"},
+    "mb-deepseek-v3": {"moe_layer_freq", "aux_loss_alpha"},
     "mb-qwen3-moe": {"layer_types"},
 }
 
@@ -93,6 +93,9 @@ def test_fixture_exports_bit_exact_from_its_tracker_root(case: str, tmp_path: Pa
         source = AutoConfig.from_pretrained(FIXTURES / case / "hf").to_dict()
         exported = AutoConfig.from_pretrained(out).to_dict()
         skip = {"transformers_version", "dtype", "torch_dtype", "_name_or_path"} | NOT_IN_RUN_CONFIGS.get(case, set())
+        # Token ids the source config leaves out are taken from the tokenizer, which names them.
+        skip |= {k for k in ("bos_token_id", "eos_token_id", "pad_token_id") if source.get(k) is None}
+        assert (exported["bos_token_id"], exported["eos_token_id"]) == (1, 2)  # <s>, </s> of the tokenizer
         assert {k: (source.get(k), exported.get(k)) for k in (set(source) | set(exported)) - skip if source.get(k) != exported.get(k)} == {}
 
 
