@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bridgegen.bridge.errors import BridgeError
-from bridgegen.formats.folders import CONFIG_LIMIT, TRACKER_LIMIT, read_small_text
+from bridgegen.formats.folders import CONFIG_LIMIT, TRACKER_LIMIT, read_hf_config, read_small_text
 
 # Megatron-LM's checkpoint layout (formats.megatron_lm, which imports torch).
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -255,16 +255,10 @@ def _tracked(root: Path) -> str | None:
 def hf_config_values(folder: Path) -> dict[str, Any]:
     """The Megatron config values of an HF folder's config.json, by its bridge, as the
     conversion makes them (its errors are the conversion's), without transformers' check."""
-    from bridgegen.bridge.errors import ConfigError
     from bridgegen.plan.bridges import bridge_for_config
 
     path = folder / "config.json"
-    try:
-        data = json.loads(read_small_text(path, CONFIG_LIMIT, "config file"))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
+    data = read_hf_config(folder)
     bridge = bridge_for_config(data)
     # transformers' check of a config runs for its model_type only (it imports torch): without
     # it the bridge's own checks run, and the bridge's first model type is taken.

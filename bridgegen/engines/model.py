@@ -18,7 +18,7 @@ from bridgegen.bridge.errors import WeightError
 from bridgegen.engines.hf_export import planned_hf_tensors, write_hf_folder
 from bridgegen.engines.progress import progress_bar, quietly, third_party_quieted
 from bridgegen.engines.weights import LoadStats, iter_hf_from_full, load_into
-from bridgegen.formats import hf_folder
+from bridgegen.formats import folders, hf_folder
 from bridgegen.formats.fp8 import block_size
 from bridgegen.formats.hf_writer import PlannedTensor
 from bridgegen.formats.megatron_checkpoint import conversion_for_checkpoint
@@ -38,7 +38,7 @@ __all__ = [
     "read_hf_config",
 ]
 
-read_hf_config = hf_folder.read_hf_config
+read_hf_config = folders.read_hf_config
 
 
 class ModelBridge(Conversion):

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from bridgegen.bridge.errors import WeightError
-from bridgegen.engines.weight_sync import unwrap
+from bridgegen.engines.weight_sync import chunk_layer_offset, unwrap
 from bridgegen.engines.weights import LoadStats, load_into, quantized_parts
 from bridgegen.formats.fp8 import block_size
 from bridgegen.formats.safetensors import Checkpoint
@@ -67,22 +67,6 @@ class _Place:
         )
 
 
-def _layer_offset(model: torch.nn.Module, index: int, count: int) -> int:
-    """The global number of a chunk's first layer (its virtual pipeline stage's offset)."""
-    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-
-    config = getattr(model, "config", None)
-    if config is None:
-        raise WeightError(
-            f"weight load: model chunk {index} ({type(model).__name__}, after unwrapping .module) "
-            "has no megatron-core config: not a megatron-core model"
-        )
-    vp_stage = getattr(model, "vp_stage", None)
-    if vp_stage is None and count > 1:
-        vp_stage = index
-    return int(get_transformer_layer_offset(config, vp_stage=vp_stage))
-
-
 def _plan(
     weight_map: WeightMap, models: list[torch.nn.Module], place: _Place
 ) -> list[tuple[TensorPlan, torch.Tensor]]:
@@ -94,7 +78,7 @@ def _plan(
             plan = plan_tensors(
                 weight_map,
                 tensors.items(),
-                layer_offset=_layer_offset(model, index, len(models)),
+                layer_offset=chunk_layer_offset(model, index, len(models), "weight load"),
                 expert_offset=place.expert_offset,
                 tp=place.tp,
                 expert_tp=place.expert_tp,
@@ -180,7 +164,7 @@ def _from_folder(
             weight_map,
             model,
             checkpoint,
-            layer_offset=_layer_offset(model, index, len(models)),
+            layer_offset=chunk_layer_offset(model, index, len(models), "weight load"),
             tp=place.tp,
             expert_offset=place.expert_offset,
             expert_tp=place.expert_tp,

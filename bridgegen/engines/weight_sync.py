@@ -92,6 +92,24 @@ class _Groups:
         )
 
 
+def chunk_layer_offset(model: torch.nn.Module, index: int, count: int, what: str) -> int:
+    """The global number of model chunk ``index``'s first layer (of ``count`` chunks: its
+    virtual pipeline stage's offset, by megatron-core's own rule); ``what`` names the caller in
+    the error for a chunk that is no megatron-core model."""
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    config = getattr(model, "config", None)
+    if config is None:
+        raise WeightError(
+            f"{what}: model chunk {index} ({type(model).__name__}, after unwrapping .module) "
+            "has no megatron-core config: not a megatron-core model"
+        )
+    vp_stage = getattr(model, "vp_stage", None)
+    if vp_stage is None and count > 1:
+        vp_stage = index
+    return int(get_transformer_layer_offset(config, vp_stage=vp_stage))
+
+
 def unwrap(module: Any) -> torch.nn.Module:
     """The megatron-core model inside wrappers that hold it as ``.module`` (Megatron DDP,
     Float16Module, torch DDP); a bridgegen ``ModelChunk``'s model."""
@@ -202,18 +220,8 @@ class WeightExport:
     def _plan_chunk(
         self, index: int, model: torch.nn.Module, count: int
     ) -> tuple[list[SyncUnit], list[list[_Held]]]:
-        from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-
-        config = getattr(model, "config", None)
-        if config is None:
-            raise WeightError(
-                f"weight sync: model chunk {index} ({type(model).__name__}, after unwrapping .module) "
-                "has no megatron-core config: not a megatron-core model"
-            )
-        vp_stage = getattr(model, "vp_stage", None)
-        if vp_stage is None and count > 1:
-            vp_stage = index
-        layer_offset = int(get_transformer_layer_offset(config, vp_stage=vp_stage))
+        layer_offset = chunk_layer_offset(model, index, count, "weight sync")
+        config = model.config
         g = self._groups
         experts = int(getattr(config, "num_moe_experts", None) or 0)
         per_rank = experts // g.ep_size

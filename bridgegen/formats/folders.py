@@ -10,14 +10,16 @@ pattern. ``output_problem`` refuses an output that would overwrite or sit inside
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 from bridgegen.bridge.config_checks import wait_for_config_checks
-from bridgegen.bridge.errors import BridgeWarning, WeightError
+from bridgegen.bridge.errors import BridgeWarning, ConfigError, WeightError
 
 TEMP_MARK = ".tmp-"
 OLD_MARK = ".old-"
@@ -225,3 +227,17 @@ def output_problem(out: str | os.PathLike[str], inputs: list[str | os.PathLike[s
         if _inside(target, source):
             return f"{out}: lies inside the input {given}; write the output outside it"
     return None
+
+
+def read_hf_config(hf_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """An HF folder's config.json as a dict (bounded read; no torch, so checks before any work use it)."""
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: no config.json in the HF folder")
+    try:
+        data = json.loads(read_small_text(path, CONFIG_LIMIT, "config file"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data

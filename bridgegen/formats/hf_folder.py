@@ -12,27 +12,14 @@ from typing import Any, TypeVar
 
 import torch
 
-from bridgegen.bridge.errors import BridgeWarning, ConfigError, WeightError
-from bridgegen.formats.folders import CONFIG_LIMIT, read_small_text
+from bridgegen.bridge.errors import BridgeWarning, WeightError
+from bridgegen.formats.folders import CONFIG_LIMIT, INDEX_LIMIT, inside_input, read_hf_config, read_small_text
 from bridgegen.formats.hf_writer import PlannedTensor
 from bridgegen.formats.safetensors import Checkpoint
 from bridgegen.plan.conversion import Conversion
 from bridgegen.plan.weight_map import hf_layer_numbers, mtp_layer_numbers
 
 C = TypeVar("C", bound=Conversion)
-
-
-def read_hf_config(hf_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(hf_dir) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{path}: no config.json in the HF folder")
-    try:
-        data = json.loads(read_small_text(path, CONFIG_LIMIT, "config file"))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return data
 
 
 def conversion_of_hf_dir(hf_dir: str | os.PathLike[str], kind: type[C]) -> C:
@@ -115,3 +102,41 @@ def carried_tensors(
     if not planned:
         raise WeightError(f"{folder}: holds no {what} tensors, which a {architecture} checkpoint needs")
     return checkpoint, planned
+
+
+def _tokenizer_json(path: Path, folder: Path, limit: int) -> Any:
+    """A tokenizer file's JSON (None when absent or not JSON: its ids are then left out); a
+    link out of ``folder`` is refused as for every side file."""
+    if not path.is_file():
+        return None
+    inside_input(path, folder)
+    try:
+        return json.loads(read_small_text(path, limit, "tokenizer file"))
+    except json.JSONDecodeError:
+        return None
+
+
+def special_token_ids(folder: Path) -> dict[str, int]:
+    """``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` of the tokenizer files in
+    ``folder``: each token named in ``tokenizer_config.json`` (or ``special_tokens_map.json``),
+    looked up in ``tokenizer.json``'s added tokens and vocabulary. Tokens not found are left out."""
+    named: dict[str, str] = {}
+    for file in ("special_tokens_map.json", "tokenizer_config.json"):
+        data = _tokenizer_json(folder / file, folder, CONFIG_LIMIT)
+        if isinstance(data, dict):
+            for role in ("bos", "eos", "pad"):
+                token = data.get(f"{role}_token") if isinstance(data, dict) else None
+                token = token.get("content") if isinstance(token, dict) else token
+                if isinstance(token, str):
+                    named[role] = token
+    data = _tokenizer_json(folder / "tokenizer.json", folder, INDEX_LIMIT) if named else None
+    if not isinstance(data, dict):
+        return {}
+    ids: dict[str, int] = {}
+    vocab = data.get("model", {}).get("vocab") if isinstance(data, dict) else None
+    if isinstance(vocab, dict):
+        ids.update({k: v for k, v in vocab.items() if isinstance(v, int)})
+    for added in data.get("added_tokens", []) if isinstance(data, dict) else []:
+        if isinstance(added, dict) and isinstance(added.get("content"), str) and isinstance(added.get("id"), int):
+            ids[added["content"]] = added["id"]
+    return {f"{role}_token_id": ids[token] for role, token in named.items() if token in ids}

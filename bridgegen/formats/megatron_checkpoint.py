@@ -31,8 +31,8 @@ import torch.distributed as dist
 
 from bridgegen.bridge.config import MegatronConfig
 from bridgegen.bridge.errors import ConfigError, WeightError
-from bridgegen.formats import dist_checkpoint, foreign_config, megatron_lm
-from bridgegen.formats.folders import CONFIG_LIMIT, INDEX_LIMIT, inside_input, read_small_text
+from bridgegen.formats import dist_checkpoint, foreign_config, hf_folder, megatron_lm
+from bridgegen.formats.folders import CONFIG_LIMIT, read_small_text
 from bridgegen.formats.key_names import detect_key_names
 from bridgegen.plan.conversion import Conversion
 
@@ -136,7 +136,7 @@ def conversion_for_checkpoint(
     ``family``. Key style (Transformer Engine or local names), stacked or per-layer keys and the
     vocab rows are read from the checkpoint's keys.
     """
-    from bridgegen.formats.hf_folder import read_hf_config
+    from bridgegen.formats.folders import read_hf_config
     from bridgegen.plan.bridges import bridge_for_family
 
     found = megatron_lm.find_checkpoint(checkpoint_dir, iteration)
@@ -203,46 +203,8 @@ def _foreign_hf_config(found: megatron_lm.CheckpointFolder, family: str | None) 
     side = _side_folder(found, None)
     if side is not None:
         # Neither the run config nor args hold the special tokens' ids; the carried tokenizer does.
-        hf_config.update(special_token_ids(side))
+        hf_config.update(hf_folder.special_token_ids(side))
     return hf_config
-
-
-def _tokenizer_json(path: Path, folder: Path, limit: int) -> Any:
-    """A tokenizer file's JSON (None when absent or not JSON: its ids are then left out); a
-    link out of ``folder`` is refused as for every side file."""
-    if not path.is_file():
-        return None
-    inside_input(path, folder)
-    try:
-        return json.loads(read_small_text(path, limit, "tokenizer file"))
-    except json.JSONDecodeError:
-        return None
-
-
-def special_token_ids(folder: Path) -> dict[str, int]:
-    """``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` of the tokenizer files in
-    ``folder``: each token named in ``tokenizer_config.json`` (or ``special_tokens_map.json``),
-    looked up in ``tokenizer.json``'s added tokens and vocabulary. Tokens not found are left out."""
-    named: dict[str, str] = {}
-    for file in ("special_tokens_map.json", "tokenizer_config.json"):
-        data = _tokenizer_json(folder / file, folder, CONFIG_LIMIT)
-        if isinstance(data, dict):
-            for role in ("bos", "eos", "pad"):
-                token = data.get(f"{role}_token") if isinstance(data, dict) else None
-                token = token.get("content") if isinstance(token, dict) else token
-                if isinstance(token, str):
-                    named[role] = token
-    data = _tokenizer_json(folder / "tokenizer.json", folder, INDEX_LIMIT) if named else None
-    if not isinstance(data, dict):
-        return {}
-    ids: dict[str, int] = {}
-    vocab = data.get("model", {}).get("vocab") if isinstance(data, dict) else None
-    if isinstance(vocab, dict):
-        ids.update({k: v for k, v in vocab.items() if isinstance(v, int)})
-    for added in data.get("added_tokens", []) if isinstance(data, dict) else []:
-        if isinstance(added, dict) and isinstance(added.get("content"), str) and isinstance(added.get("id"), int):
-            ids[added["content"]] = added["id"]
-    return {f"{role}_token_id": ids[token] for role, token in named.items() if token in ids}
 
 
 def requested_keys(request: dict[str, Any]) -> set[str]:
