@@ -8,6 +8,7 @@ from typing import Any
 from bridgegen.bridge import helpers  # noqa: F401
 from bridgegen.bridge.base import Bridge
 from bridgegen.bridge.config import HFConfigReader, MegatronConfig
+from bridgegen.bridge.module_parameters import EmbeddingScale
 from bridgegen.bridge.weight_rules import WeightKind, WeightRule
 
 
@@ -57,6 +58,7 @@ class GemmaBridge(Bridge):
     runtime_modules = {
         "embedding_scale": {"scale": "embedding_scale"},
     }
+    runtime_module_types = (EmbeddingScale,)
     hf_aliases = {}
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
     example_config = {

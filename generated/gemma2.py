@@ -8,6 +8,12 @@ from typing import Any
 from bridgegen.bridge import helpers  # noqa: F401
 from bridgegen.bridge.base import Bridge
 from bridgegen.bridge.config import HFConfigReader, MegatronConfig
+from bridgegen.bridge.module_parameters import (
+    EmbeddingScale,
+    FinalLogitSoftcapping,
+    PostLayerNorms,
+    SoftcappedAttention,
+)
 from bridgegen.bridge.weight_rules import WeightKind, WeightRule
 
 
@@ -70,6 +76,12 @@ class Gemma2Bridge(Bridge):
         "post_layer_norms": {"enabled": "post_layer_norms"},
         "softcapped_attention": {"cap": "attn_logit_softcapping"},
     }
+    runtime_module_types = (
+        EmbeddingScale,
+        FinalLogitSoftcapping,
+        PostLayerNorms,
+        SoftcappedAttention,
+    )
     hf_aliases = {}
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
     example_config = {

@@ -8,6 +8,7 @@ from typing import Any
 from bridgegen.bridge import helpers  # noqa: F401
 from bridgegen.bridge.base import Bridge
 from bridgegen.bridge.config import HFConfigReader, MegatronConfig
+from bridgegen.bridge.module_parameters import EmbeddingScale, LogitsScaling, ResidualMultiplier
 from bridgegen.bridge.weight_rules import WeightKind, WeightRule
 
 
@@ -65,6 +66,11 @@ class GraniteBridge(Bridge):
         "logits_scaling": {"divisor": "logits_scaling"},
         "residual_multiplier": {"multiplier": "residual_multiplier"},
     }
+    runtime_module_types = (
+        EmbeddingScale,
+        LogitsScaling,
+        ResidualMultiplier,
+    )
     hf_aliases = {}
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
     example_config = {

@@ -8,6 +8,7 @@ from typing import Any
 from bridgegen.bridge import helpers  # noqa: F401
 from bridgegen.bridge.base import Bridge
 from bridgegen.bridge.config import HFConfigReader, MegatronConfig
+from bridgegen.bridge.module_parameters import NoPreNorms, PostLayerNorms, QkNormOverHeads
 from bridgegen.bridge.weight_rules import WeightKind, WeightRule
 
 
@@ -60,6 +61,11 @@ class Olmo2Bridge(Bridge):
         "post_layer_norms": {"enabled": "post_layer_norms"},
         "qk_norm_over_heads": {},
     }
+    runtime_module_types = (
+        NoPreNorms,
+        PostLayerNorms,
+        QkNormOverHeads,
+    )
     hf_aliases = {}
     hf_ignore = ("model.layers.{layer}.self_attn.rotary_emb.inv_freq",)
     example_config = {

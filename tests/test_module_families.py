@@ -81,7 +81,7 @@ def test_import_export_is_bit_exact_and_loads_in_transformers(family: str, tmp_p
     assert main(["export", "--megatron", str(checkpoint), "--out", str(out)]) == 0
     assert_bit_exact(tmp_path / "hf", out)
     arguments = (checkpoint / "megatron_lm_args.txt").read_text()
-    for _, parameters in ModelBridge.from_hf_dir(tmp_path / "hf").runtime_modules():
+    for parameters in ModelBridge.from_hf_dir(tmp_path / "hf").runtime_modules():
         assert f"#   - {parameters.megatron_lm_gap()}\n" in arguments
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     exported.train(False)

@@ -10,14 +10,18 @@ import pytest
 import torch
 
 from bridgegen.bridge import module_parameters as quirks
-from bridgegen.bridge.module_parameters import RuntimeModule
+from bridgegen.bridge.module_parameters import BUILTIN_MODULES, ModuleParameters
 from bridgegen.megatron import modules
 
 
-def test_every_runtime_module_has_one_implementation() -> None:
-    block, model = set(modules.BLOCK_SPEC_MODULES), set(modules.MODEL_MODULES)
-    assert not block & model
-    assert block | model == set(RuntimeModule) == set(quirks.PARAMETERS)
+@pytest.mark.parametrize("module", BUILTIN_MODULES, ids=lambda m: m.name)
+def test_every_builtin_module_declares_itself_and_names_a_real_implementation(
+    module: type[ModuleParameters],
+) -> None:
+    assert quirks.declaration_errors(module) == []
+    path, _, function = module.implementation.partition(":")
+    assert path == "bridgegen.megatron.modules" and callable(getattr(modules, function))
+    assert len({m.name for m in BUILTIN_MODULES}) == len(BUILTIN_MODULES)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -281,19 +285,19 @@ def test_the_bridge_selects_the_modules_its_spec_names() -> None:
     from bridgegen.engines.model import ModelBridge
 
     bridge = ModelBridge.from_hf_config(_gemma2_config())
-    assert dict(bridge.runtime_modules()) == {
-        RuntimeModule.embedding_scale: quirks.EmbeddingScale(scale=32**0.5),
-        RuntimeModule.softcapped_attention: quirks.SoftcappedAttention(cap=50.0),
-        RuntimeModule.final_logit_softcapping: quirks.FinalLogitSoftcapping(cap=30.0),
-        RuntimeModule.post_layer_norms: quirks.PostLayerNorms(enabled=True),
-    }
+    assert bridge.runtime_modules() == [
+        quirks.EmbeddingScale(scale=32**0.5),
+        quirks.FinalLogitSoftcapping(cap=30.0),
+        quirks.PostLayerNorms(enabled=True),
+        quirks.SoftcappedAttention(cap=50.0),
+    ]
     model = bridge.build_model(torch.float32)
     layer = model.decoder.layers[0]
     assert isinstance(layer.self_attention.core_attention.scale_mask_softmax, modules._Softcapped)
     assert isinstance(layer.post_mlp_layernorm, modules.ZeroCenteredRMSNorm)
     # A module whose field has no value is not applied.
     uncapped = ModelBridge.from_hf_config(_gemma2_config(attn_logit_softcapping=None))
-    assert RuntimeModule.softcapped_attention not in dict(uncapped.runtime_modules())
+    assert "softcapped_attention" not in [module.name for module in uncapped.runtime_modules()]
     plain = uncapped.build_model(torch.float32).decoder.layers[0].self_attention.core_attention
     assert not isinstance(plain.scale_mask_softmax, modules._Softcapped)
 
@@ -318,13 +322,13 @@ def test_an_extra_field_no_module_reads_is_refused_at_build() -> None:
         ModelBridge(WithoutSoftcapping, config).build_model(torch.float32)
 
 
-@pytest.mark.parametrize("module", sorted(RuntimeModule, key=lambda m: m.value), ids=lambda m: m.value)
-def test_every_module_says_what_megatron_lm_lacks_with_its_values(module: RuntimeModule) -> None:
+@pytest.mark.parametrize("module", BUILTIN_MODULES, ids=lambda m: m.name)
+def test_every_module_says_what_megatron_lm_lacks_with_its_values(module: type[ModuleParameters]) -> None:
     """Megatron-LM has no flag for any module so far (megatron/training/arguments.py): each
     names its gap, with its parameters' values filled in."""
     samples = {float: 1.5, bool: True}
-    declared = quirks.PARAMETERS[module].model_fields
-    parameters = quirks.PARAMETERS[module](**{name: samples[f.annotation] for name, f in declared.items()})
+    declared = module.model_fields
+    parameters = module(**{name: samples[f.annotation] for name, f in declared.items()})
     gap = parameters.megatron_lm_gap()
     assert gap is not None and "{" not in gap
     for name in declared:

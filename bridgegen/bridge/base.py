@@ -18,6 +18,7 @@ from bridgegen.bridge.config import (
 )
 from bridgegen.bridge.config_checks import check_with_transformers
 from bridgegen.bridge.errors import ConfigError, UnsupportedModelError
+from bridgegen.bridge.module_parameters import ModuleParameters
 from bridgegen.bridge.rope import rope_from_hf
 from bridgegen.bridge.weight_rules import WeightRule
 
@@ -46,8 +47,10 @@ class Bridge:
     rope_types: ClassVar[tuple[str, ...]]
     hf_fields: ClassVar[tuple[str, ...]]
     extra_fields: ClassVar[tuple[str, ...]]
-    # bridgegen.bridge.module_parameters.RuntimeModule name: {its parameter: the Megatron field bound to it}
+    # runtime module name: {its parameter: the Megatron field bound to it}
     runtime_modules: ClassVar[Mapping[str, Mapping[str, str]]]
+    # the classes of those modules (bridgegen.bridge.module_parameters.ModuleParameters)
+    runtime_module_types: ClassVar[tuple[type[ModuleParameters], ...]] = ()
     hf_aliases: ClassVar[Mapping[str, tuple[str, ...]]]
     weight_rules: ClassVar[tuple[WeightRule, ...]]
     hf_ignore: ClassVar[tuple[str, ...]]

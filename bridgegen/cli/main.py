@@ -61,17 +61,19 @@ class _Rendered:
 
 
 def _rendered(args: argparse.Namespace) -> _Rendered:
-    from bridgegen.spec.generate import load_external_specs, load_specs, spec_schema
+    from bridgegen.spec.generate import load_external_project, load_project, spec_schema
     from bridgegen.spec.render import render_all, render_external
 
     external = _external_folders(args)
     if external is None:
         root = _project_root(args.root)
-        specs = load_specs(root)
-        return _Rendered(root, specs, render_all(specs, spec_schema()), GENERATED_PACKAGE_DIR, False)
+        project = load_project(root)
+        files = render_all(project.specs, spec_schema(), project.modules)
+        return _Rendered(root, project.specs, files, GENERATED_PACKAGE_DIR, False)
     specs_dir, root = external
-    specs = load_external_specs(specs_dir, root)
-    return _Rendered(root, specs, render_external(specs, root.resolve().name), ".", True)
+    project = load_external_project(specs_dir, root)
+    files = render_external(project.specs, root.resolve().name, project.modules)
+    return _Rendered(root, project.specs, files, ".", True)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

@@ -231,7 +231,7 @@ def arguments_for(conversion: Conversion, dtype: torch.dtype, tokenizer_model: s
         key_names=conversion.key_names,
         dtype=dtype,
         tokenizer_model=tokenizer_model,
-        runtime_modules=[parameters for _, parameters in conversion.runtime_modules()],
+        runtime_modules=conversion.runtime_modules(),
     )
 
 

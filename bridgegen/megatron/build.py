@@ -111,9 +111,9 @@ def build_model(
     selected = conversion.runtime_modules()
     if config.layernorm_zero_centered_gamma:
         modules.use_zero_centered_norms(spec)
-    for module, parameters in selected:
-        if module in modules.BLOCK_SPEC_MODULES:
-            modules.BLOCK_SPEC_MODULES[module](spec, parameters)
+    for parameters in selected:
+        if parameters.stage == "layer_spec":
+            parameters.apply(spec)
     mtp_spec = None
     if values.get("mtp_num_layers"):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
@@ -141,9 +141,9 @@ def build_model(
         **{k: v for k, v in model_kwargs.items() if k != "vocab_size"},
     )
     _parameters_in(model, config.params_dtype)
-    for module, parameters in selected:
-        if module in modules.MODEL_MODULES:
-            modules.MODEL_MODULES[module](model, parameters)
+    for parameters in selected:
+        if parameters.stage == "model":
+            parameters.apply(model)
     if conversion.config.rope.needs_runtime_rope():
         modules.use_hf_rope(
             model,

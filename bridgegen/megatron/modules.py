@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from bridgegen.bridge.errors import ConfigError
-from bridgegen.bridge.module_parameters import RuntimeModule
 
 
 class LatentCoreAttention(torch.nn.Module):
@@ -414,18 +413,42 @@ def use_qk_norms_over_heads(block_spec: Any) -> None:
             attention.k_layernorm = KeyNormOverHeads
 
 
-# What each module a spec selects does: on the layer spec before the model is built, or on the
-# built model, given its parameters (quirks.PARAMETERS) from the Megatron fields the spec binds.
-BLOCK_SPEC_MODULES: dict[RuntimeModule, Callable[[Any, Any], None]] = {
-    RuntimeModule.softcapped_attention: lambda spec, p: use_softcapped_attention(spec, p.cap),
-    RuntimeModule.no_pre_norms: lambda spec, _: remove_pre_norms(spec),
-    RuntimeModule.qk_norm_over_heads: lambda spec, _: use_qk_norms_over_heads(spec),
-}
-MODEL_MODULES: dict[RuntimeModule, Callable[[torch.nn.Module, Any], None]] = {
-    RuntimeModule.embedding_scale: lambda model, p: scale_embeddings(model, p.scale),
-    RuntimeModule.final_logit_softcapping: lambda model, p: softcap_final_logits(model, p.cap),
-    RuntimeModule.post_layer_norms: lambda model, _: add_post_layer_norms(model),
-    RuntimeModule.local_rope_base: lambda model, p: use_local_rope_base(model, p.base),
-    RuntimeModule.residual_multiplier: lambda model, p: multiply_residual_branches(model, p.multiplier),
-    RuntimeModule.logits_scaling: lambda model, p: divide_logits(model, p.divisor),
-}
+# The built-in runtime modules' implementations, as their parameter classes name them
+# (``bridgegen.bridge.module_parameters``): each takes the layer spec or the model, and the
+# module's parameters.
+
+
+def use_softcapped_attention_module(block_spec: Any, p: Any) -> None:
+    use_softcapped_attention(block_spec, p.cap)
+
+
+def remove_pre_norms_module(block_spec: Any, p: Any) -> None:
+    remove_pre_norms(block_spec)
+
+
+def use_qk_norms_over_heads_module(block_spec: Any, p: Any) -> None:
+    use_qk_norms_over_heads(block_spec)
+
+
+def scale_embeddings_module(model: torch.nn.Module, p: Any) -> None:
+    scale_embeddings(model, p.scale)
+
+
+def softcap_final_logits_module(model: torch.nn.Module, p: Any) -> None:
+    softcap_final_logits(model, p.cap)
+
+
+def add_post_layer_norms_module(model: torch.nn.Module, p: Any) -> None:
+    add_post_layer_norms(model)
+
+
+def use_local_rope_base_module(model: torch.nn.Module, p: Any) -> None:
+    use_local_rope_base(model, p.base)
+
+
+def multiply_residual_branches_module(model: torch.nn.Module, p: Any) -> None:
+    multiply_residual_branches(model, p.multiplier)
+
+
+def divide_logits_module(model: torch.nn.Module, p: Any) -> None:
+    divide_logits(model, p.divisor)

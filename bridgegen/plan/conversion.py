@@ -12,12 +12,7 @@ from typing import Any
 from bridgegen.bridge.base import Bridge, Wrapper
 from bridgegen.bridge.config import MODEL_FIELDS, MegatronConfig
 from bridgegen.bridge.errors import ConfigError
-from bridgegen.bridge.module_parameters import (
-    PARAMETERS,
-    ModuleParameters,
-    RuntimeModule,
-    parameter_type_error,
-)
+from bridgegen.bridge.module_parameters import ModuleParameters, selected_modules
 from bridgegen.plan.weight_map import WeightMap
 
 
@@ -85,24 +80,12 @@ class Conversion:
             self, config=dataclasses.replace(self.config, values=values), drop_mtp=True
         )
 
-    def runtime_modules(self) -> list[tuple[RuntimeModule, ModuleParameters]]:
+    def runtime_modules(self) -> list[ModuleParameters]:
         """The spec's runtime modules that apply to this config (every field a module reads has
         a value), with their parameters, each checked against the type the module declares."""
-        applied = []
-        for name, bindings in sorted(self.bridge.runtime_modules.items()):
-            module = RuntimeModule(name)
-            values = {parameter: self.config.values.get(field) for parameter, field in bindings.items()}
-            if any(value is None or value is False for value in values.values()):
-                continue
-            for parameter, value in sorted(values.items()):
-                reason = parameter_type_error(module, parameter, value)
-                if reason is not None:
-                    raise ConfigError(
-                        f"{self.config.family}: Megatron field {bindings[parameter]!r} feeds parameter "
-                        f"{parameter!r} of runtime module {name!r}: {reason}"
-                    )
-            applied.append((module, PARAMETERS[module](**values)))
-        return applied
+        return selected_modules(
+            self.bridge.runtime_modules, self.bridge.runtime_module_types, self.config.values, self.config.family
+        )
 
     def refuse_unimplemented(self) -> None:
         """An extra Megatron field with a value that no runtime module reads is a quirk the

@@ -20,7 +20,6 @@ from pydantic import (
     StringConstraints,
 )
 
-from bridgegen.bridge.module_parameters import RuntimeModule
 from bridgegen.bridge.weight_rules import GateUp, HFLayout, WeightKind
 
 Name = Annotated[
@@ -227,12 +226,13 @@ class SpecFile(Strict):
         description="HF activation name: Megatron activation (null removes an inherited one)",
     )
     rope: RopeSection | None = None
-    runtime_modules: dict[RuntimeModule, dict[Name, Name] | None] = Field(
+    runtime_modules: dict[Name, dict[Name, Name] | None] = Field(
         default_factory=dict,
-        description="runtime modules for quirks megatron-core's layer spec cannot express: module: "
-        "{parameter: Megatron field} (every parameter the module declares in "
-        "bridgegen.bridge.module_parameters, each field set in config; {} for a module without parameters; "
-        "null removes an inherited one). A module applies when every field it reads has a value",
+        description="runtime modules for quirks megatron-core's layer spec cannot express: module name: "
+        "{parameter: Megatron field} (every parameter the module declares, each field set in config; {} for "
+        "a module without parameters; null removes an inherited one). The built-in modules are declared in "
+        "bridgegen.bridge.module_parameters, a specs folder's own in its runtime_modules.py. A module "
+        "applies when every field it reads has a value",
     )
     config: ConfigSection = Field(default_factory=ConfigSection)
     weights: dict[TensorTemplate, WeightSpec | None] = Field(

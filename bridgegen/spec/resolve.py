@@ -26,14 +26,19 @@ from __future__ import annotations
 import bisect
 import difflib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
 from bridgegen.bridge.config import MODEL_FIELDS
-from bridgegen.bridge.module_parameters import RuntimeModule, parameter_names, parameter_type_error
+from bridgegen.bridge.module_parameters import (
+    BUILTIN_MODULES,
+    ModuleParameters,
+    parameter_names,
+    parameter_type_error,
+)
 from bridgegen.bridge.weight_rules import HF_ARITY, TRANSPOSABLE_KINDS, GateUp, HFLayout, WeightKind
 from bridgegen.spec.errors import Location, SpecError, SpecErrors
 from bridgegen.spec.expr import ExpressionError, check_names, emit_python, parse_expression, variable_name
@@ -115,6 +120,8 @@ class ResolvedSpec:
     hf_ignore: tuple[str, ...]
     extra_fields: tuple[str, ...]
     runtime_modules: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]  # module, (parameter, field)
+    # (module to import from, or "" for the bridges folder's own runtime_modules; class name)
+    runtime_module_classes: tuple[tuple[str, str], ...]
     hf_aliases: tuple[tuple[str, tuple[str, ...]], ...]
     example_config: tuple[tuple[str, Any], ...] = ()
     hf_neutral: tuple[tuple[str, tuple[Any, ...], str], ...] = ()  # (HF field, its supported values, why)
@@ -433,7 +440,7 @@ def _merge_chain(chain: list[tuple[LoadedSpec, SpecFile]]) -> tuple[_Merged, lis
             merged.extra_fields[name] = _Origin(loaded, ("config", "extra_fields", index))
         _merge_section(
             merged.runtime_modules,
-            {module.value: bindings for module, bindings in spec.runtime_modules.items()},
+            dict(spec.runtime_modules),
             loaded,
             ("runtime_modules",),
             errors,
@@ -463,12 +470,27 @@ def _merge_chain(chain: list[tuple[LoadedSpec, SpecFile]]) -> tuple[_Merged, lis
 # ---------------------------------------------------------------- resolution (per concrete spec)
 
 
-def _module_binding_errors(merged: _Merged) -> list[SpecError]:
-    """Each runtime module binds exactly the parameters it declares, and a field set by a
-    literal megatron_defaults entry holds a value of the parameter's type."""
+# A runtime module a spec may select: its class, and where generated code imports it from ("":
+# the bridges folder's own runtime_modules).
+ModuleSources = Mapping[str, tuple[type[ModuleParameters], str]]
+BUILTIN_MODULE_SOURCES: ModuleSources = {module.name: (module, module.__module__) for module in BUILTIN_MODULES}
+
+
+def _module_binding_errors(merged: _Merged, modules: ModuleSources) -> list[SpecError]:
+    """Each runtime module is one the spec can see, binds exactly the parameters it declares,
+    and a field set by a literal megatron_defaults entry holds a value of the parameter's type."""
     errors: list[SpecError] = []
     for module_name, (bindings, origin) in sorted(merged.runtime_modules.items()):
-        module = RuntimeModule(module_name)
+        if module_name not in modules:
+            known = ", ".join(sorted(modules))
+            errors.append(
+                origin.error(
+                    f"unknown runtime module {module_name!r} (known: {known}; a specs folder declares "
+                    f"its own in runtime_modules.py){_suggest(module_name, modules)}"
+                )
+            )
+            continue
+        module = modules[module_name][0]
         declared = parameter_names(module)
         for parameter in sorted(set(bindings) - declared):
             known = ", ".join(sorted(declared)) or "none"
@@ -540,7 +562,7 @@ def _unread_fields(
 
 
 def _resolve_one(
-    loaded: LoadedSpec, spec: SpecFile, merged: _Merged
+    loaded: LoadedSpec, spec: SpecFile, merged: _Merged, modules: ModuleSources
 ) -> tuple[ResolvedSpec | None, list[SpecError]]:
     errors: list[SpecError] = []
     for architecture in spec.wrappers:
@@ -560,10 +582,11 @@ def _resolve_one(
     if not merged.activations:
         errors.append(loaded.error((), "no 'activations' given here or in any spec it extends"))
     model = merged.megatron_model or "gpt"
-    errors += _module_binding_errors(merged)
+    errors += _module_binding_errors(merged, modules)
     module_fields = {
         field_name: module
         for module, (bindings, _) in sorted(merged.runtime_modules.items())
+        if module in modules
         for field_name in sorted(bindings.values())
     }
     megatron_known = (
@@ -872,6 +895,13 @@ def _resolve_one(
                 (module, tuple(sorted(bindings.items())))
                 for module, (bindings, _) in sorted(merged.runtime_modules.items())
             ),
+            runtime_module_classes=tuple(
+                sorted(
+                    (modules[module][1], modules[module][0].__name__)
+                    for module in merged.runtime_modules
+                    if module in modules
+                )
+            ),
             hf_aliases=tuple(sorted((k, tuple(v)) for k, (v, _) in merged.hf_aliases.items())),
             example_config=tuple(spec.example_config.items()),
             hf_neutral=hf_neutral,
@@ -890,7 +920,10 @@ def _resolve_one(
 
 
 def resolve_all(
-    loaded_specs: list[LoadedSpec], known_names: frozenset[str] = frozenset(), spec_listing: str = ""
+    loaded_specs: list[LoadedSpec],
+    known_names: frozenset[str] = frozenset(),
+    spec_listing: str = "",
+    modules: ModuleSources = BUILTIN_MODULE_SOURCES,
 ) -> list[ResolvedSpec]:
     """Validate, cross-check and resolve every spec; raise SpecErrors with all problems found.
 
@@ -957,7 +990,7 @@ def resolve_all(
         if spec.abstract:
             continue
         merged, merge_errors = _merge_chain(chain)
-        result, spec_errors = _resolve_one(loaded, spec, merged)
+        result, spec_errors = _resolve_one(loaded, spec, merged, modules)
         errors += merge_errors + spec_errors
         if result is not None:
             resolved.append(result)
