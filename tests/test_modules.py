@@ -38,6 +38,50 @@ def test_zero_centered_norm_is_gemmas_bit_for_bit(dtype: torch.dtype) -> None:
     assert torch.equal(ours(x), reference(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_zero_centered_layer_norm_is_nemotrons_bit_for_bit(dtype: torch.dtype) -> None:
+    """Nemotron's LayerNorm1P: ``layer_norm(x, 1 + w, b)``, the norm megatron-core means by
+    ``normalization: LayerNorm`` with ``layernorm_zero_centered_gamma``."""
+    from transformers.models.nemotron.modeling_nemotron import NemotronLayerNorm1P
+
+    torch.manual_seed(0)
+    reference = NemotronLayerNorm1P(32, eps=1e-5).to(dtype)
+    ours = modules.ZeroCenteredLayerNorm(SimpleNamespace(params_dtype=dtype), 32, eps=1e-5)
+    with torch.no_grad():
+        reference.weight.normal_(0.0, 0.5)
+        reference.bias.normal_(0.0, 0.5)
+        ours.weight.copy_(reference.weight)
+        ours.bias.copy_(reference.bias)
+    x = torch.randn(3, 5, 32).to(dtype)
+    assert torch.equal(ours(x), reference(x))
+
+
+@pytest.mark.parametrize("normalization", ["LayerNorm", "RMSNorm"])
+def test_zero_centered_gamma_builds_the_norm_the_config_names(normalization: str) -> None:
+    """megatron-core's zero-centred gamma means ``1 + w`` for either norm; a LayerNorm model
+    must not be built with RMSNorms (which would compute another model from the same weights)."""
+    from bridgegen.engines.model import ModelBridge
+    from bridgegen.megatron.rule_check import norm_kind_errors
+    from bridgegen.spec.errors import Location
+
+    bridge = ModelBridge.from_hf_config(_gemma2_config())
+    values = dict(bridge.config.values, normalization=normalization, layernorm_zero_centered_gamma=True)
+    values.update(post_layer_norms=None)
+    import dataclasses
+
+    changed = dataclasses.replace(bridge, config=dataclasses.replace(bridge.config, values=values))
+    model = changed.build_model(torch.float32)
+    layer = model.decoder.layers[0]
+    expected = modules.ZeroCenteredLayerNorm if normalization == "LayerNorm" else modules.ZeroCenteredRMSNorm
+    assert type(layer.input_layernorm) is expected and type(model.decoder.final_layernorm) is expected
+    where = Location("x.yaml", 1, 1)
+    assert norm_kind_errors(model, normalization, where) == []
+    other = "RMSNorm" if normalization == "LayerNorm" else "LayerNorm"
+    errors = norm_kind_errors(model, other, where)
+    assert errors and all(f"but the spec's normalization is {other}" in e.message for e in errors)
+    assert any("decoder.final_layernorm is built as" in e.message for e in errors)
+
+
 class _Embedder(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -118,6 +162,7 @@ def _one_layer_model(zero_centered: bool) -> tuple[torch.nn.Module, torch.nn.Mod
         layernorm_epsilon=1e-6,
         params_dtype=torch.float32,
         layernorm_zero_centered_gamma=zero_centered,
+        normalization="RMSNorm",
     )
     layer.self_attention = _Returns(torch.full((8,), 0.5))
     layer.mlp = _Returns(None)

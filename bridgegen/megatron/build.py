@@ -110,7 +110,7 @@ def build_model(
     use_key_names(spec, conversion.key_names)
     selected = conversion.runtime_modules()
     if config.layernorm_zero_centered_gamma:
-        modules.use_zero_centered_norms(spec)
+        modules.use_zero_centered_norms(spec, config.normalization)
     for parameters in selected:
         if parameters.stage == "layer_spec":
             parameters.apply(spec)

@@ -131,6 +131,7 @@ class PlainRMSNorm(torch.nn.Module):
     dtype."""
 
     offset = 0.0
+    normalization = "RMSNorm"
 
     def __init__(self, config: Any, hidden_size: int, eps: float = 1e-6, **unused: Any) -> None:
         super().__init__()
@@ -149,18 +150,58 @@ class ZeroCenteredRMSNorm(PlainRMSNorm):
     offset = 1.0
 
 
-def use_zero_centered_norms(block_spec: Any) -> None:
-    """Every RMSNorm of the block (layer norms, q/k norms, final norm) as ZeroCenteredRMSNorm."""
+class ZeroCenteredLayerNorm(torch.nn.Module):
+    """LayerNorm scaling by ``1 + w`` and adding its bias (megatron-core's zero-centred gamma
+    with ``normalization: LayerNorm``; Nemotron's LayerNorm1P), computed in the input's dtype
+    as transformers computes it, for the plain spec (whose torch norm refuses the option)."""
+
+    normalization = "LayerNorm"
+
+    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5, **unused: Any) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.empty(hidden_size, dtype=config.params_dtype))
+        self.bias = torch.nn.Parameter(torch.empty(hidden_size, dtype=config.params_dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.layer_norm(x, self.weight.shape, self.weight + 1, self.bias, self.eps)
+
+
+def zero_centered_norm(normalization: str) -> type[torch.nn.Module]:
+    """The zero-centred (1 + w) norm of the plain spec for megatron-core's ``normalization``."""
+    norms: dict[str, type[torch.nn.Module]] = {"RMSNorm": ZeroCenteredRMSNorm, "LayerNorm": ZeroCenteredLayerNorm}
+    if normalization not in norms:
+        raise ConfigError(f"layernorm_zero_centered_gamma with normalization {normalization!r} is not supported")
+    return norms[normalization]
+
+
+def use_zero_centered_norms(block_spec: Any, normalization: str) -> None:
+    """Every norm of the block (layer norms, q/k norms, final norm) zero-centred, of the kind
+    ``normalization`` names."""
+    norm = zero_centered_norm(normalization)
     norm_slots = ("input_layernorm", "pre_mlp_layernorm")
     for layer_spec in block_spec.layer_specs:
         for slot in norm_slots:
             if _is_norm(getattr(layer_spec.submodules, slot, None)):
-                setattr(layer_spec.submodules, slot, ZeroCenteredRMSNorm)
+                setattr(layer_spec.submodules, slot, norm)
         attention = getattr(getattr(layer_spec.submodules, "self_attention", None), "submodules", None)
         for slot in ("q_layernorm", "k_layernorm"):
             if attention is not None and _is_norm(getattr(attention, slot, None)):
-                setattr(attention, slot, ZeroCenteredRMSNorm)
-    block_spec.layer_norm = ZeroCenteredRMSNorm
+                setattr(attention, slot, norm)
+    block_spec.layer_norm = norm
+
+
+def built_normalization(module: torch.nn.Module) -> str | None:
+    """"RMSNorm" or "LayerNorm" for a norm module megatron-core or this runtime builds, None for
+    any other module."""
+    declared = getattr(type(module), "normalization", None)
+    if isinstance(declared, str):
+        return declared
+    if isinstance(module, torch.nn.RMSNorm):
+        return "RMSNorm"
+    if isinstance(module, torch.nn.LayerNorm):
+        return "LayerNorm"
+    return None
 
 
 def _is_norm(module: Any) -> bool:
@@ -257,6 +298,8 @@ def add_post_layer_norms(model: torch.nn.Module) -> None:
     decoder = getattr(model, "decoder", None)
     for layer in getattr(decoder, "layers", []):
         config = layer.config
+        if config.normalization != "RMSNorm":
+            raise ConfigError(f"post-layer norms are RMSNorms; normalization {config.normalization!r} is not supported")
         norm = ZeroCenteredRMSNorm if config.layernorm_zero_centered_gamma else PlainRMSNorm
         layer.post_self_attn_layernorm = norm(config, config.hidden_size, config.layernorm_epsilon)
         layer.post_mlp_layernorm = norm(config, config.hidden_size, config.layernorm_epsilon)
@@ -359,6 +402,7 @@ class NormOverHeads(torch.nn.Module):
     """
 
     heads_field = "num_attention_heads"
+    normalization = "RMSNorm"
 
     def __init__(self, config: Any, hidden_size: int, eps: float = 1e-6, **unused: Any) -> None:
         super().__init__()

@@ -90,7 +90,8 @@ def example_model_errors(spec: ResolvedSpec, bridge: type[Bridge]) -> list[SpecE
         return [SpecError(where, "example_config", message)]
     weight_map = model_bridge.weight_map()
     rules = rules_of_parameters(weight_map, model)
-    errors = [
+    errors = norm_kind_errors(model, str(model_bridge.config.values.get("normalization") or "LayerNorm"), where)
+    errors += [
         SpecError(
             where, "example_config", f"Megatron parameter {name!r} of the example model has no weight rule"
         )
@@ -109,6 +110,23 @@ def example_model_errors(spec: ResolvedSpec, bridge: type[Bridge]) -> list[SpecE
         if rule.megatron_name not in matched
     ]
     return errors
+
+
+def norm_kind_errors(model: torch.nn.Module, normalization: str, where: Location) -> list[SpecError]:
+    """Each norm the example model holds is of the kind the spec's ``normalization`` names: a
+    LayerNorm built as an RMSNorm (or the other way) computes another model with the same weights."""
+    from bridgegen.megatron.modules import built_normalization
+
+    return [
+        SpecError(
+            where,
+            "example_config",
+            f"the example model's {name} is built as {built} ({type(module).__name__}), but the spec's "
+            f"normalization is {normalization}",
+        )
+        for name, module in model.named_modules()
+        if (built := built_normalization(module)) is not None and built != normalization
+    ]
 
 
 def example_models_errors(

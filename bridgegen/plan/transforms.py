@@ -127,7 +127,15 @@ def load_shard(
                 f"{hf_names[0]}: norm_offset into a {dest.dtype} parameter loses bits of the weight; "
                 "such a norm must be kept in float32 (or use layernorm_zero_centered_gamma)"
             )
-        dest.copy_(part.to(torch.float32) + norm_offset)
+        shifted = part.to(torch.float32) + norm_offset
+        lossy = int(torch.count_nonzero(shifted - norm_offset != part.to(torch.float32)))
+        if lossy:
+            # w + 1 rounds w to the spacing of numbers near 1: the export could not give w back.
+            raise WeightError(
+                f"{hf_names[0]}: norm_offset {norm_offset} loses bits of {lossy} of {part.numel()} entries "
+                "even in float32; spell the norm with layernorm_zero_centered_gamma instead"
+            )
+        dest.copy_(shifted)
     else:
         dest.copy_(part)
 

@@ -93,7 +93,10 @@ class WeightSpec(Strict):
         "rows (interleaved: gate = [0::2], up = [1::2] along Megatron's dim 0, i.e. after hf_layout)",
     )
     norm_offset: StrictFloat | StrictInt = Field(
-        default=0.0, description="Megatron value = HF value + norm_offset (for 1 + w norms)"
+        default=0.0,
+        description="Megatron value = HF value + norm_offset (for 1 + w norms); exact or refused: an import "
+        "whose weight loses bits in w + norm_offset (any bf16 / fp16 parameter, most float32 ones) is refused. "
+        "Prefer layernorm_zero_centered_gamma, which keeps w as HF stores it",
     )
     hf_copies: list[TensorTemplate] = Field(
         default_factory=list,
