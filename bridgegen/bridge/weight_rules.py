@@ -22,6 +22,7 @@ class WeightKind(str, Enum):
     gate_up = "gate_up"  # gate and up stacked; each half split on dim 0
     fused_qkv = "fused_qkv"  # one HF tensor holding [q; k; v] (Phi-3 qkv_proj)
     fused_gate_up = "fused_gate_up"  # one HF tensor holding [gate; up] (Phi-3 gate_up_proj)
+    constant = "constant"  # no HF tensor: filled with the rule's value on import, checked on export
 
 
 class HFLayout(str, Enum):
@@ -30,6 +31,7 @@ class HFLayout(str, Enum):
 
     same = "same"  # [out, in] like Megatron (torch.nn.Linear)
     transposed = "transposed"  # [in, out] (modules computing x @ W); stacked experts: [E, in, out]
+    unsqueezed = "unsqueezed"  # a leading dim of 1 Megatron lacks ([1, E] for Megatron's [E])
 
 
 class GateUp(str, Enum):
@@ -41,7 +43,7 @@ class GateUp(str, Enum):
 
 
 # How many HF tensors each kind combines.
-HF_ARITY: dict[WeightKind, int] = {WeightKind.qkv: 3, WeightKind.gate_up: 2}
+HF_ARITY: dict[WeightKind, int] = {WeightKind.qkv: 3, WeightKind.gate_up: 2, WeightKind.constant: 0}
 
 # Kinds whose HF tensors may be stored transposed (2-D matrices split whole along one dim).
 TRANSPOSABLE_KINDS = (
@@ -69,6 +71,11 @@ class WeightRule:
     hf_copies: tuple[str, ...] = ()
     hf_layout: HFLayout = HFLayout.same
     gate_up: GateUp = GateUp.stacked
+    value: float = 0.0  # kind constant: what the Megatron tensor holds
+    # The Megatron name template of the rule whose HF tensor this one repeats (one HF tensor
+    # feeding two Megatron tensors): imported from it, never exported; an export checks the copy
+    # equals the tensor written.
+    shares_hf_with: str | None = None
 
     def applies(self, config: MegatronConfig) -> bool:
         return self.when is None or self.when(config)

@@ -31,7 +31,7 @@ from bridgegen.megatron.build import build_model, ensure_model_parallel, transfo
 from bridgegen.plan.conversion import Conversion
 from bridgegen.plan.transforms import gather_tp_shards, shard_writes, split_full, tp_partition_dim
 from bridgegen.plan.values import parse_dtype
-from bridgegen.plan.weight_map import TensorPlan, model_tensors, plan_tensors
+from bridgegen.plan.weight_map import ExportChecks, TensorPlan, model_tensors, plan_tensors
 
 
 @dataclass(frozen=True)
@@ -216,6 +216,10 @@ def _local_tensors(bridge: Conversion, chunks: list[ModelChunk]) -> list[_LocalT
     weight_map = bridge.weight_map()
     expert_offset = _expert_offset(bridge)
     out = []
+    # Constant tensors and copies of another's HF tensor are checked here, not written: a copy
+    # and the tensor it repeats are split alike and held by the same ranks, so each rank compares
+    # its own shards.
+    checks = ExportChecks(weight_map)
     for chunk in chunks:
         tensors = dict(model_tensors(chunk.model))
         # A tied output layer is the embedding; HF has no tensor of its own.
@@ -229,9 +233,12 @@ def _local_tensors(bridge: Conversion, chunks: list[ModelChunk]) -> list[_LocalT
             expert_tp=(ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()),
         )
         for entry in plan:
+            if not checks.offer(entry.megatron_name, tensors[entry.megatron_name], entry.matched):
+                continue
             replica = ps.get_expert_data_parallel_rank() if entry.is_expert else ps.get_data_parallel_rank()
             if replica == 0:
                 out.append(_LocalTensor(tensors[entry.megatron_name], entry))
+    checks.finish()
     return out
 
 

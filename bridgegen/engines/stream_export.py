@@ -94,6 +94,13 @@ def owned_parameters(bridge: Conversion, model: torch.nn.Module, rank: int, worl
         if min(world_size - 1, done * world_size // total) == rank:
             owned.update(names)
         done += size
+    # A copy of another tensor's HF tensor goes with that tensor: the export compares them.
+    weight_map = bridge.weight_map()
+    for names, _ in units:
+        for name in names:
+            source = weight_map.shared_source(name)
+            if source is not None:
+                (owned.add if source in owned else owned.discard)(name)
     return owned
 
 def _export_on_ranks(

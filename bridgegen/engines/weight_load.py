@@ -254,6 +254,7 @@ def _fill(entry: TensorPlan, target: torch.Tensor, held: dict[str, torch.Tensor]
                 read,
                 rule.norm_offset,
                 rule.gate_up,
+                value=rule.value,
             )
     except WeightError as exc:
         raise WeightError(f"weight load: {exc} (loading Megatron {entry.megatron_name!r})") from None

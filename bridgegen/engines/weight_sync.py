@@ -39,7 +39,7 @@ from bridgegen.plan.conversion import Conversion
 from bridgegen.plan.inference_tp import HFSlice, matched_slice
 from bridgegen.plan.sync import SyncTensor, SyncUnit, buckets, packed_offsets, renumber_expert
 from bridgegen.plan.transforms import gather_tp_shards, tp_partition_dim
-from bridgegen.plan.weight_map import MatchedTensor, WeightMap, model_tensors
+from bridgegen.plan.weight_map import ExportChecks, MatchedTensor, WeightMap, model_tensors
 
 Manifest = list[tuple[str, torch.Size, torch.dtype]]
 
@@ -180,6 +180,7 @@ class WeightExport:
         self._weight_map = conversion.weight_map()
         self._groups = _Groups.current()
         models = [unwrap(chunk) for chunk in chunks]
+        self._models = models
         self._device = next((t.device for m in models for _, t in model_tensors(m)), torch.device("cpu"))
         # This stage's units and, for each, this rank's tensors of it.
         mine: list[SyncUnit] = []
@@ -236,6 +237,8 @@ class WeightExport:
                 matched = self._weight_map.match(name, layer_offset)
             except WeightError as exc:
                 raise WeightError(f"weight sync, model chunk {index}: {exc}") from None
+            if not matched.exported:
+                continue  # checked on each sync (_check_unexported), never moved
             expert = matched.expert is not None
             dim = self._split_dim(name, tensor, matched.rule.kind, g.etp_size if expert else g.tp_size)
             shape = list(tensor.shape)
@@ -418,11 +421,38 @@ class WeightExport:
                 raise WeightError(
                     f"weight sync: destinations {wrong} are not ranks of this job (world size {world})"
                 )
+        self._check_unexported()
         receives = destinations is None or dist.get_rank() in destinations
         # A pipeline group with no destination in it need not move tensors between its stages.
         pipeline = destinations is None or any(rank in destinations for rank in self._groups.pp_ranks)
         slices = None if inference_tp is None else self._slices(inference_tp)
         return self._sync(receives, pipeline, cpu, slices)
+
+    def _check_unexported(self) -> None:
+        """The tensors HF holds no tensor of their own for (a constant one; a copy of another
+        one's HF tensor), checked on every rank against what each rank holds: a copy and the
+        tensor it repeats are split alike, so local shards decide. Where the spec has such
+        tensors, every rank learns whether any failed (one all_reduce) before raising."""
+        rules = self._weight_map.rules
+        if not any(rule.kind is WeightKind.constant or rule.shares_hf_with for rule in rules):
+            return
+        failure: WeightError | None = None
+        try:
+            checks = ExportChecks(self._weight_map)
+            for index, model in enumerate(self._models):
+                offset = chunk_layer_offset(model, index, len(self._models), "weight sync")
+                for name, tensor in model_tensors(model):
+                    if not self._weight_map.is_tied_output(name):
+                        checks.offer(name, tensor, self._weight_map.match(name, offset))
+            checks.finish()
+        except WeightError as exc:
+            failure = exc
+        flag = torch.tensor([0 if failure is None else 1], device=self._device)
+        dist.all_reduce(flag)
+        if failure is not None:
+            raise WeightError(f"weight sync: {failure}")
+        if int(flag.item()):
+            raise WeightError("weight sync: another rank found a tensor that differs from what the spec fixes")
 
     def _sync(
         self, receives: bool, pipeline: bool, cpu: bool, slices: list[HFSlice | None] | None = None

@@ -15,7 +15,14 @@ from bridgegen.formats.mxfp4 import parts
 from bridgegen.formats.safetensors import Checkpoint
 from bridgegen.plan.transforms import load_shard, split_full, verbatim_rows
 from bridgegen.plan.values import checked_cast, warn_if_not_finite
-from bridgegen.plan.weight_map import TensorPlan, WeightMap, model_tensors, plan_tensor, plan_tensors
+from bridgegen.plan.weight_map import (
+    ExportChecks,
+    TensorPlan,
+    WeightMap,
+    model_tensors,
+    plan_tensor,
+    plan_tensors,
+)
 
 
 @dataclass
@@ -106,6 +113,7 @@ def check_sources(
                 lambda tensor: tensor,
                 entry.matched.rule.norm_offset,
                 entry.matched.rule.gate_up,
+                value=entry.matched.rule.value,
             )
         except WeightError as exc:
             raise WeightError(f"{checkpoint.folder}: {exc} ({_loading(entry)})") from None
@@ -152,6 +160,7 @@ def fill_parameter(
                 read,
                 entry.matched.rule.norm_offset,
                 entry.matched.rule.gate_up,
+                value=entry.matched.rule.value,
             )
     except WeightError as exc:
         raise WeightError(f"{checkpoint.folder}: {exc} ({_loading(entry)})") from None
@@ -238,14 +247,21 @@ def iter_hf_from_full(
     layer_offset: int = 0,
     expert_offset: int = 0,
     dtype: torch.dtype | None = None,
+    checks: ExportChecks | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(hf_name, tensor) for whole Megatron tensors (already gathered over TP). A stacked HF
-    expert tensor is yielded once all its experts have come by."""
+    expert tensor is yielded once all its experts have come by. Constant tensors and copies of
+    another tensor's HF tensor are checked, not yielded, by ``checks``: one of its own unless an
+    export spread over several calls passes one (and finishes it)."""
     experts = int(weight_map.config.values.get("num_moe_experts") or 0)
     stacks: dict[str, list[torch.Tensor | None]] = {}
+    own_checks = checks is None
+    checks = ExportChecks(weight_map) if checks is None else checks
     for name, full in named_full_tensors:
         entry = plan_tensor(weight_map, name, full, layer_offset=layer_offset, expert_offset=expert_offset)
         matched = entry.matched
+        if not checks.offer(name, full, matched):
+            continue
         pieces = split_full(
             entry.kind, full.detach(), entry.layout, matched.rule.norm_offset, matched.rule.gate_up
         )
@@ -265,3 +281,5 @@ def iter_hf_from_full(
     if stacks:
         missing = ", ".join(sorted(stacks))
         raise WeightError(f"stacked expert tensor(s) {missing}: not every expert is held by this process")
+    if own_checks:
+        checks.finish()

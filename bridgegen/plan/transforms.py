@@ -56,9 +56,14 @@ def load_shard(
     read: Read,
     norm_offset: float = 0.0,
     gate_up: GateUp = GateUp.stacked,
+    *,
+    value: float = 0.0,
 ) -> None:
     """Fill ``dest`` (this rank's Megatron shard) from the HF ``sources`` (views, in Megatron's
-    orientation)."""
+    orientation); a constant tensor with ``value``."""
+    if kind is WeightKind.constant:
+        dest.fill_(value)
+        return
     if kind is WeightKind.fused_qkv:
         q_rows = layout.num_attention_heads * layout.head_dim
         kv_rows = layout.num_query_groups * layout.head_dim
@@ -154,7 +159,7 @@ def verbatim_rows(
     shard can be written straight from its sources' bytes. None when the transform computes or
     rearranges (QKV, interleaved gate/up, a norm offset, padding, a row tensor's column slice).
     Shapes are ``load_shard``'s to check."""
-    if norm_offset:
+    if norm_offset or kind is WeightKind.constant:
         return None
     if kind is WeightKind.fused_gate_up and gate_up is GateUp.stacked:
         return verbatim_rows(WeightKind.gate_up, dest_shape, list(sources[0].chunk(2)), layout)
@@ -225,7 +230,9 @@ def split_full(
     gate_up: GateUp = GateUp.stacked,
 ) -> list[torch.Tensor]:
     """The HF tensors held by a whole (TP-gathered) Megatron tensor, as views where possible (in
-    Megatron's orientation)."""
+    Megatron's orientation); none for a constant tensor (see ``constant_mismatches``)."""
+    if kind is WeightKind.constant:
+        return []
     if kind in (WeightKind.replicated, WeightKind.column, WeightKind.row):
         return [full.to(torch.float32) - norm_offset if norm_offset else full]
     if kind is WeightKind.vocab:
@@ -248,7 +255,7 @@ def split_full(
 
 def tp_partition_dim(kind: WeightKind) -> int | None:
     """The dim a Megatron tensor of this kind is split on over TP (None: replicated)."""
-    if kind is WeightKind.replicated:
+    if kind in (WeightKind.replicated, WeightKind.constant):
         return None
     if kind is WeightKind.row:
         return 1
@@ -329,6 +336,13 @@ def shard_writes(
         half = rows.stop - rows.start
         return [(0, gate[rows], local[:half]), (1, up[rows], local[half:])]
     raise AssertionError(kind)  # pragma: no cover - the enum is closed
+
+
+def constant_mismatches(tensor: torch.Tensor, value: float) -> int:
+    """How many entries of a constant Megatron tensor differ from its ``value`` (0 on meta)."""
+    if tensor.is_meta:
+        return 0
+    return int(torch.count_nonzero(tensor.detach() != value))
 
 
 def store_shard(

@@ -64,21 +64,39 @@ class MatchedTensor:
 
     def select(self, hf_tensor: torch.Tensor) -> torch.Tensor:
         """This tensor's part of an HF tensor, in Megatron's orientation (a view): its expert of a
-        stacked ``[E, ...]`` tensor, transposed where the spec declares HF stores ``[in, out]``."""
+        stacked ``[E, ...]`` tensor, transposed where the spec declares HF stores ``[in, out]``,
+        without the leading 1 of an ``unsqueezed`` one."""
         part = hf_tensor[self.expert] if self.rule.hf_stacked_experts else hf_tensor
-        return self.as_stored(part)
+        if self.rule.hf_layout is HFLayout.unsqueezed:
+            if part.dim() == 0 or part.shape[0] != 1:
+                names = ", ".join(repr(name) for name in self.hf_names())
+                raise WeightError(
+                    f"HF {names}: hf_layout unsqueezed needs a leading dim of 1, got shape {list(part.shape)}"
+                )
+            return part[0]
+        return self.as_stored(part) if self.rule.hf_layout is HFLayout.transposed else part
 
     def as_stored(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A view of ``tensor`` in the other orientation where the spec declares
-        ``hf_layout: transposed`` (the transposition is its own inverse), else ``tensor``."""
+        """A Megatron-oriented tensor as the HF tensor stores it (a view): transposed where the
+        spec declares ``hf_layout: transposed`` (its own inverse), with a leading dim of 1 where
+        it declares ``unsqueezed``, else ``tensor``."""
         if self.rule.hf_layout is HFLayout.same:
             return tensor
+        if self.rule.hf_layout is HFLayout.unsqueezed:
+            return tensor.unsqueeze(0)
         if tensor.dim() != 2:
             names = ", ".join(repr(name) for name in self.hf_names())
             raise WeightError(
                 f"HF {names}: hf_layout transposed needs a 2-D tensor (per expert), got shape {list(tensor.shape)}"
             )
         return tensor.t()
+
+    @property
+    def exported(self) -> bool:
+        """Whether an export writes this tensor's HF tensors: not a constant tensor (HF has none),
+        nor a copy of an HF tensor another Megatron tensor writes (``shares_hf_with``); an export
+        checks those instead (``ExportChecks``)."""
+        return self.rule.kind is not WeightKind.constant and self.rule.shares_hf_with is None
 
 
 class WeightMap:
@@ -122,6 +140,17 @@ class WeightMap:
             self._patterns.append((_template_regex(rule.megatron_name), rule))
             if rule.te_megatron_name:
                 self._patterns.append((_template_regex(rule.te_megatron_name), rule))
+        by_name = {rule.megatron_name: rule for rule in self.rules}
+        # (pattern of a sharing rule's name, the template of the same style of the rule it shares with)
+        self._sharing: list[tuple[re.Pattern[str], str]] = []
+        for rule in self.rules:
+            shared = by_name.get(rule.shares_hf_with or "")
+            if shared is None:
+                continue
+            self._sharing.append((_template_regex(rule.megatron_name), shared.megatron_name))
+            if rule.te_megatron_name:
+                template = shared.te_megatron_name or shared.megatron_name
+                self._sharing.append((_template_regex(rule.te_megatron_name), template))
         self._ignore = [_template_regex(t) for t in hf_ignore]
         # Copies are written on export, never read: the tensor they repeat is.
         self._ignore += [_template_regex(name) for rule in rules for name in rule.hf_copies]
@@ -185,6 +214,19 @@ class WeightMap:
             f"Megatron tensor {megatron_name!r} has no rule in the {self.config.family} spec "
             "(add it to the spec's weights, or this architecture variant is not supported yet)"
         )
+
+    def shared_source(self, megatron_name: str) -> str | None:
+        """For a Megatron tensor repeating another one's HF tensor (``shares_hf_with``), that
+        other tensor's name in the same model chunk (same layer and expert numbers, same naming
+        style); None for any other tensor."""
+        for pattern, template in self._sharing:
+            found = pattern.match(megatron_name)
+            if found:
+                name = template
+                for key, number in found.groupdict().items():
+                    name = name.replace("{" + key + "}", number)
+                return name
+        return None
 
     def carried(self, hf_name: str) -> bool:
         """An HF tensor outside the language model, passed through unconverted."""
@@ -293,3 +335,78 @@ def plan_tensors(
         )
         for name, tensor in tensors
     ]
+
+
+_Key = tuple[str, int | None, int | None]
+
+
+class ExportChecks:
+    """The Megatron tensors an export checks instead of writing (``MatchedTensor.exported``):
+    a constant tensor must hold its value, and a copy of another tensor's HF tensor must equal
+    that tensor, which may come before or after it (both are kept until the pair is complete;
+    they are small, norms and biases). One per export; ``finish`` at its end."""
+
+    def __init__(self, weight_map: WeightMap) -> None:
+        self.weight_map = weight_map
+        self._sources = {
+            rule.shares_hf_with for rule in weight_map.rules if rule.shares_hf_with is not None
+        }
+        # (a shared rule's name, layer, expert): that tensor's name and value, or its copies'
+        self._held: dict[_Key, tuple[str, torch.Tensor]] = {}
+        self._waiting: dict[_Key, list[tuple[str, torch.Tensor]]] = {}
+
+    def offer(self, megatron_name: str, tensor: torch.Tensor, matched: MatchedTensor) -> bool:
+        """Check ``tensor`` where it is checked, not written (then False); True for a tensor the
+        export writes. Names are a model chunk's own; meta tensors are not compared."""
+        from bridgegen.plan.transforms import constant_mismatches
+
+        rule = matched.rule
+        if rule.kind is WeightKind.constant:
+            wrong = constant_mismatches(tensor, rule.value)
+            if wrong:
+                raise WeightError(
+                    f"Megatron {megatron_name!r}: {wrong} of {tensor.numel()} entries differ from {rule.value}, "
+                    "the value the spec fixes for it (HF has no tensor for it: an export would lose them)"
+                )
+            return False
+        if rule.shares_hf_with is not None:
+            key = (rule.shares_hf_with, matched.layer, matched.expert)
+            if key in self._held:
+                self._compare(megatron_name, tensor, *self._held[key])
+            else:
+                self._waiting.setdefault(key, []).append((megatron_name, _kept(tensor)))
+            return False
+        if rule.megatron_name in self._sources:
+            key = (rule.megatron_name, matched.layer, matched.expert)
+            self._held[key] = (megatron_name, _kept(tensor))
+            for copy, kept in self._waiting.pop(key, []):
+                self._compare(copy, kept, megatron_name, tensor)
+        return True
+
+    def finish(self) -> None:
+        """Every copy met the tensor it repeats."""
+        if self._waiting:
+            (source, _, _), copies = next(iter(self._waiting.items()))
+            raise WeightError(
+                f"Megatron {copies[0][0]!r} repeats the HF tensor of {source!r}, which this export does not hold"
+            )
+
+    @staticmethod
+    def _compare(copy: str, copy_tensor: torch.Tensor, source: str, source_tensor: torch.Tensor) -> None:
+        if copy_tensor.is_meta or source_tensor.is_meta:
+            return
+        if copy_tensor.shape != source_tensor.shape or not torch.equal(copy_tensor, source_tensor):
+            differing = (
+                int(torch.count_nonzero(copy_tensor != source_tensor))
+                if copy_tensor.shape == source_tensor.shape
+                else copy_tensor.numel()
+            )
+            raise WeightError(
+                f"Megatron {copy!r} and {source!r} come from one HF tensor, but {differing} of "
+                f"{copy_tensor.numel()} entries now differ: HF holds one tensor for both, so no export can "
+                "keep both (the model was trained with them apart)"
+            )
+
+
+def _kept(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.is_meta else tensor.detach().clone()

@@ -67,7 +67,9 @@ class WeightSpec(Strict):
     """One Megatron tensor and the HF tensor(s) it is made of."""
 
     hf: TensorTemplate | list[TensorTemplate] = Field(
-        description="HF tensor name template(s); order matters for fused kinds"
+        default_factory=list,
+        description="HF tensor name template(s); order matters for fused kinds. None for kind constant, and "
+        "for a rule with shares_hf_with (it takes that rule's)",
     )
     kind: WeightKind
     te_megatron: TensorTemplate | None = Field(
@@ -84,8 +86,9 @@ class WeightSpec(Strict):
     )
     hf_layout: HFLayout = Field(
         default=HFLayout.same,
-        description="how the HF tensor is stored: same ([out, in], as Megatron) or transposed ([in, out], "
-        "modules computing x @ W; stacked experts [E, in, out]); declared, since a square tensor fits either way",
+        description="how the HF tensor is stored: same ([out, in], as Megatron), transposed ([in, out], "
+        "modules computing x @ W; stacked experts [E, in, out]; declared, since a square tensor fits either way) "
+        "or unsqueezed (a leading dim of 1 that Megatron lacks: [1, E] for [E])",
     )
     gate_up: GateUp = Field(
         default=GateUp.stacked,
@@ -97,6 +100,17 @@ class WeightSpec(Strict):
         description="Megatron value = HF value + norm_offset (for 1 + w norms); exact or refused: an import "
         "whose weight loses bits in w + norm_offset (any bf16 / fp16 parameter, most float32 ones) is refused. "
         "Prefer layernorm_zero_centered_gamma, which keeps w as HF stores it",
+    )
+    value: StrictFloat | StrictInt | None = Field(
+        default=None,
+        description="kind constant only: what the Megatron tensor holds (e.g. 0.0 for the bias of a bias-free "
+        "HF norm); filled on import, and an export refuses a tensor holding anything else",
+    )
+    shares_hf_with: TensorTemplate | None = Field(
+        default=None,
+        description="the Megatron name template of another rule whose HF tensor this Megatron tensor repeats "
+        "(one HF tensor feeding two Megatron tensors, e.g. one norm before two parallel branches); same kind "
+        "and placeholders. Import fills both; export writes the HF tensor once and refuses copies that differ",
     )
     hf_copies: list[TensorTemplate] = Field(
         default_factory=list,
@@ -146,8 +160,25 @@ class NeutralValue(Strict):
     why: StrictStr = Field(min_length=1, description="what another value would change that is not mapped")
 
 
+class RemovedEntries(Strict):
+    """Entries of list sections that a spec drops from what it extends (maps drop with null)."""
+
+    hf_checks: list[Expression] = Field(
+        default_factory=list, description="inherited hf_checks entries to drop, each named by its expect text"
+    )
+    hf_behaviour_free: list[Name] = Field(
+        default_factory=list, description="inherited hf_behaviour_free fields to drop"
+    )
+    extra_fields: list[Name] = Field(default_factory=list, description="inherited extra_fields to drop")
+
+
 class ConfigSection(Strict):
     """HF <-> Megatron config fields. HF names may be dotted paths into nested configs."""
+
+    remove: RemovedEntries = Field(
+        default_factory=RemovedEntries,
+        description="entries of the list sections below that this spec drops from the specs it extends",
+    )
 
     renames: dict[Name, Name | None] = Field(
         default_factory=dict, description="hf_name: megatron_name (null removes an inherited rename)"

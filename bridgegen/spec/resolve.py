@@ -44,7 +44,7 @@ from bridgegen.spec.errors import Location, SpecError, SpecErrors
 from bridgegen.spec.expr import ExpressionError, check_names, emit_python, parse_expression, variable_name
 from bridgegen.spec.loader import FieldPath, LoadedSpec
 from bridgegen.spec.megatron_fields import config_fields
-from bridgegen.spec.models import ConfigSection, SpecFile
+from bridgegen.spec.models import ConfigSection, SpecFile, WeightSpec
 
 # Anything between braces is a placeholder, so that a misspelt one ({Layer}, {0}) is an error
 # rather than literal text in a tensor name that no checkpoint ever has.
@@ -87,6 +87,8 @@ class ResolvedWeight:
     location: Location | None = None  # where the spec writes this weight
     hf_layout: HFLayout = HFLayout.same
     gate_up: GateUp = GateUp.stacked
+    value: float = 0.0
+    shares_hf_with: str | None = None
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,8 @@ def _double_mappings(weights: list[ResolvedWeight]) -> list[tuple[ResolvedWeight
     first: dict[str, dict[str | None, str]] = {}
     found: list[tuple[ResolvedWeight, str, str, bool]] = []
     for weight in weights:
+        if weight.shares_hf_with is not None:
+            continue  # a declared second reader of its rule's HF tensor
         for hf_name in (*weight.hf_names, *weight.hf_copies):
             earlier = first.setdefault(hf_name, {})
             condition = weight.when_python
@@ -203,6 +207,57 @@ def _double_mappings(weights: list[ResolvedWeight]) -> list[tuple[ResolvedWeight
                 found.append((weight, hf_name, earlier[condition], True))
             earlier.setdefault(condition, weight.megatron_name)
     return found
+
+
+def _remove_inherited(merged: _Merged, cfg: ConfigSection, loaded: LoadedSpec) -> list[SpecError]:
+    """Drop the list entries ``config.remove`` names from what the specs extended hold."""
+    errors: list[SpecError] = []
+    for index, expect in enumerate(cfg.remove.hf_checks):
+        kept = [check for check in merged.hf_checks if check[0] != expect]
+        if len(kept) == len(merged.hf_checks):
+            errors.append(
+                loaded.error(
+                    ("config", "remove", "hf_checks", index),
+                    f"no hf_checks entry of the specs this one extends expects {expect!r}",
+                )
+            )
+        merged.hf_checks = kept
+    for section in ("hf_behaviour_free", "extra_fields"):
+        entries: dict[str, _Origin] = getattr(merged, section)
+        for index, name in enumerate(getattr(cfg.remove, section)):
+            if entries.pop(name, None) is None:
+                errors.append(
+                    loaded.error(
+                        ("config", "remove", section, index),
+                        f"no {section} entry {name!r} in the specs this one extends",
+                    )
+                )
+    return errors
+
+
+def _sharing_problem(megatron_name: str, weight: WeightSpec, shared: WeightSpec | None) -> str | None:
+    """What is wrong with ``weight`` repeating the HF tensor of the rule ``shares_hf_with`` names."""
+    if shared is None:
+        return f"no weight rule {weight.shares_hf_with!r} to share the HF tensor of"
+    if weight.shares_hf_with == megatron_name:
+        return "a rule cannot share its own HF tensor"
+    if weight.hf:
+        return f"takes its HF tensor from {weight.shares_hf_with!r}; leave hf out"
+    if shared.shares_hf_with is not None:
+        return f"{weight.shares_hf_with!r} shares an HF tensor itself; name the rule that maps it"
+    if shared.kind is not weight.kind or weight.kind is WeightKind.constant:
+        return f"kind {weight.kind.value!r} differs from {shared.kind.value!r} of {weight.shares_hf_with!r}"
+    if placeholders_of(megatron_name) != placeholders_of(str(weight.shares_hf_with)):
+        return f"{megatron_name!r} and {weight.shares_hf_with!r} must use the same placeholders"
+    if (shared.hf_layout, shared.hf_stacked_experts, shared.gate_up) != (
+        weight.hf_layout,
+        weight.hf_stacked_experts,
+        weight.gate_up,
+    ):
+        return f"hf_layout, hf_stacked_experts and gate_up must be those of {weight.shares_hf_with!r}"
+    if weight.hf_copies or weight.norm_offset != shared.norm_offset:
+        return f"norm_offset must be that of {weight.shares_hf_with!r}, and hf_copies are the other rule's"
+    return None
 
 
 def class_name_for(family: str) -> str:
@@ -436,6 +491,7 @@ def _merge_chain(chain: list[tuple[LoadedSpec, SpecFile]]) -> tuple[_Merged, lis
         for index, name in enumerate(spec.hf_ignore):
             merged.hf_ignore[name] = _Origin(loaded, ("hf_ignore", index))
         _merge_section(merged.hf_aliases, dict(cfg.hf_aliases), loaded, ("config", "hf_aliases"), errors)
+        errors += _remove_inherited(merged, cfg, loaded)
         for index, name in enumerate(cfg.extra_fields):
             merged.extra_fields[name] = _Origin(loaded, ("config", "extra_fields", index))
         _merge_section(
@@ -744,6 +800,16 @@ def _resolve_one(
     weights: list[ResolvedWeight] = []
     for megatron_name, (weight, origin) in sorted(merged.weights.items()):
         hf_names = (weight.hf,) if isinstance(weight.hf, str) else tuple(weight.hf)
+        if weight.shares_hf_with is not None:
+            shared = merged.weights.get(weight.shares_hf_with)
+            problem = _sharing_problem(megatron_name, weight, shared[0] if shared else None)
+            if problem is not None:
+                errors.append(origin.error(problem, ("shares_hf_with",)))
+                continue
+            assert shared is not None
+            hf_names = (shared[0].hf,) if isinstance(shared[0].hf, str) else tuple(shared[0].hf)
+        if weight.value is not None and weight.kind is not WeightKind.constant:
+            errors.append(origin.error(f"value applies to kind 'constant' only, not {weight.kind.value!r}", ("value",)))
         expected = HF_ARITY.get(weight.kind, 1)
         if len(hf_names) != expected:
             errors.append(
@@ -775,6 +841,8 @@ def _resolve_one(
                     f"gate_up applies to kind 'fused_gate_up' only, not {weight.kind.value!r}", ("gate_up",)
                 )
             )
+        if weight.hf_layout is not HFLayout.same and weight.kind is WeightKind.constant:
+            errors.append(origin.error("hf_layout: a constant tensor has no HF tensor", ("hf_layout",)))
         if weight.hf_layout is HFLayout.transposed and weight.kind not in TRANSPOSABLE_KINDS:
             errors.append(
                 origin.error(
@@ -834,6 +902,8 @@ def _resolve_one(
                 location=origin.loaded.location_of(origin.path),
                 hf_layout=weight.hf_layout,
                 gate_up=weight.gate_up,
+                value=float(weight.value or 0.0),
+                shares_hf_with=weight.shares_hf_with,
             )
         )
     for weight, hf_name, other, same_condition in _double_mappings(weights):
