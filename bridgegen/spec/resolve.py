@@ -842,7 +842,7 @@ def _resolve_one(
                 )
             )
         if weight.hf_layout is not HFLayout.same and weight.kind is WeightKind.constant:
-            errors.append(origin.error("hf_layout: a constant tensor has no HF tensor", ("hf_layout",)))
+            errors.append(origin.error("a constant tensor has no HF tensor to lay out", ("hf_layout",)))
         if weight.hf_layout is HFLayout.transposed and weight.kind not in TRANSPOSABLE_KINDS:
             errors.append(
                 origin.error(
