@@ -305,8 +305,8 @@ class DeepseekV2Bridge(Bridge):
             "noaux_tc ranks a group by the sum of its best two experts; megatron-core sums its top (top_k // topk_group), which differs here",
         )
         hf.check(
-            hf_scoring_func != "sigmoid" or hf_norm_topk_prob,
-            "sigmoid routing without norm_topk_prob: megatron-core always renormalises sigmoid top-k weights",
+            hf_scoring_func != "sigmoid" or hf_norm_topk_prob == (hf_num_experts_per_tok > 1),
+            "sigmoid routing: megatron-core renormalises the top-k weights exactly when num_experts_per_tok > 1, HF exactly when norm_topk_prob, which differ here",
         )
         hf.check(not hf_attention_bias, "attention_bias is true; MLA projections with bias are not supported")
         return {
@@ -404,7 +404,9 @@ class DeepseekV2Bridge(Bridge):
             "n_shared_experts": None
             if m_moe_shared_expert_intermediate_size is None
             else m_moe_shared_expert_intermediate_size // m_moe_ffn_hidden_size,
-            "norm_topk_prob": m_moe_router_score_function == "sigmoid" or not m_moe_router_pre_softmax,
+            "norm_topk_prob": m_moe_router_topk > 1
+            if m_moe_router_score_function == "sigmoid"
+            else not m_moe_router_pre_softmax,
             "num_attention_heads": m_num_attention_heads,
             "num_experts_per_tok": m_moe_router_topk,
             "num_hidden_layers": m_num_layers,

@@ -771,15 +771,22 @@ def test_transformers5_llama_config_converts_like_classic(tmp_path: Path) -> Non
     _, new = convert(saved)
     _, old = convert(classic)
     assert new.values == old.values
-    assert new.rope == old.rope
+    assert new.rope == dataclasses.replace(old.rope, flat_keys=False)
     assert new.activation == old.activation == "silu"
     assert new.model_values() == old.model_values()
     assert new.model_values()["rotary_base"] == 500000.0
     assert new.model_values()["rope_scaling_factor"] == 8.0
 
+    # Each export writes RoPE in its source's form: transformers 5's rope_parameters, or the
+    # flat keys of a classic config; transformers reads both alike.
     exported = LlamaBridge.to_hf_config(new)
-    assert exported["rope_theta"] == 500000.0
+    assert exported["rope_parameters"] == LLAMA_3_1_ROPE_PARAMETERS
+    assert not {"rope_theta", "rope_scaling"} & set(exported)
+    classic_export = LlamaBridge.to_hf_config(old)
+    assert classic_export["rope_theta"] == 500000.0 and "rope_parameters" not in classic_export
+    assert classic_export["rope_scaling"] == classic["rope_scaling"]
     assert auto_config(exported).rope_parameters == LLAMA_3_1_ROPE_PARAMETERS
+    assert auto_config(classic_export).rope_parameters == LLAMA_3_1_ROPE_PARAMETERS
 
 
 @pytest.mark.parametrize(

@@ -534,3 +534,25 @@ def test_args_hold_what_megatron_bridges_megatron_lm_reader_reads(key_names: str
     assert [name for name in MEGATRON_BRIDGE_READS if name not in args] == []
     assert isinstance(args["cp_comm_type"], list | str) and args["tokenizer_model"]
     assert args["no_persist_layer_norm"] is (key_names == "local")
+
+
+def test_no_rope_layers_are_given_to_megatron_lm() -> None:
+    """Layers without RoPE (SmolLM3, EXAONE 4's global layers) are megatron-core's
+    ``no_rope_freq``; Megatron-LM takes them as ``--no-rope-freq`` with a list expression
+    (``no_rope_freq_type``, arguments.py:304-325 at d98e8a64), saved as the list it evaluates to."""
+    import dataclasses
+
+    from bridgegen.generated import LlamaBridge
+
+    from bridgegen.engines.model import ModelBridge
+
+    bridge = ModelBridge.from_hf_config(LlamaBridge.example_hf_config())
+    values = dict(bridge.config.values, no_rope_freq=[0, 1])
+    bridge = dataclasses.replace(bridge, config=dataclasses.replace(bridge.config, values=values))
+    args = bridge.megatron_lm_arguments(torch.float32)
+    (flag,) = [flag for flag in args.flags if flag.startswith("--no-rope-freq ")]
+    # The list expression Megatron-LM evaluates with the allowlist it uses for --moe-layer-freq.
+    assert megatron_lm_moe_freq(flag.split(" ", 1)[1].strip("\"'")) == [0, 1]
+    assert args.namespace().no_rope_freq == [0, 1]
+    plain = ModelBridge.from_hf_config(LlamaBridge.example_hf_config()).megatron_lm_arguments(torch.float32)
+    assert plain.namespace().no_rope_freq is None and not any("--no-rope-freq" in f for f in plain.flags)

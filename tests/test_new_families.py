@@ -224,6 +224,13 @@ REFUSED = [
         {"layer_types": ["full_attention", "sliding_attention", "full_attention", "full_attention"]},
         "layer_types has sliding-attention layers, which are not supported ",
     ),
+    # megatron-core leaves a single sigmoid weight as it is (moe_utils.py: renormalised only
+    # when topk > 1); HF DeepSeek-V3 divides it by itself under norm_topk_prob.
+    (
+        "deepseek_v3",
+        {"num_experts_per_tok": 1, "n_group": 1, "norm_topk_prob": True},
+        "sigmoid routing: megatron-core renormalises the top-k weights exactly when num_experts_per_tok > 1",
+    ),
 ]
 
 

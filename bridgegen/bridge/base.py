@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -19,7 +20,7 @@ from bridgegen.bridge.config import (
 from bridgegen.bridge.config_checks import check_with_transformers
 from bridgegen.bridge.errors import ConfigError, UnsupportedModelError
 from bridgegen.bridge.module_parameters import ModuleParameters
-from bridgegen.bridge.rope import rope_from_hf
+from bridgegen.bridge.rope import fold_rope_parameters, rope_from_hf, uses_flat_rope_keys
 from bridgegen.bridge.weight_rules import WeightRule
 
 
@@ -118,6 +119,9 @@ class Bridge:
                 f"{cls.family} bridge; known: {', '.join(sorted(cls.activations))}"
             )
         rope = rope_from_hf(fields, cls.rope_types, cls.family, source, cls.megatron_model)
+        raw = hf_config if root is None else hf_config.get(root)
+        if isinstance(raw, Mapping) and uses_flat_rope_keys(raw):
+            rope = dataclasses.replace(rope, flat_keys=True)
         passthrough = copy.deepcopy(data)
         for name in HF_VOLATILE_FIELDS:
             drop_path(passthrough, name)
@@ -161,6 +165,8 @@ class Bridge:
             )
         set_path(fields, cls.activation_field, hf_activation)
         fields.update(config.rope.to_hf())
+        if not config.rope.flat_keys:
+            fold_rope_parameters(fields)
         check_with_transformers(out, f"the {cls.family} config written on export")
         return dict(sorted(out.items()))
 

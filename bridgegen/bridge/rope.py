@@ -112,6 +112,9 @@ class RopeScaling:
     rope_type: str = "default"
     source: Mapping[str, Any] = field(default_factory=dict)
     explicit_null: bool = False  # the source config said `rope_scaling: null`; export says it too
+    # The source config wrote RoPE as flat keys (rope_theta, rope_scaling, ...), as transformers
+    # 4 did; an export writes them so too. Otherwise transformers 5's rope_parameters.
+    flat_keys: bool = False
 
     def param(self, name: str, default: Any = None) -> Any:
         return self.source.get(name, default)
@@ -178,13 +181,52 @@ class RopeScaling:
         return {} if self.rope_type == "default" and not self.source else {"rope_scaling": dict(self.source)}
 
     def to_json(self) -> dict[str, Any]:
-        return {"rope_type": self.rope_type, "source": dict(self.source), "explicit_null": self.explicit_null}
+        return {
+            "rope_type": self.rope_type,
+            "source": dict(self.source),
+            "explicit_null": self.explicit_null,
+            "flat_keys": self.flat_keys,
+        }
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> RopeScaling:
         return RopeScaling(
-            str(data["rope_type"]), dict(data["source"]), bool(data.get("explicit_null", False))
+            str(data["rope_type"]),
+            dict(data["source"]),
+            bool(data.get("explicit_null", False)),
+            bool(data.get("flat_keys", False)),
         )
+
+
+# The flat RoPE keys of transformers 4 configs, which transformers 5 keeps in rope_parameters.
+FLAT_ROPE_KEYS = ("rope_theta", "rope_scaling", "partial_rotary_factor", "rope_local_base_freq")
+
+
+def uses_flat_rope_keys(hf_fields: Mapping[str, Any]) -> bool:
+    """Whether a config (its language model's fields, as read) writes RoPE as flat keys."""
+    return "rope_parameters" not in hf_fields and any(key in hf_fields for key in FLAT_ROPE_KEYS)
+
+
+def fold_rope_parameters(fields: dict[str, Any]) -> None:
+    """Move flat RoPE keys of an HF config's fields into transformers 5's ``rope_parameters``
+    (in place): the scaling's type and parameters, ``rope_theta`` and ``partial_rotary_factor``;
+    a local base for sliding-window layers (Gemma 3) makes it per layer type."""
+    if not any(key in fields for key in FLAT_ROPE_KEYS):
+        return
+    scaling = fields.pop("rope_scaling", None) or {}
+    params: dict[str, Any] = {k: v for k, v in scaling.items() if k != "type"}
+    params["rope_type"] = scaling.get("rope_type", scaling.get("type", "default"))
+    for key in ("rope_theta", "partial_rotary_factor"):
+        if key in fields:
+            params[key] = fields.pop(key)
+    local = fields.pop("rope_local_base_freq", None)
+    if local is None:
+        fields["rope_parameters"] = dict(sorted(params.items()))
+    else:
+        fields["rope_parameters"] = {
+            "full_attention": dict(sorted(params.items())),
+            "sliding_attention": {"rope_theta": local, "rope_type": "default"},
+        }
 
 
 def rope_from_hf(

@@ -289,6 +289,12 @@ def lm_arguments(
             args.layer_pattern("window_attn_skip_freq", skip, "--window-attn-skip-freq")
         else:
             args.value("window_attn_skip_freq", None)
+    no_rope = v.get("no_rope_freq")
+    if no_rope:
+        # no_rope_freq_type (arguments.py:304-325 at d98e8a64): an int or a list expression.
+        args.layer_pattern("no_rope_freq", no_rope, "--no-rope-freq")
+    else:
+        args.value("no_rope_freq", None)
     _moe(args, config)
     _latent_attention(args, config)
     args.value("mtp_num_layers", v.get("mtp_num_layers") or None, "--mtp-num-layers")
