@@ -164,7 +164,7 @@ def test_unknown_megatron_activation(megatron_transformer_config: Callable[..., 
     megatron = LlamaBridge.to_megatron_config(llama_3_1_8b())
     with raises_exactly(
         ConfigError,
-        "unknown Megatron activation 'tanh'; known: gelu, gelu_tanh, quick_gelu, relu, silu, squared_relu",
+        "unknown Megatron activation 'tanh'; known: gelu, gelu_tanh, module, quick_gelu, relu, silu, squared_relu",
     ):
         megatron_transformer_config(dataclasses.replace(megatron, activation="tanh"))
 

@@ -231,6 +231,36 @@ REFUSED = [
         {"num_experts_per_tok": 1, "n_group": 1, "norm_topk_prob": True},
         "sigmoid routing: megatron-core renormalises the top-k weights exactly when num_experts_per_tok > 1",
     ),
+    ("exaone4", {"sliding_window": None}, "sliding_window is null but layer_types has sliding_attention layers"),
+    ("dots1", {"norm_topk_prob": False}, "sigmoid routing: megatron-core renormalises the top-k weights"),
+    (
+        "dots1",
+        {"n_routed_experts": 8, "num_experts_per_tok": 3},
+        "HF Dots1 ranks an expert group by the sum of its best two experts",
+    ),
+    ("glm4_moe", {"norm_topk_prob": False}, "norm_topk_prob is false with num_experts_per_tok > 1"),
+    (
+        "glm4_moe",
+        {"n_routed_experts": 16, "num_experts_per_tok": 6, "n_group": 4, "topk_group": 2},
+        "n_group > 1: HF GLM-4.5 ranks an expert group by the sum of its best two experts",
+    ),
+    ("smollm3", {"no_rope_layers": [1, 0, 1]}, "no_rope_layers must hold 1 (RoPE) or 0 (NoPE) for each of"),
+    ("nemotron", {"attention_bias": True, "mlp_bias": False}, "attention_bias and mlp_bias differ"),
+    ("apertus", {"attention_bias": True}, "'attention_bias' is true; the apertus bridge supports only false"),
+    ("cohere", {"attention_bias": True}, "'attention_bias' is true; the cohere bridge supports only false"),
+    ("cohere2", {"sliding_window": None}, "sliding_window is null or absent"),
+    ("ernie4_5", {"attention_dropout": 0.1}, "attention_dropout is set; HF ERNIE 4.5 has no attention dropout"),
+    ("helium", {"mlp_bias": True}, "'mlp_bias' is true; the helium bridge supports only false"),
+    (
+        "seed_oss",
+        {"attention_bias": False, "attention_out_bias": True, "mlp_bias": True},
+        "attention_out_bias and mlp_bias are true but attention_bias is false",
+    ),
+    (
+        "olmo3",
+        {"layer_types": ["sliding_attention", "full_attention"]},
+        "layer_types must name sliding_attention or full_attention for each of the num_hidden_layers layers",
+    ),
 ]
 
 

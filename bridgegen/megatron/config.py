@@ -13,6 +13,13 @@ from bridgegen.bridge.config import MegatronConfig
 from bridgegen.bridge.errors import ConfigError
 
 
+def _activation_of_a_module(x: torch.Tensor) -> torch.Tensor:
+    """Stands for the activation a runtime module puts in each MLP; never left in place."""
+    raise ConfigError(
+        "the spec's activation is a runtime module's ('module'), but no module replaced it in this MLP"
+    )
+
+
 def activation_function(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The callable megatron-core applies for a Megatron activation name."""
     from megatron.core import activations
@@ -24,6 +31,7 @@ def activation_function(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         "relu": torch.nn.functional.relu,
         "squared_relu": activations.squared_relu,
         "quick_gelu": activations.quick_gelu,
+        "module": _activation_of_a_module,
     }
     if name not in table:
         raise ConfigError(f"unknown Megatron activation {name!r}; known: {', '.join(sorted(table))}")

@@ -9,12 +9,15 @@ imported only when this check runs.
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
+import sys
 import types
 from typing import TYPE_CHECKING
 
 from bridgegen.bridge.base import Bridge
 from bridgegen.spec.errors import Location, SpecError
+from bridgegen.spec.folder_modules import MODULES_FILE
 from bridgegen.spec.render import GENERATED_PACKAGE_DIR
 from bridgegen.spec.resolve import ResolvedSpec
 
@@ -31,10 +34,30 @@ def rendered_bridge(
     """The bridge class the spec renders to, from the rendered text (what `make generate`
     would write into ``generated_dir``), not from the folder on disk."""
     path = posixpath.normpath(f"{generated_dir}/{spec.family}.py")
-    module = types.ModuleType(spec.family)
+    package = _rendered_package(files, generated_dir)
+    module = types.ModuleType(f"{package}.{spec.family}")
+    module.__package__ = package
     exec(compile(files[path], path, "exec"), module.__dict__)
     bridge: type[Bridge] = getattr(module, spec.class_name)
     return bridge
+
+
+def _rendered_package(files: dict[str, str], generated_dir: str) -> str:
+    """A package standing for the bridges folder being rendered, holding its rendered
+    runtime_modules (what a bridge's ``from .runtime_modules import ...`` reads)."""
+    modules_path = posixpath.normpath(f"{generated_dir}/{MODULES_FILE}")
+    text = files.get(modules_path, "")
+    name = "_bridgegen_rendered_" + hashlib.sha256(text.encode()).hexdigest()[:12]
+    if name not in sys.modules:
+        package = types.ModuleType(name)
+        package.__path__ = []
+        sys.modules[name] = package
+        if text:
+            runtime = types.ModuleType(f"{name}.runtime_modules")
+            runtime.__package__ = name
+            sys.modules[runtime.__name__] = runtime
+            exec(compile(text, modules_path, "exec"), runtime.__dict__)
+    return name
 
 
 def build_example_model(spec: ResolvedSpec, bridge: type[Bridge]) -> tuple[Conversion, torch.nn.Module]:

@@ -46,6 +46,7 @@ class MegatronActivation(str, Enum):
     relu = "relu"
     squared_relu = "squared_relu"
     quick_gelu = "quick_gelu"
+    module = "module"  # a runtime module of the spec gives the MLP its activation (Apertus' xIELU)
 
 
 class RopeType(str, Enum):

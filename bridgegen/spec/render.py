@@ -127,13 +127,20 @@ def import_lines(spec: ResolvedSpec, module_prefix: str) -> str:
     }
     for module, name in module_imports(spec, module_prefix):
         names.setdefault(module, []).append(name)
-    absolute = sorted(m for m in names if not m.startswith("."))
+    # isort's sections as ruff finds them: bridgegen.generated (mapped from generated/, so not
+    # found beside the package) reads as third party, the rest of bridgegen as first party.
+    generated = sorted(m for m in names if m.startswith("bridgegen.generated."))
+    first_party = sorted(m for m in names if m.startswith("bridgegen.") and m not in generated)
     relative = sorted(m for m in names if m.startswith("."))
-    lines = ["from bridgegen.bridge import helpers  # noqa: F401"]
-    lines += [f"from {m} import {', '.join(names[m])}" for m in absolute]
-    if relative:
-        lines += ["", *(f"from {m} import {', '.join(names[m])}" for m in relative)]
-    return "\n".join(lines)
+    blocks = [
+        [f"from {m} import {', '.join(names[m])}" for m in generated],
+        [
+            "from bridgegen.bridge import helpers  # noqa: F401",
+            *(f"from {m} import {', '.join(names[m])}" for m in first_party),
+        ],
+        [f"from {m} import {', '.join(names[m])}" for m in relative],
+    ]
+    return "\n\n".join("\n".join(block) for block in blocks if block)
 
 
 def copied_modules(modules: FolderModules, regenerate: str) -> str:
