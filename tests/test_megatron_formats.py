@@ -96,6 +96,11 @@ def test_fixture_exports_bit_exact_from_its_tracker_root(case: str, tmp_path: Pa
         # Token ids the source config leaves out are taken from the tokenizer, which names them.
         skip |= {k for k in ("bos_token_id", "eos_token_id", "pad_token_id") if source.get(k) is None}
         assert (exported["bos_token_id"], exported["eos_token_id"]) == (1, 2)  # <s>, </s> of the tokenizer
+        # Neither tool keeps a generation config; the export writes the one transformers'
+        # save_pretrained writes for the exported config (so generate() stops at its eos).
+        generation = json.loads((out / "generation_config.json").read_text())
+        assert (generation["bos_token_id"], generation["eos_token_id"]) == (1, 2)
+        assert generation["_from_model_config"] is True
         assert {k: (source.get(k), exported.get(k)) for k in (set(source) | set(exported)) - skip if source.get(k) != exported.get(k)} == {}
 
 
@@ -556,3 +561,23 @@ def test_no_rope_layers_are_given_to_megatron_lm() -> None:
     assert args.namespace().no_rope_freq == [0, 1]
     plain = ModelBridge.from_hf_config(LlamaBridge.example_hf_config()).megatron_lm_arguments(torch.float32)
     assert plain.namespace().no_rope_freq is None and not any("--no-rope-freq" in f for f in plain.flags)
+
+
+def test_interleaved_rope_is_given_to_megatron_lm() -> None:
+    """Cohere rotates interleaved pairs (megatron-core's ``rotary_interleaved``); Megatron-LM's
+    TransformerConfig arguments make it ``--rotary-interleaved`` (arguments.py:2373,
+    argument_utils.py:189-191 at d98e8a64), and a checkpoint's value is forced on load
+    (checkpointing.py:2286): the saved args must hold it too."""
+    import dataclasses
+
+    from bridgegen.generated import LlamaBridge
+
+    from bridgegen.engines.model import ModelBridge
+
+    bridge = ModelBridge.from_hf_config(LlamaBridge.example_hf_config())
+    plain = bridge.megatron_lm_arguments(torch.float32)
+    assert plain.namespace().rotary_interleaved is False and "--rotary-interleaved" not in plain.flags
+    values = dict(bridge.config.values, rotary_interleaved=True)
+    bridge = dataclasses.replace(bridge, config=dataclasses.replace(bridge.config, values=values))
+    args = bridge.megatron_lm_arguments(torch.float32)
+    assert args.namespace().rotary_interleaved is True and "--rotary-interleaved" in args.flags

@@ -166,7 +166,7 @@ def export_on_rank(args: argparse.Namespace) -> None:
         args.megatron, iteration=args.iteration, family=args.family, hf_config=args.hf_config
     )
     chunks = build_chunks(bridge, _layout(args), saved_dtype)
-    load_megatron([c.model for c in chunks], args.megatron, iteration=args.iteration)
+    load_megatron([c.model for c in chunks], args.megatron, iteration=args.iteration, progress=_rank() == 0)
     export_hf(
         bridge,
         chunks,
@@ -210,7 +210,7 @@ def verify_on_rank(args: argparse.Namespace) -> bool:
         bridge = ModelBridge.from_hf_dir(args.hf)
     chunks = build_chunks(bridge, _layout(args), dtype, parallel_output=False)
     if args.megatron:
-        load_megatron([c.model for c in chunks], args.megatron, iteration=args.iteration)
+        load_megatron([c.model for c in chunks], args.megatron, iteration=args.iteration, progress=_rank() == 0)
     else:
         load_hf(bridge, chunks, args.hf, progress=_rank() == 0)
     vocab = bridge.config.vocab_size

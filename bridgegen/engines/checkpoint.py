@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from bridgegen.engines.checkpoint_read import checkpoint_values
+from bridgegen.engines.progress import progress_bar, share
 from bridgegen.formats import dist_checkpoint, megatron_lm
 from bridgegen.formats.folders import HF_SIDE_FILES, publish_folder, shared_temp_dir
 from bridgegen.formats.hf_folder import carried_tensors
@@ -31,6 +32,7 @@ from bridgegen.formats.safetensors import SINGLE_NAME
 from bridgegen.megatron.build import ensure_model_parallel
 from bridgegen.megatron.cpu_support import enable_cpu_execution
 from bridgegen.plan.conversion import Conversion
+from bridgegen.plan.weight_map import model_tensors
 
 
 def _rank() -> int:
@@ -123,18 +125,25 @@ def load_megatron(
     checkpoint_dir: str | os.PathLike[str],
     *,
     iteration: str | None = None,
+    progress: bool = False,
 ) -> None:
     """Fill the model (all ranks call this) from a dist checkpoint saved at any layout. Every
     key the model asks for must be there, and every model tensor of the checkpoint must be
     asked for (optimizer and RNG state are never read). Each rank reads the regions of its own
     tensors straight into them, through the streaming export's reader (every item checked
-    against its CRC32s)."""
+    against its CRC32s). With ``progress``, a bar counts this rank's tensors."""
     enable_cpu_execution()
     found = megatron_lm.find_checkpoint(checkpoint_dir, iteration)
     chunks = models if isinstance(models, list) else [models]
     present = set(dist_checkpoint.model_keys(found.path))
     per_layer_keys = any(PER_LAYER_KEY.match(key) for key in present)
     check_keys(sharded_state_dict(chunks, per_layer_keys), found.path, present)
-    for model in chunks:
-        for _ in checkpoint_values(model, found.path, per_layer_keys=per_layer_keys, check_keys=False):
-            pass  # each tensor is read into the model
+    total = sum(1 for model in chunks for _ in model_tensors(model))
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    with progress_bar(progress, total, share("load Megatron checkpoint", rank, world_size)) as update:
+        for model in chunks:
+            values = checkpoint_values(
+                model, found.path, per_layer_keys=per_layer_keys, check_keys=False, progress=update
+            )
+            for _ in values:
+                pass  # each tensor is read into the model

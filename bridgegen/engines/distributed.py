@@ -349,7 +349,7 @@ def commit_export(
     import json
 
     from bridgegen.formats.folders import publish_folder
-    from bridgegen.formats.hf_writer import copy_side_files
+    from bridgegen.formats.hf_writer import copy_side_files, write_generation_config
 
     if len(plan.files) > 1:
         weight_map = {entry.name: file for file, entries in plan.files.items() for entry in entries}
@@ -362,6 +362,7 @@ def commit_export(
     hf_config = bridge.export_config(dtype)
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     copy_side_files(bridge.hf_dir, tmp)
+    write_generation_config(tmp, hf_config)
     publish_folder(tmp, out)
 
 

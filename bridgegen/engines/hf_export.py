@@ -74,4 +74,5 @@ def write_hf_folder(
         writer.write_tensors(planned + carried, produce(update))
         writer.write_json("config.json", hf_config)
         writer.copy_side_files(conversion.hf_dir)
+        writer.write_generation_config(hf_config)
     return Path(out_dir)

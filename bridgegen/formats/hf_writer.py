@@ -8,9 +8,10 @@ import json
 import os
 import shutil
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -213,6 +214,25 @@ def copy_side_files(source: str | os.PathLike[str] | None, target: Path) -> list
     return copied
 
 
+def write_generation_config(folder: Path, hf_config: Mapping[str, Any]) -> bool:
+    """Where the side files brought no ``generation_config.json`` (an export from another
+    tool's checkpoint), write the one transformers' ``save_pretrained`` writes for this config
+    (its special tokens' ids). Whether it wrote one."""
+    target = folder / "generation_config.json"
+    if target.exists():
+        return False
+    from transformers import AutoConfig, GenerationConfig
+
+    fields = dict(hf_config)
+    try:
+        config = AutoConfig.for_model(str(fields.pop("model_type")), **fields)
+    except (KeyError, ValueError):  # a model type this transformers lacks (Kimi K2): it says nothing
+        return False
+    generation = GenerationConfig.from_model_config(config)
+    target.write_text(generation.to_json_string(use_diff=True), encoding="utf-8")
+    return True
+
+
 class HFDirWriter:
     """Writes an HF model folder atomically: everything goes to a temp folder beside the
     target, which is renamed into place only when complete (and removed on any failure)."""
@@ -258,6 +278,9 @@ class HFDirWriter:
 
     def copy_side_files(self, source: str | os.PathLike[str] | None) -> list[str]:
         return copy_side_files(source, self.tmp)
+
+    def write_generation_config(self, hf_config: Mapping[str, Any]) -> bool:
+        return write_generation_config(self.tmp, hf_config)
 
     def commit(self) -> None:
         count = len(self._shards)

@@ -372,6 +372,8 @@ def _activation(args: LmArguments, config: MegatronConfig) -> None:
     name = config.activation
     args.switch("swiglu", gated and name == "silu", "--swiglu")
     args.switch("squared_relu", not gated and name == "squared_relu", "--squared-relu")
+    if name == "module":
+        return  # the runtime module supplying it says what Megatron-LM lacks
     if not (gated and name == "silu") and not (not gated and name in ("gelu", "squared_relu")):
         kind = "gated " if gated else ""
         args.not_expressible.append(
@@ -389,7 +391,9 @@ def _rope(args: LmArguments, config: MegatronConfig) -> None:
     args.switch("use_rotary_position_embeddings", position == "rope", None)
     args.value("rotary_base", int(base), "--rotary-base")
     args.value("rotary_percent", float(v.get("rotary_percent", 1.0)), "--rotary-percent")
-    args.switch("rotary_interleaved", False, None)
+    # A TransformerConfig field, so a store_true flag of ArgumentGroupFactory (arguments.py:2373,
+    # argument_utils.py:189-191 at d98e8a64), forced from the checkpoint (checkpointing.py:2286).
+    args.switch("rotary_interleaved", bool(v.get("rotary_interleaved", False)), "--rotary-interleaved")
     if config.megatron_model == "mla":
         args.value("position_embedding_type", position, "--position-embedding-type")
         return
