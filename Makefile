@@ -30,6 +30,9 @@ $(STAMP_LATEST): pyproject.toml constraints-latest.txt
 	$(PY_LATEST) -m pip install -q --upgrade pip
 	$(PY_LATEST) -m pip install -q -c constraints-latest.txt "torch==2.13.0"
 	$(PY_LATEST) -m pip install -q -c constraints-latest.txt -e ".[dev]"
+	# Megatron-Bridge 0.6.2 alone (tests_cross syncs a model its provider builds): its own
+	# dependencies would replace transformers 5.24 with the 5.12 it pins.
+	$(PY_LATEST) -m pip install -q --no-deps megatron-bridge==0.6.2 omegaconf==2.4.0 einops==0.8.2
 	touch $(STAMP_LATEST)
 
 venv-latest: $(STAMP_LATEST)

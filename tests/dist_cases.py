@@ -107,7 +107,9 @@ def fail_on_rank_1(hf_dir: str, out_dir: str, layout: dict[str, Any], when: str)
         if when == "import":
             from checkpoints import FailingOnCall
 
-            weights.load_shard = FailingOnCall(weights.load_shard, 3, InjectedFailure("rank 1 fails mid-import"))  # type: ignore[assignment]
+            weights.load_shard = FailingOnCall(
+                weights.load_shard, 3, InjectedFailure("rank 1 fails mid-import")
+            )  # type: ignore[assignment]
         elif when == "export":
             real_store = distributed.shard_writes
             stored = {"n": 0}
@@ -156,3 +158,28 @@ def finish_with_an_exit_handler(marker_dir: str) -> tuple[int, bool, bool]:
     atexit.register(lambda: Path(marker_dir, f"teardown-{rank}").write_text("ran"))
     end_process_groups()
     return rank, dist.is_initialized(), parallel_state.model_parallel_is_initialized()
+
+
+def verify_and_sync(hf_dir: str, layout: dict[str, Any], ids: torch.Tensor) -> dict[str, Any]:
+    """Load an HF folder at ``layout``, run the forward on ``ids`` (logits on the last stage),
+    then sync the weights out of the live model as an RL trainer would (``WeightExport``, every
+    rank receiving): the HF tensors no yielded tensor equals bit for bit, and those missing."""
+    from safetensors.torch import load_file
+
+    from bridgegen.engines.distributed import ParallelLayout, build_chunks, forward_logits, load_hf
+    from bridgegen.engines.model import ModelBridge
+    from bridgegen.engines.weight_sync import WeightExport
+
+    bridge = ModelBridge.from_hf_dir(hf_dir)
+    chunks = build_chunks(bridge, ParallelLayout(**layout), torch.float32, parallel_output=False)
+    load_hf(bridge, chunks, hf_dir)
+    logits = forward_logits(chunks, ids, bridge.config.vocab_size)
+    source: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(hf_dir).glob("*.safetensors")):
+        source.update(load_file(str(file)))
+    yielded = {name: tensor for name, tensor in WeightExport(bridge, [c.model for c in chunks])()}
+    return {
+        "logits": logits,
+        "unequal": sorted(n for n, t in yielded.items() if n not in source or not torch.equal(t, source[n])),
+        "missing": sorted(set(source) - set(yielded)),
+    }

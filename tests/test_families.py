@@ -11,8 +11,9 @@ weights and saved. Then, through the command line as a user runs it:
   and the exported model loads in transformers and gives the source model's logits exactly.
 
 * at TP=2 (PP=2 where the example has one key/value head; EP=2 too for a mixture of experts),
-  two local processes import, verify against transformers and export, and the export equals
-  the source bit for bit.
+  two local processes import and export, the export equals the source bit for bit; a model
+  loaded at that layout gives transformers' logits, and a weight sync out of it yields every
+  HF tensor bit for bit.
 
 Adding a family adds these tests: a spec without ``example_config`` fails here. The bridges of
 the folders ``BRIDGEGEN_BRIDGES`` names are run too, so a team can test its own specs here.
@@ -197,27 +198,43 @@ def test_config_round_trip(families: Any, bridge: type[Bridge]) -> None:
     assert torch.equal(hf_logits(reloaded, ids), hf_logits(family.hf_model, ids))
 
 
-def parallel_layout(bridge: type[Bridge]) -> list[str]:
+def parallel_layout(bridge: type[Bridge]) -> dict[str, int]:
     """TP=2 (PP=2 where the example's single key/value head cannot split), with EP=2 (whole
     experts per rank) for a mixture of experts."""
     config = bridge.to_megatron_config(bridge.example_hf_config())
     groups = config.values.get("num_query_groups") or config.value("num_attention_heads")
-    layout = ["--tp", "2"] if groups % 2 == 0 else ["--pp", "2"]
+    layout = {"tp": 2} if groups % 2 == 0 else {"pp": 2}
     if config.values.get("num_moe_experts"):
-        layout += ["--ep", "2", "--etp", "1"]
+        layout |= {"ep": 2, "etp": 1}
     return layout
 
 
 @pytest.mark.parametrize("bridge", FAMILIES, ids=_family)
-def test_parallel_round_trip_is_bit_exact(families: Any, bridge: type[Bridge], tmp_path: Path) -> None:
-    """Two local processes: import at TP=2 (EP=2 for experts), verify the logits against
-    transformers, export; the export equals the source bit for bit."""
+def test_parallel_round_trip_and_weight_sync_are_bit_exact(
+    families: Any, bridge: type[Bridge], tmp_path: Path
+) -> None:
+    """Two local processes at TP=2 (EP=2 for experts): the CLI imports the HF folder and exports
+    it back bit for bit; a model loaded at that layout gives transformers' logits, and a weight
+    sync out of it (``WeightExport``, as RL frameworks call it) yields every HF tensor bit for
+    bit."""
+    import dist_cases
+
     from bridgegen.cli.main import main
+    from bridgegen.engines.launch import run_on_ranks
+    from bridgegen.engines.verify import compare
 
     family = families(bridge)
-    checkpoint, out = tmp_path / "megatron", tmp_path / "out"
     layout = parallel_layout(bridge)
-    assert main(["import", "--hf", str(family.hf_dir), "--out", str(checkpoint), *layout]) == 0
-    assert main(["verify", "--hf", str(family.hf_dir), "--megatron", str(checkpoint), *layout]) == 0
-    assert main(["export", "--megatron", str(checkpoint), "--out", str(out), *layout]) == 0
+    flags = [f"--{key}={value}" for key, value in layout.items()]
+    checkpoint, out = tmp_path / "megatron", tmp_path / "out"
+    assert main(["import", "--hf", str(family.hf_dir), "--out", str(checkpoint), *flags]) == 0
+    assert main(["export", "--megatron", str(checkpoint), "--out", str(out), *flags]) == 0
     assert_bit_exact(family.hf_dir, out)
+    vocab = int(bridge.example_config["vocab_size"])
+    ids = tokens(vocab)
+    ranks = run_on_ranks(dist_cases.verify_and_sync, 2, str(family.hf_dir), layout, ids)
+    (logits,) = [rank["logits"] for rank in ranks if rank["logits"] is not None][:1]
+    parity = compare(hf_logits(family.hf_model, ids), logits)
+    assert parity.max_abs_diff <= LOGIT_ATOL and parity.argmax_agreement == 1.0, parity
+    for rank in ranks:
+        assert rank["unequal"] == [] and rank["missing"] == []

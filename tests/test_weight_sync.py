@@ -276,34 +276,50 @@ def inference_tp_slices(
 
 
 class count_collectives:  # noqa: N801 - used like a function
-    """Counts all_gather calls on the expert-parallel group and pipeline broadcasts (the test's
-    own wrapping of torch.distributed, undone by ``stop``)."""
+    """Counts all_gathers on the tensor-, expert-tensor- and expert-parallel groups and pipeline
+    broadcasts (the test's own wrapping of torch.distributed, undone by ``stop``)."""
 
     def __init__(self) -> None:
         import torch.distributed as dist
-        from megatron.core import parallel_state
+        from megatron.core import parallel_state as ps
 
         self.dist = dist
-        self.real = (dist.all_gather, dist.broadcast)
-        self.counts = {"ep_all_gather": 0, "pp_broadcast": 0}
-        ep, pp = (
-            parallel_state.get_expert_model_parallel_group(),
-            parallel_state.get_pipeline_model_parallel_group(),
-        )
-        all_gather, broadcast = self.real
+        self.real = (dist.all_gather, dist.all_gather_into_tensor, dist.broadcast)
+        self.counts = {"tp_all_gather": 0, "etp_all_gather": 0, "ep_all_gather": 0, "pp_broadcast": 0}
+        groups = {
+            "tp_all_gather": ps.get_tensor_model_parallel_group(),
+            "etp_all_gather": ps.get_expert_tensor_parallel_group(),
+            "ep_all_gather": ps.get_expert_model_parallel_group(),
+        }
+        pp = ps.get_pipeline_model_parallel_group()
+        all_gather, all_gather_into_tensor, broadcast = self.real
+
+        def count(group: Any) -> None:
+            for key, known in groups.items():
+                if group is known:
+                    self.counts[key] += 1
+                    return
 
         def counting_all_gather(*args: Any, **kwargs: Any) -> Any:
-            self.counts["ep_all_gather"] += kwargs.get("group") is ep
+            count(kwargs.get("group"))
             return all_gather(*args, **kwargs)
+
+        def counting_all_gather_into_tensor(*args: Any, **kwargs: Any) -> Any:
+            count(kwargs.get("group"))
+            return all_gather_into_tensor(*args, **kwargs)
 
         def counting_broadcast(*args: Any, **kwargs: Any) -> Any:
             self.counts["pp_broadcast"] += kwargs.get("group") is pp
             return broadcast(*args, **kwargs)
 
-        dist.all_gather, dist.broadcast = counting_all_gather, counting_broadcast
+        dist.all_gather, dist.all_gather_into_tensor, dist.broadcast = (
+            counting_all_gather,
+            counting_all_gather_into_tensor,
+            counting_broadcast,
+        )
 
     def stop(self) -> dict[str, int]:
-        self.dist.all_gather, self.dist.broadcast = self.real
+        self.dist.all_gather, self.dist.all_gather_into_tensor, self.dist.broadcast = self.real
         return self.counts
 
 
@@ -425,18 +441,24 @@ def test_hf_order_follows_the_layers_across_virtual_stages(synced: list[dict[str
 @pytest.mark.parametrize(
     ("case", "per_rank"),
     [
-        ("moe-ep2-pp2", [1, 1, 2, 2]),  # stage 0 holds MoE layer 1, stage 1 MoE layers 2 and 3
-        ("moe-tp2-ep2-etp2", [3, 3, 3, 3]),
-        ("stacked-ep2-pp2-uneven", [0, 0, 2, 2]),  # stage 0 holds the dense layer 0 alone
+        ("moe-ep2-pp2", [1, 1, 1, 1]),  # stage 0 holds MoE layer 1, stage 1 MoE layers 2 and 3
+        ("moe-tp2-ep2-etp2", [1, 1, 1, 1]),
+        ("stacked-ep2-pp2-uneven", [0, 0, 1, 1]),  # stage 0 holds the dense layer 0 alone
     ],
 )
 def test_experts_of_a_layer_move_in_one_collective(
     case: str, per_rank: list[int], synced: list[dict[str, Any]]
 ) -> None:
-    """One expert-parallel all_gather per MoE layer of the rank's stage, never one per expert;
-    with pipeline stages, a few broadcasts (buckets of tensors), not one per tensor."""
+    """One expert-parallel all_gather per bucket (here: per stage) holding MoE layers, never
+    one per expert or per layer; one tensor-parallel all_gather per bucket for all its split
+    tensors (and one on the expert-TP group); with pipeline stages, a few broadcasts (buckets
+    of tensors), not one per tensor."""
     counts = [result[case]["collectives"] for result in synced]
     assert sorted(c["ep_all_gather"] for c in counts) == per_rank
+    tp2, etp2 = "tp2" in case, "etp2" in case
+    for c in counts:
+        assert c["tp_all_gather"] == (1 if tp2 else 0)
+        assert c["etp_all_gather"] == (1 if etp2 else 0)
     tensors = len(synced[0][case]["manifest"])
     for c in counts:
         assert 0 < c["pp_broadcast"] < tensors // 4 if "pp2" in case else c["pp_broadcast"] == 0

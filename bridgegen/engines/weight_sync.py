@@ -452,7 +452,9 @@ class WeightExport:
         if failure is not None:
             raise WeightError(f"weight sync: {failure}")
         if int(flag.item()):
-            raise WeightError("weight sync: another rank found a tensor that differs from what the spec fixes")
+            raise WeightError(
+                "weight sync: another rank found a tensor that differs from what the spec fixes"
+            )
 
     def _sync(
         self, receives: bool, pipeline: bool, cpu: bool, slices: list[HFSlice | None] | None = None
@@ -463,7 +465,7 @@ class WeightExport:
             owner = units[0].stage
             whole: list[list[torch.Tensor]] | None = None
             if owner == g.pp_rank:
-                whole = [self._whole(i) for i in bucket]
+                whole = self._bucket_whole(bucket)
             if g.pp_size > 1 and pipeline:
                 whole = self._broadcast(units, owner, whole)
             if not receives:
@@ -489,31 +491,64 @@ class WeightExport:
                     position += 1
                     yield name, tensor
 
-    def _gathered(self, held: _Held, group: Any, size: int) -> torch.Tensor:
-        """The whole tensor from this rank's shard: one all_gather over its group."""
-        local = held.tensor.detach()
-        if held.dim is None or size == 1:
-            return local
-        data = _as_bytes(local)
-        parts = [torch.empty_like(data) for _ in range(size)]
-        dist.all_gather(parts, data, group=group)
-        return gather_tp_shards(held.kind, [part.view(local.dtype).view(local.shape) for part in parts])
-
-    def _whole(self, index: int) -> list[torch.Tensor]:
-        """Unit ``index``'s whole tensors, on a rank of the stage that owns it."""
+    def _bucket_whole(self, bucket: list[int]) -> list[list[torch.Tensor]]:
+        """The whole tensors of a bucket's units, on a rank of the stage that owns them: the
+        tensor-parallel shards of all of them put together with one all_gather on the TP group
+        (and one on the expert-TP group for experts), then the experts of all its MoE layers
+        with one all_gather over the expert-parallel group. Collectives per sync are bounded by
+        the buckets, not by tensors, experts or layers."""
         g = self._groups
-        unit, held = self._units[index], self._owned[index]
-        assert held is not None
-        if not unit.experts:
-            return [self._gathered(held[0], g.tp, g.tp_size)]
-        local = [self._gathered(item, g.etp, g.etp_size) for item in held]
-        if g.ep_size == 1:
-            return local
-        specs = unit.tensors[: len(held)]
-        packed = _pack(local, specs, local[0].device)
-        parts = [torch.empty_like(packed) for _ in range(g.ep_size)]
-        dist.all_gather(parts, packed, group=g.ep)
-        return [tensor for part in parts for tensor in _unpack(part, specs)]
+        shards: dict[tuple[int, int], torch.Tensor] = {}
+        for experts, group, size in ((False, g.tp, g.tp_size), (True, g.etp, g.etp_size)):
+            split = [
+                (index, position, held)
+                for index in bucket
+                if self._units[index].experts is experts
+                for position, held in enumerate(self._owned[index] or [])
+                if held.dim is not None and size > 1
+            ]
+            if split:
+                shards.update(self._gather_split(split, group, size))
+        whole = [
+            [
+                shards.get((index, position), held.tensor.detach())
+                for position, held in enumerate(self._owned[index] or [])
+            ]
+            for index in bucket
+        ]
+        moe = [slot for slot, index in enumerate(bucket) if self._units[index].experts]
+        if g.ep_size == 1 or not moe:
+            return whole
+        # Each rank packs its experts of every MoE layer of the bucket; one all_gather; each
+        # layer's tensors then run rank by rank, as its unit lists them.
+        specs = [spec for slot in moe for spec in self._units[bucket[slot]].tensors[: len(whole[slot])]]
+        packed = _pack([tensor for slot in moe for tensor in whole[slot]], specs, self._device)
+        gathered = torch.empty(g.ep_size * packed.numel(), dtype=torch.uint8, device=packed.device)
+        dist.all_gather_into_tensor(gathered, packed, group=g.ep)
+        per_rank = [_unpack(part, specs) for part in gathered.chunk(g.ep_size)]
+        start = 0
+        for slot in moe:
+            count = len(whole[slot])
+            whole[slot] = [tensor for rank in per_rank for tensor in rank[start : start + count]]
+            start += count
+        return whole
+
+    def _gather_split(
+        self, split: list[tuple[int, int, _Held]], group: Any, size: int
+    ) -> dict[tuple[int, int], torch.Tensor]:
+        """The whole tensors of the shards in ``split`` ((unit index, position, held)): this
+        rank's shards packed into one buffer, one all_gather over ``group``, each tensor put
+        together by its kind (``gather_tp_shards``)."""
+        locals_ = [held.tensor.detach() for _, _, held in split]
+        specs = [SyncTensor(str(n), tuple(t.shape), t.dtype) for n, t in enumerate(locals_)]
+        packed = _pack(locals_, specs, locals_[0].device)
+        gathered = torch.empty(size * packed.numel(), dtype=torch.uint8, device=packed.device)
+        dist.all_gather_into_tensor(gathered, packed, group=group)
+        per_rank = [_unpack(part, specs) for part in gathered.chunk(size)]
+        return {
+            (index, position): gather_tp_shards(held.kind, [rank[n] for rank in per_rank])
+            for n, (index, position, held) in enumerate(split)
+        }
 
     def _broadcast(
         self, units: list[SyncUnit], owner: int, whole: list[list[torch.Tensor]] | None
