@@ -108,6 +108,8 @@ def test_the_command_line_shows_only_our_lines(hf: Path, tmp_path: Path) -> None
     )
     assert done.returncode == 0, done.stderr
     assert [
-        line for line in shown(done.stderr) if not line.startswith(("Megatron forward", "HF forward"))
+        line
+        for line in shown(done.stderr)
+        if not line.startswith(("load Megatron checkpoint", "Megatron forward", "HF forward"))
     ] == []
     assert done.stdout.startswith("OK: ")
