@@ -160,13 +160,16 @@ def finish_with_an_exit_handler(marker_dir: str) -> tuple[int, bool, bool]:
     return rank, dist.is_initialized(), parallel_state.model_parallel_is_initialized()
 
 
-def verify_and_sync(hf_dir: str, layout: dict[str, Any], ids: torch.Tensor) -> dict[str, Any]:
+def round_trip_and_sync(
+    hf_dir: str, out_dir: str, layout: dict[str, Any], ids: torch.Tensor
+) -> dict[str, Any]:
     """Load an HF folder at ``layout``, run the forward on ``ids`` (logits on the last stage),
-    then sync the weights out of the live model as an RL trainer would (``WeightExport``, every
-    rank receiving): the HF tensors no yielded tensor equals bit for bit, and those missing."""
+    sync the weights out of the live model as an RL trainer would (``WeightExport``, every rank
+    receiving), then export the model to ``out_dir`` (every rank writing its own shards). Returns
+    the logits, the HF tensors no yielded tensor equals bit for bit, and those missing."""
     from safetensors.torch import load_file
 
-    from bridgegen.engines.distributed import ParallelLayout, build_chunks, forward_logits, load_hf
+    from bridgegen.engines.distributed import ParallelLayout, build_chunks, export_hf, forward_logits, load_hf
     from bridgegen.engines.model import ModelBridge
     from bridgegen.engines.weight_sync import WeightExport
 
@@ -178,6 +181,7 @@ def verify_and_sync(hf_dir: str, layout: dict[str, Any], ids: torch.Tensor) -> d
     for file in sorted(Path(hf_dir).glob("*.safetensors")):
         source.update(load_file(str(file)))
     yielded = {name: tensor for name, tensor in WeightExport(bridge, [c.model for c in chunks])()}
+    export_hf(bridge, chunks, out_dir)
     return {
         "logits": logits,
         "unequal": sorted(n for n, t in yielded.items() if n not in source or not torch.equal(t, source[n])),

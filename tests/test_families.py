@@ -11,9 +11,8 @@ weights and saved. Then, through the command line as a user runs it:
   and the exported model loads in transformers and gives the source model's logits exactly.
 
 * at TP=2 (PP=2 where the example has one key/value head; EP=2 too for a mixture of experts),
-  two local processes import and export, the export equals the source bit for bit; a model
-  loaded at that layout gives transformers' logits, and a weight sync out of it yields every
-  HF tensor bit for bit.
+  two local processes load the HF folder: the model gives transformers' logits, a weight sync
+  out of it yields every HF tensor bit for bit, and its export equals the source bit for bit.
 
 Adding a family adds these tests: a spec without ``example_config`` fails here. The bridges of
 the folders ``BRIDGEGEN_BRIDGES`` names are run too, so a team can test its own specs here.
@@ -213,28 +212,25 @@ def parallel_layout(bridge: type[Bridge]) -> dict[str, int]:
 def test_parallel_round_trip_and_weight_sync_are_bit_exact(
     families: Any, bridge: type[Bridge], tmp_path: Path
 ) -> None:
-    """Two local processes at TP=2 (EP=2 for experts): the CLI imports the HF folder and exports
-    it back bit for bit; a model loaded at that layout gives transformers' logits, and a weight
-    sync out of it (``WeightExport``, as RL frameworks call it) yields every HF tensor bit for
-    bit."""
+    """Two local processes at TP=2 (EP=2 for experts) load the HF folder; the model gives
+    transformers' logits, a weight sync out of it (``WeightExport``, as RL frameworks call it)
+    yields every HF tensor bit for bit, and its export (every rank writing its shards) equals
+    the source bit for bit. (The CLI's import and export at these layouts, through a Megatron
+    checkpoint, run in tests/test_distributed.py, tests/test_new_families.py and
+    tests/test_outside_module.py.)"""
     import dist_cases
 
-    from bridgegen.cli.main import main
     from bridgegen.engines.launch import run_on_ranks
     from bridgegen.engines.verify import compare
 
     family = families(bridge)
     layout = parallel_layout(bridge)
-    flags = [f"--{key}={value}" for key, value in layout.items()]
-    checkpoint, out = tmp_path / "megatron", tmp_path / "out"
-    assert main(["import", "--hf", str(family.hf_dir), "--out", str(checkpoint), *flags]) == 0
-    assert main(["export", "--megatron", str(checkpoint), "--out", str(out), *flags]) == 0
-    assert_bit_exact(family.hf_dir, out)
-    vocab = int(bridge.example_config["vocab_size"])
-    ids = tokens(vocab)
-    ranks = run_on_ranks(dist_cases.verify_and_sync, 2, str(family.hf_dir), layout, ids)
+    out = tmp_path / "out"
+    ids = tokens(int(bridge.example_config["vocab_size"]))
+    ranks = run_on_ranks(dist_cases.round_trip_and_sync, 2, str(family.hf_dir), str(out), layout, ids)
     (logits,) = [rank["logits"] for rank in ranks if rank["logits"] is not None][:1]
     parity = compare(hf_logits(family.hf_model, ids), logits)
     assert parity.max_abs_diff <= LOGIT_ATOL and parity.argmax_agreement == 1.0, parity
     for rank in ranks:
         assert rank["unequal"] == [] and rank["missing"] == []
+    assert_bit_exact(family.hf_dir, out)

@@ -225,9 +225,10 @@ def test_export_of_a_megatron_side_config(toy: type[Bridge]) -> None:
     assert exported["model_type"] == "toy"
     assert exported["num_hidden_layers"] == 5
     assert exported["num_key_value_heads"] == 8
-    assert exported["partial_rotary_factor"] == 1.0
+    # No source config: RoPE in transformers 5's form.
+    assert exported["rope_parameters"]["partial_rotary_factor"] == 1.0
     assert exported["hidden_act"] == "silu"
-    assert "rope_scaling" not in exported
+    assert not {"rope_scaling", "rope_theta", "partial_rotary_factor"} & set(exported)
 
 
 @pytest.mark.parametrize(

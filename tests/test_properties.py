@@ -38,6 +38,7 @@ from bridgegen.spec.models import SpecFile
 
 ROOT = Path(__file__).parents[1]
 SPECS = {path.name: path.read_text(encoding="utf-8") for path in sorted((ROOT / "specs").glob("*.yaml"))}
+RUNTIME_MODULES = (ROOT / "specs" / "runtime_modules.py").read_bytes()
 
 SPEC_SETTINGS = settings(max_examples=200, deadline=None, derandomize=True, database=None)
 HEADER_SETTINGS = settings(max_examples=300, deadline=None, derandomize=True, database=None)
@@ -83,6 +84,7 @@ def folder_with(name: str, text: str) -> dict[str, bytes]:
     base so that resolution runs whichever file is broken."""
     files = {other: SPECS[other].encode() for other in {*spec_chain(name), "llama.yaml", "_base.yaml"}}
     files[name] = text.encode("utf-8", "surrogatepass")
+    files["runtime_modules.py"] = RUNTIME_MODULES  # the modules the built-in specs select
     return files
 
 
