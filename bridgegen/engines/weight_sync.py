@@ -138,6 +138,17 @@ def _pack(tensors: Sequence[torch.Tensor], specs: Sequence[SyncTensor], device: 
     return buffer
 
 
+def _all_gather_packed(
+    tensors: Sequence[torch.Tensor], specs: Sequence[SyncTensor], group: Any, size: int, device: torch.device
+) -> list[list[torch.Tensor]]:
+    """Every rank's ``tensors`` (alike in shape on every rank of ``group``): packed into one
+    buffer, one all_gather, then views of each rank's part, in rank order."""
+    packed = _pack(tensors, specs, device)
+    gathered = torch.empty(size * packed.numel(), dtype=torch.uint8, device=packed.device)
+    dist.all_gather_into_tensor(gathered, packed, group=group)
+    return [_unpack(part, specs) for part in gathered.chunk(size)]
+
+
 def _unpack(buffer: torch.Tensor, specs: Sequence[SyncTensor]) -> list[torch.Tensor]:
     """Views of ``buffer`` as the tensors ``_pack`` put there."""
     offsets, _ = packed_offsets(specs)
@@ -180,11 +191,13 @@ class WeightExport:
         self._weight_map = conversion.weight_map()
         self._groups = _Groups.current()
         models = [unwrap(chunk) for chunk in chunks]
-        self._models = models
         self._device = next((t.device for m in models for _, t in model_tensors(m)), torch.device("cpu"))
         # This stage's units and, for each, this rank's tensors of it.
         mine: list[SyncUnit] = []
         self._held: list[list[_Held]] = []
+        # The tensors each sync checks instead of moving, and the tensors their copies repeat.
+        self._checked: list[tuple[str, torch.Tensor, MatchedTensor]] = []
+        self._shared_sources = {rule.shares_hf_with for rule in self._weight_map.rules if rule.shares_hf_with}
         failure: Exception | None = None
         try:
             for index, model in enumerate(models):
@@ -237,6 +250,8 @@ class WeightExport:
                 matched = self._weight_map.match(name, layer_offset)
             except WeightError as exc:
                 raise WeightError(f"weight sync, model chunk {index}: {exc}") from None
+            if not matched.exported or matched.rule.megatron_name in self._shared_sources:
+                self._checked.append((name, tensor, matched))
             if not matched.exported:
                 continue  # checked on each sync (_check_unexported), never moved
             expert = matched.expert is not None
@@ -439,11 +454,8 @@ class WeightExport:
         failure: WeightError | None = None
         try:
             checks = ExportChecks(self._weight_map)
-            for index, model in enumerate(self._models):
-                offset = chunk_layer_offset(model, index, len(self._models), "weight sync")
-                for name, tensor in model_tensors(model):
-                    if not self._weight_map.is_tied_output(name):
-                        checks.offer(name, tensor, self._weight_map.match(name, offset))
+            for name, tensor, matched in self._checked:
+                checks.offer(name, tensor, matched)
             checks.finish()
         except WeightError as exc:
             failure = exc
@@ -522,10 +534,9 @@ class WeightExport:
         # Each rank packs its experts of every MoE layer of the bucket; one all_gather; each
         # layer's tensors then run rank by rank, as its unit lists them.
         specs = [spec for slot in moe for spec in self._units[bucket[slot]].tensors[: len(whole[slot])]]
-        packed = _pack([tensor for slot in moe for tensor in whole[slot]], specs, self._device)
-        gathered = torch.empty(g.ep_size * packed.numel(), dtype=torch.uint8, device=packed.device)
-        dist.all_gather_into_tensor(gathered, packed, group=g.ep)
-        per_rank = [_unpack(part, specs) for part in gathered.chunk(g.ep_size)]
+        per_rank = _all_gather_packed(
+            [tensor for slot in moe for tensor in whole[slot]], specs, g.ep, g.ep_size, self._device
+        )
         start = 0
         for slot in moe:
             count = len(whole[slot])
@@ -541,10 +552,7 @@ class WeightExport:
         together by its kind (``gather_tp_shards``)."""
         locals_ = [held.tensor.detach() for _, _, held in split]
         specs = [SyncTensor(str(n), tuple(t.shape), t.dtype) for n, t in enumerate(locals_)]
-        packed = _pack(locals_, specs, locals_[0].device)
-        gathered = torch.empty(size * packed.numel(), dtype=torch.uint8, device=packed.device)
-        dist.all_gather_into_tensor(gathered, packed, group=group)
-        per_rank = [_unpack(part, specs) for part in gathered.chunk(size)]
+        per_rank = _all_gather_packed(locals_, specs, group, size, locals_[0].device)
         return {
             (index, position): gather_tp_shards(held.kind, [rank[n] for rank in per_rank])
             for n, (index, position, held) in enumerate(split)
